@@ -1,0 +1,1 @@
+"""qlx.kernels: attention kernels (flash attention, ring attention). Imports nothing from the rest of qlx."""
