@@ -1,0 +1,359 @@
+"""Typed configs: frozen dataclasses loaded from YAML with dotted command-line overrides.
+
+``load_config(path, overrides=("model.num_layers=4",))`` reads a YAML file (which may ``include:`` other YAML files,
+relative to itself, merged first), applies the overrides, and builds a :class:`Config`. Every dataclass validates
+itself in ``__post_init__``; the loader adds the dotted key path, so an error reads like
+
+    qlx.config.ConfigError: model.num_kv_heads: num_heads (32) must be a multiple of num_kv_heads (3);
+    valid values: 1, 2, 4, 8, 16, 32
+
+Unknown keys, wrong types and inconsistent values all fail before any compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or inconsistent. The message names the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """YaRN RoPE scaling for contexts past the native window (Hugging Face ``rope_scaling`` with ``rope_type: yarn``).
+
+    factor: context extension factor (e.g. 4.0 for 32K -> 128K).
+    original_max_position_embeddings: the native window the model was trained with.
+    beta_fast, beta_slow: YaRN ramp boundaries, in rotations (HF defaults 32 and 1).
+    attention_factor: attention temperature scale; None means YaRN's default 0.1 * ln(factor) + 1.
+    """
+
+    type: Literal["yarn"] = "yarn"
+    factor: float = 4.0
+    original_max_position_embeddings: int = 32768
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        _check(self.factor >= 1.0, "factor", f"must be >= 1 (got {self.factor})")
+        _check(self.original_max_position_embeddings > 0, "original_max_position_embeddings", "must be positive")
+        _check(self.beta_fast > self.beta_slow, "beta_fast", f"must exceed beta_slow ({self.beta_slow})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Qwen3 (dense) or Qwen3-MoE decoder, in Hugging Face's terms.
+
+    family: "qwen3" (dense SwiGLU MLP in every layer) or "qwen3_moe" (MoE blocks per decoder_sparse_step).
+    vocab_size, hidden_size, num_layers: embedding rows, model width, decoder layers.
+    num_heads, num_kv_heads, head_dim: grouped-query attention; num_heads must be a multiple of num_kv_heads.
+    intermediate_size: width of the dense SwiGLU MLP (dense family, and MoE layers listed in mlp_only_layers).
+    num_experts, num_experts_per_tok, moe_intermediate_size: the MoE block (qwen3_moe only).
+    norm_topk_prob: renormalise the top-k router weights to sum to 1.
+    decoder_sparse_step: layer i is MoE when (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+    mlp_only_layers: layer indices that use the dense MLP even in a MoE model.
+    router_aux_loss_coef: weight of the Switch-style load-balancing loss; 0 turns it off (the RL default).
+    rms_norm_eps: epsilon of every RMSNorm (layer norms and per-head q/k norms).
+    rope_theta: RoPE base frequency.
+    rope_scaling: optional YaRN scaling (see RopeScalingConfig); None is plain RoPE.
+    max_position_embeddings: longest position the model is configured for.
+    tie_word_embeddings: share the input embedding with the LM head.
+    attention: attention backend of the model's single dispatch: "reference" (dense XLA), "flash" (qlx.kernels
+        flash attention), "ring" (sequence-parallel ring attention over the mesh axis "seq").
+    moe_backend: expert compute: "auto" (ragged_dot on TPU/GPU, blocked sort-by-expert on CPU), "ragged", "blocked".
+    moe_block_size: rows per block for the blocked MoE path.
+    dtype: compute dtype of activations ("float32" or "bfloat16").
+    param_dtype: storage dtype of parameters.
+    remat: rematerialise each decoder layer in the backward pass (saves activation memory).
+    initializer_range: std of the normal initialiser for freshly built models.
+    """
+
+    family: Literal["qwen3", "qwen3_moe"] = "qwen3_moe"
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_layers: int = 48
+    num_heads: int = 32
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    intermediate_size: int = 6144
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e7
+    rope_scaling: RopeScalingConfig | None = None
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = False
+    attention: Literal["reference", "flash", "ring"] = "reference"
+    moe_backend: Literal["auto", "ragged", "blocked"] = "auto"
+    moe_block_size: int = 128
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            _check(getattr(self, name) > 0, name, f"must be positive (got {getattr(self, name)})")
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads}); "
+            f"valid values: {_divisors(self.num_heads)}",
+        )
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        _check(self.rope_theta > 0, "rope_theta", "must be positive")
+        _check(self.max_position_embeddings > 0, "max_position_embeddings", "must be positive")
+        _check(self.moe_block_size > 0, "moe_block_size", "must be positive")
+        bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        _check(not bad_layers, "mlp_only_layers", f"indices {bad_layers} outside [0, {self.num_layers})")
+        if self.family == "qwen3" or self.mlp_only_layers or self.decoder_sparse_step != 1:
+            _check(self.intermediate_size > 0, "intermediate_size", "dense MLP layers need a positive width")
+        if self.family == "qwen3_moe":
+            _check(self.num_experts > 0, "num_experts", "a qwen3_moe model needs at least one expert")
+            _check(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                "num_experts_per_tok",
+                f"must be in [1, num_experts={self.num_experts}] (got {self.num_experts_per_tok})",
+            )
+            _check(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+            _check(self.decoder_sparse_step >= 1, "decoder_sparse_step", "must be >= 1")
+        _check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) uses the MoE block, exactly as Hugging Face Qwen3-MoE decides."""
+        return (
+            self.family == "qwen3_moe"
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "seq")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes over the axes (data, fsdp, expert, tensor, seq); at most one may be -1 (fills the rest).
+
+    data: batch (pure data parallelism, parameters replicated).
+    fsdp: batch and parameter/optimizer-state sharding.
+    expert: MoE experts.
+    tensor: attention heads and MLP width.
+    seq: sequence (ring attention).
+    rules: optional overrides of the logical-axis rules table, as {logical_name: mesh_axis or [axes] or null}.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    seq: int = 1
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in sizes.items():
+            _check(size == -1 or size >= 1, axis, f"mesh size must be a positive integer or -1 (got {size})")
+        fills = [axis for axis, size in sizes.items() if size == -1]
+        _check(len(fills) <= 1, fills[-1] if fills else "", f"only one mesh axis may be -1 (got {fills})")
+
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run: model architecture and device mesh (training sections join as the trainer lands)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML -> dataclass, with type checks that name the key.
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert YAML lists to tuples and dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        concrete = [option for option in options if option is not type(None)]
+        if len(concrete) == 1:
+            return _coerce(value, concrete[0], key)
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e.detail)
+        raise ConfigError(key, " or ".join(errors))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, key, f"got {value!r}; valid values: {', '.join(repr(a) for a in allowed)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        _check(isinstance(value, list | tuple), key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys and invalid values raise ConfigError with the full key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    dotted = (prefix + ".") if prefix else ""
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(dotted + unknown[0], f"unknown key; valid keys of {cls.__name__}: {', '.join(fields)}")
+    kwargs = {name: _coerce(value, hints[name], dotted + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(dotted + e.key if e.key else prefix, e.detail) from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError("include", f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: top level must be a mapping, got {type(data).__name__}")
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.num_layers=4"`` -> (["model", "num_layers"], 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(key, "override key must be a dotted path like model.num_layers")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path[: i + 1]), f"is {child!r}, not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides=()) -> Config:
+    """Build a validated :class:`Config` from a plain mapping (as read from YAML) and dotted overrides."""
+    return _build(Config, apply_overrides(data, overrides))
+
+
+def load_config(path: str | Path, overrides=()) -> Config:
+    """Load ``path`` (YAML, with ``include:``), apply dotted ``overrides`` like ``"model.num_layers=4"``, validate."""
+    return config_from_dict(_read_yaml(Path(path)), overrides)
+
+
+def to_dict(config) -> dict:
+    """A dataclass config as plain YAML-ready data (tuples become lists)."""
+
+    def plain(value):
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
