@@ -1,0 +1,21 @@
+"""Packaging: the hand-written package list covers every package folder, and the console script runs."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qlx").rglob("__init__.py")}
+    found |= {".".join(("qlx", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert found == listed
+
+
+def test_console_script_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "qlx.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "convert", "synth", "serve", "train", "plot"):
+        assert command in out.stdout
