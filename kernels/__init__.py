@@ -1,1 +1,27 @@
-"""qlx.kernels: attention kernels (flash attention, ring attention). Imports nothing from the rest of qlx."""
+"""qlx.kernels: long-context attention kernels. Imports nothing from the rest of qlx.
+
+flash_attention     memory-efficient attention in the [B, T, H, D] layout (Pallas TPU / GPU, XLA blockwise, reference)
+ring_attention      sequence-parallel attention over a mesh axis (K/V rotate with ppermute; zig-zag causal balance)
+balance_tokens, unbalance_tokens, balanced_positions    the zig-zag layout ring attention balances with
+merge_partials      merge two attention results over disjoint key sets through their log-sum-exp
+BlockSizes          tile sizes (each backend module subclasses it with its defaults and constraints)
+"""
+
+from .common import BlockSizes, merge_partials
+from .flash import BACKENDS, flash_attention
+from .layout import balance_tokens, balanced_positions, chunk_order, unbalance_tokens
+from .reference import mha_reference
+from .ring import ring_attention
+
+__all__ = [
+    "BACKENDS",
+    "BlockSizes",
+    "balance_tokens",
+    "balanced_positions",
+    "chunk_order",
+    "flash_attention",
+    "merge_partials",
+    "mha_reference",
+    "ring_attention",
+    "unbalance_tokens",
+]

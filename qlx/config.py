@@ -43,6 +43,7 @@ def _divisors(n: int) -> str:
 class RopeScalingConfig:
     """YaRN RoPE scaling for contexts past the native window (Hugging Face ``rope_scaling`` with ``rope_type: yarn``).
 
+    type: the scaling method; only "yarn" is supported.
     factor: context extension factor (e.g. 4.0 for 32K -> 128K).
     original_max_position_embeddings: the native window the model was trained with.
     beta_fast, beta_slow: YaRN ramp boundaries, in rotations (HF defaults 32 and 1).
@@ -194,12 +195,196 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """optax AdamW with global-norm gradient clipping (the recipe: constant lr 2e-6, verl's AdamW defaults).
+
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up from 0 to learning_rate over this many optimizer steps (0: constant from step 0).
+    b1, b2, eps: Adam moment decay rates and the denominator epsilon.
+    weight_decay: decoupled (AdamW) weight decay.
+    grad_clip: clip the global gradient norm to this value before the update; 0 turns clipping off.
+    """
+
+    learning_rate: float = 2e-6
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "learning_rate", f"must be positive (got {self.learning_rate})")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(0 <= self.b1 < 1, "b1", f"must be in [0, 1) (got {self.b1})")
+        _check(0 <= self.b2 < 1, "b2", f"must be in [0, 1) (got {self.b2})")
+        _check(self.eps > 0, "eps", "must be positive")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: mode, length, batch, optimizer, checkpoints and logs.
+
+    mode: "rl" (rollouts, rewards, AEPO policy update: the recipe) or "sft" (cross-entropy on the answer tokens).
+    steps: optimizer steps of this run (a resumed run continues up to this total).
+    batch_size: prompts per step in rl mode (each rolled out rl.group_size times); records per step in sft mode.
+    micro_batch_size: sequences per forward/backward pass; gradients of a step's micro-batches are summed and divided
+        by the token count of the whole step (exact token-mean). 0: the whole step in one pass.
+    optimizer: see OptimizerConfig.
+    run_dir: output folder: checkpoints/, metrics.jsonl, tensorboard/, plots/, config.yaml.
+    init_from: parameters to start from: a qlx run folder or checkpoint folder (its latest good checkpoint: the
+        previous stage), a Hugging Face model folder (config.json + safetensors), or None for fresh random weights.
+        Ignored when run_dir already holds a checkpoint (the run resumes instead).
+    checkpoint_every: save a checkpoint every this many steps (and always after the last step).
+    keep_checkpoints: how many of the newest checkpoints to keep on disk.
+    async_checkpointing: write checkpoints in a background thread while training continues.
+    max_nonfinite_steps: stop the run when this many steps in a row had a non-finite loss or gradient (each is
+        skipped with its reason logged).
+    progress: show a progress bar with ETA on stderr.
+    """
+
+    mode: Literal["sft", "rl"] = "rl"
+    steps: int = 200
+    batch_size: int = 128
+    micro_batch_size: int = 0
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    run_dir: str = "runs/default"
+    init_from: str | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    max_nonfinite_steps: int = 3
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0: the whole step in one pass)")
+        _check(bool(self.run_dir), "run_dir", "must name a folder")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The RL objective (recipe section 2): groups, advantages, AEPO, loss.
+
+    group_size: rollouts per prompt (G; the recipe uses 8).
+    advantage: "task" (r - group mean) / (unbiased std of the rewards of the same task in the batch + eps), the
+        recipe; "group" GRPO (r - group mean) / (group std + eps); "group_mean" r - group mean (Dr. GRPO).
+    dynamic_sampling: drop groups whose rewards are all equal (zero advantage) before the update.
+    aepo: switch negative-advantage samples off while batch entropy is high (AEPO hysteresis, section 2.5).
+    h_low, h_high: AEPO thresholds on the token-mean entropy of the batch: negatives go off above h_high and come
+        back below h_low.
+    clip_low, clip_high: PPO ratio clip range (inactive at one update per batch, where the ratio is 1).
+    updates_per_batch: optimizer steps taken on each rollout batch (1: strictly on-policy, the recipe); the batch is
+        split into this many equal mini-batches.
+    logprob_chunk: vocabulary chunk of the log-prob/entropy computation (no [tokens, vocab] array is formed).
+    """
+
+    group_size: int = 8
+    advantage: Literal["task", "group", "group_mean"] = "task"
+    dynamic_sampling: bool = False
+    aepo: bool = True
+    h_low: float = 0.14
+    h_high: float = 0.25
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    updates_per_batch: int = 1
+    logprob_chunk: int = 8192
+
+    def __post_init__(self):
+        _check(self.group_size >= 2, "group_size", f"must be >= 2 to estimate advantages (got {self.group_size})")
+        _check(self.h_low >= 0, "h_low", f"must be >= 0 (got {self.h_low})")
+        _check(self.h_high > self.h_low, "h_high", f"must exceed h_low ({self.h_low}) (got {self.h_high})")
+        _check(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1) (got {self.clip_low})")
+        _check(self.clip_high >= 0, "clip_high", "must be >= 0")
+        _check(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")
+        _check(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How rollouts are sampled (the recipe: temperature 0.7, top-p 0.95, top-k off).
+
+    temperature: sampling temperature; the policy's log-probs and entropy use the same temperature.
+    top_p: nucleus sampling mass (1.0: off).
+    top_k: keep the k most likely tokens (0: off).
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "temperature", f"must be positive (got {self.temperature})")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training records and the stage's length limits.
+
+    train_files: JSONL record files ({id, task_type, question, answer, ...}) to train on.
+    tokenizer: a Hugging Face tokenizer.json (or a folder holding one) or a sentencepiece .model file.
+    max_input_tokens: longest prompt in tokens (chat template included); longer prompts are middle-truncated.
+    max_output_tokens: longest response: the rollout's max_new_tokens in rl mode, the answer's limit in sft mode.
+    task_types: task types in sampler order (their share of each batch is equal, the remainder going to the first);
+        empty: the sorted task types found in train_files.
+    chat_mode: the chat template's generation prompt: "thinking" (Qwen3 Thinking models: the response opens a
+        <think> block), "instruct" (no thinking block), "no_think" (an empty thinking block, answer directly).
+    refilter_k: difficulty re-filtering at the start of a stage: sample this many answers per record with the starting
+        model and keep the records whose pass rate lies in [min_pass_rate, max_pass_rate]; 0 turns it off.
+    min_pass_rate, max_pass_rate: the kept pass-rate range of the re-filtering.
+    """
+
+    train_files: tuple[str, ...] = ()
+    tokenizer: str = ""
+    max_input_tokens: int = 20480
+    max_output_tokens: int = 12288
+    task_types: tuple[str, ...] = ()
+    chat_mode: Literal["thinking", "instruct", "no_think"] = "thinking"
+    refilter_k: int = 0
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+
+    def __post_init__(self):
+        _check(self.max_input_tokens >= 1, "max_input_tokens", "must be >= 1")
+        _check(self.max_output_tokens >= 1, "max_output_tokens", "must be >= 1")
+        _check(len(set(self.task_types)) == len(self.task_types), "task_types", "has duplicates")
+        _check(self.refilter_k >= 0, "refilter_k", "must be >= 0 (0: off)")
+        _check(0 <= self.min_pass_rate <= 1, "min_pass_rate", "must be in [0, 1]")
+        _check(
+            self.min_pass_rate <= self.max_pass_rate <= 1,
+            "max_pass_rate",
+            f"must be in [min_pass_rate={self.min_pass_rate}, 1] (got {self.max_pass_rate})",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run: model architecture and device mesh (training sections join as the trainer lands)."""
+    """The whole run.
+
+    model: architecture (ModelConfig).
+    mesh: device mesh (MeshConfig).
+    seed: seed of parameter initialisation, data order and rollout sampling.
+    train: the training loop (TrainConfig).
+    rl: the RL objective (RLConfig).
+    rollout: rollout sampling (RolloutConfig).
+    data: training records and length limits (DataConfig).
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------

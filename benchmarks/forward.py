@@ -1,0 +1,142 @@
+"""Tokens/s of the qlx forward and forward+backward next to Hugging Face transformers (torch CPU), same weights.
+
+    .venv/bin/python benchmarks/forward.py                       # mid-moe config, batch 4 x 1,024 tokens
+    .venv/bin/python benchmarks/forward.py --reps 5 --batch 2
+
+Both sides run float32 on the same machine in one process (torch and XLA each use all cores, one after the other).
+forward: logits [B, T, V] for a batch of random tokens. forward+backward: gradient of the mean next-token
+cross-entropy with respect to every parameter (transformers: ``model(ids, labels=ids).loss.backward()``; qlx: the
+loss from ``hidden_states`` and ``lm_head_weight`` in token chunks, as the RL loss computes it, so no [B, T, V]
+float32 logits array is kept for the backward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import qlx
+from qlx.models import build_model, save_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def next_token_loss(model, tokens_bt, chunk: int) -> jax.Array:
+    """Mean cross-entropy of tokens[:, 1:] given tokens[:, :-1], log-softmax computed ``chunk`` positions at a time."""
+    hidden_btd = model.hidden_states(tokens_bt)[:, :-1]
+    targets_bt = tokens_bt[:, 1:]
+    w_dv = model.lm_head_weight()
+    b, t, d = hidden_btd.shape
+    n = b * t
+    pad = -n % chunk
+    h_nd = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    y_n = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, chunk)
+    valid_n = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_nll(h_cd, y_c, valid_c):
+        logits_cv = jnp.matmul(h_cd, w_dv, preferred_element_type=jnp.float32)
+        logz_c = jax.nn.logsumexp(logits_cv, axis=-1)
+        picked_c = jnp.take_along_axis(logits_cv, y_c[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(valid_c, logz_c - picked_c, 0.0))
+
+    total = jax.lax.map(lambda args: chunk_nll(*args), (h_nd, y_n, valid_n))
+    return jnp.sum(total) / n
+
+
+def time_calls(fn, reps: int, desc: str) -> float:
+    """Median seconds per call of ``fn`` over ``reps`` calls after one warm-up (compile) call."""
+    fn()
+    times = []
+    for _ in tqdm(range(reps), desc=desc, leave=False):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_qlx(model, tokens: np.ndarray, reps: int, chunk: int) -> dict[str, float]:
+    graphdef, state = nnx.split(model)
+    tokens_j = jnp.asarray(tokens)
+
+    @jax.jit
+    def forward(state, tokens_bt):
+        return nnx.merge(graphdef, state)(tokens_bt)
+
+    @jax.jit
+    def forward_backward(state, tokens_bt):
+        return jax.value_and_grad(lambda s: next_token_loss(nnx.merge(graphdef, s), tokens_bt, chunk))(state)
+
+    return {
+        "forward": time_calls(lambda: jax.block_until_ready(forward(state, tokens_j)), reps, "qlx forward"),
+        "forward+backward": time_calls(
+            lambda: jax.block_until_ready(forward_backward(state, tokens_j)), reps, "qlx forward+backward"
+        ),
+    }
+
+
+def bench_transformers(path: Path, tokens: np.ndarray, reps: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.from_numpy(tokens).long()
+
+    def forward():
+        with torch.no_grad():
+            model(ids).logits.sum().item()
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    return {
+        "forward": time_calls(forward, reps, "transformers forward"),
+        "forward+backward": time_calls(forward_backward, reps, "transformers forward+backward"),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs/models/mid-moe.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per log-softmax chunk in the loss")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+
+    config = qlx.load_config(args.config, overrides=args.set).model
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq), dtype=np.int32)
+    model = build_model(config, seed=0)
+    n_tokens = args.batch * args.seq
+    print(f"config {args.config} ({config.family}, {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_experts} experts top-{config.num_experts_per_tok}); batch {args.batch} x {args.seq} tokens; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, moe_backend {config.moe_backend}")
+    ours = bench_qlx(model, tokens, args.reps, args.loss_chunk)
+    theirs = None
+    if not args.skip_transformers:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(model, tmp)
+            theirs = bench_transformers(Path(tmp), tokens, args.reps)
+    print(f"\n| mode | qlx tokens/s | transformers tokens/s | qlx / transformers |\n|---|---:|---:|---:|")
+    for mode, seconds in ours.items():
+        if theirs is None:
+            print(f"| {mode} | {n_tokens / seconds:,.0f} | - | - |")
+        else:
+            print(f"| {mode} | {n_tokens / seconds:,.0f} | {n_tokens / theirs[mode]:,.0f} | "
+                  f"{theirs[mode] / seconds:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Blockwise flash attention in plain XLA: the CPU path and the fallback of the Pallas kernels.
+
+Forward: a scan over query blocks; for each, a loop over the kv blocks it can see with an online softmax
+(m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) v). Causal tiles above the diagonal
+are never visited (the loop bounds stop at the diagonal) and only the tiles straddling it build a causal mask.
+Backward (custom_vjp): a scan over kv blocks; for each, a loop over the query blocks that see it, recomputing
+P = exp(s - lse) tile by tile: dV += P^T dO, dS = P (dO V^T - delta), dK += dS^T Q, dQ[i] += dS K.
+Memory is O(seq x block): the largest live arrays are one [block_q, block_kv] tile per (batch, head) plus O(seq)
+accumulators. Grouped-query attention stacks the G query heads of a kv head into the rows of one tile, so K/V are
+never repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from .common import MASK_VALUE, Settings, attention_with_vjp, backward_lse, finish_rows, kv_range, q_range
+from .common import BlockSizes as _BaseBlockSizes
+from .reference import mha_reference as reference
+
+__all__ = ["BlockSizes", "attention", "backward", "forward", "reference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes(_BaseBlockSizes):
+    """Blockwise XLA tiles: any sizes dividing the sequence. 512 x 512 keeps a CPU core busy per tile."""
+
+    block_q: int = 512
+    block_kv: int = 512
+
+
+def _rows_to_blocks(x, block: int, hkv: int):
+    """[B, T, Hq, *F] -> [T // block, B, Hkv, G * block, *F] (row r of a block = query head g, position r % block)."""
+    b, t, hq = x.shape[:3]
+    feat = x.shape[3:]
+    g = hq // hkv
+    x = x.reshape(b, t // block, block, hkv, g, *feat)
+    x = jnp.moveaxis(x, (1, 0, 3, 4, 2), (0, 1, 2, 3, 4))
+    return x.reshape(t // block, b, hkv, g * block, *feat)
+
+
+def _blocks_to_rows(x, block: int, hq: int):
+    """Inverse of _rows_to_blocks: [N, B, Hkv, G * block, *F] -> [B, N * block, Hq, *F]."""
+    n, b, hkv = x.shape[:3]
+    feat = x.shape[4:]
+    x = x.reshape(n, b, hkv, hq // hkv, block, *feat)
+    x = jnp.moveaxis(x, (0, 1, 2, 3, 4), (1, 0, 3, 4, 2))
+    return x.reshape(b, n * block, hq, *feat)
+
+
+def _kv_to_blocks(x, block: int):
+    """[B, S, Hkv, D] -> [S // block, B, Hkv, block, D]."""
+    b, s, hkv, d = x.shape
+    return x.reshape(b, s // block, block, hkv, d).transpose(1, 0, 3, 2, 4)
+
+
+def _seg_to_blocks(seg, block: int):
+    """[B, T] -> [T // block, B, block] (None stays None)."""
+    if seg is None:
+        return None
+    b, t = seg.shape
+    return seg.reshape(b, t // block, block).transpose(1, 0, 2)
+
+
+def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool):
+    """Set invisible scores of tile (i, j) to MASK_VALUE. s [B, Hkv, G * bq, bk]; segments [B, bq], [B, bk]."""
+    if not causal_tile and q_seg_i is None:
+        return s
+    b, hkv, rows, _ = s.shape
+    visible = jnp.ones((1, 1, 1, block_q, block_kv), bool)
+    if causal_tile:
+        q_pos = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 0)
+        kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 1)
+        visible = visible & (q_pos >= kv_pos)
+    if q_seg_i is not None:
+        visible = visible & (q_seg_i[:, None, None, :, None] == kv_seg_j[:, None, None, None, :])
+    s = s.reshape(b, hkv, rows // block_q, block_q, block_kv)
+    return jnp.where(visible, s, MASK_VALUE).reshape(b, hkv, rows, block_kv)
+
+
+def _dot(a, b, spec: str):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def forward(q, k, v, q_seg, kv_seg, settings: Settings):
+    """(o [B, T, Hq, D], lse [B, T, Hq] float32) of softmax(scale * q k^T + mask) v, tile by tile."""
+    bs = settings.block_sizes
+    bq, bk = bs.block_q, bs.block_kv
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    nk = k.shape[1] // bk
+    k_blocks, v_blocks = _kv_to_blocks(k, bk), _kv_to_blocks(v, bk)
+    kv_seg_blocks = _seg_to_blocks(kv_seg, bk)
+    rows = (hq // hkv) * bq
+
+    def q_block(_, xs):
+        i, q_i, q_seg_i = xs
+
+        def kv_step(causal_tile: bool):
+            def body(j, carry):
+                m, l, acc = carry
+                kv_seg_j = None if kv_seg_blocks is None else kv_seg_blocks[j]
+                s = _dot(q_i, k_blocks[j], "bhqd,bhkd->bhqk") * settings.sm_scale
+                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                l = alpha * l + jnp.sum(p, axis=-1)
+                acc = alpha[..., None] * acc + _dot(p.astype(v.dtype), v_blocks[j], "bhqk,bhkd->bhqd")
+                return m_new, l, acc
+
+            return body
+
+        carry = (
+            jnp.full((b, hkv, rows), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, hkv, rows), jnp.float32),
+            jnp.zeros((b, hkv, rows, d), jnp.float32),
+        )
+        if settings.causal:
+            n_full, n_hi = kv_range(i, bq, bk, nk)
+            carry = lax.fori_loop(0, n_full, kv_step(False), carry)
+            carry = lax.fori_loop(n_full, n_hi, kv_step(True), carry)
+        else:
+            carry = lax.fori_loop(0, nk, kv_step(False), carry)
+        m, l, acc = carry
+        o, lse = finish_rows(acc, m, l)
+        return None, (o.astype(q.dtype), lse)
+
+    xs = (jnp.arange(t // bq), _rows_to_blocks(q, bq, hkv), _seg_to_blocks(q_seg, bq))
+    _, (o_blocks, lse_blocks) = lax.scan(q_block, None, xs)
+    return _blocks_to_rows(o_blocks, bq, hq), _blocks_to_rows(lse_blocks, bq, hq)
+
+
+def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
+    """(dq, dk, dv) in float32 from the row statistics lse and delta = sum(o * do) - dlse, tile by tile."""
+    bs = settings.block_sizes
+    bq, bk = bs.q_bwd, bs.kv_bwd
+    scale = settings.sm_scale
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    nq = t // bq
+    q_blocks, do_blocks = _rows_to_blocks(q, bq, hkv), _rows_to_blocks(do, bq, hkv)
+    lse_blocks = _rows_to_blocks(backward_lse(lse), bq, hkv)
+    delta_blocks = _rows_to_blocks(delta, bq, hkv)
+    q_seg_blocks = _seg_to_blocks(q_seg, bq)
+
+    def kv_block(dq_acc, xs):
+        j, k_j, v_j, kv_seg_j = xs
+
+        def q_step(causal_tile: bool):
+            def body(i, carry):
+                dq_acc, dk, dv = carry
+                q_i, do_i = q_blocks[i], do_blocks[i]
+                q_seg_i = None if q_seg_blocks is None else q_seg_blocks[i]
+                s = _dot(q_i, k_j, "bhqd,bhkd->bhqk") * scale
+                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile)
+                p = jnp.exp(s - lse_blocks[i][..., None])
+                dv = dv + _dot(p.astype(do.dtype), do_i, "bhqk,bhqd->bhkd")
+                dp = _dot(do_i, v_j, "bhqd,bhkd->bhqk")
+                ds = (p * (dp - delta_blocks[i][..., None]) * scale).astype(q.dtype)
+                dk = dk + _dot(ds, q_i, "bhqk,bhqd->bhkd")
+                dq_acc = dq_acc.at[i].add(_dot(ds, k_j, "bhqk,bhkd->bhqd"))
+                return dq_acc, dk, dv
+
+            return body
+
+        zeros = jnp.zeros((b, hkv, bk, d), jnp.float32)
+        carry = (dq_acc, zeros, zeros)
+        if settings.causal:
+            i_lo, i_full = q_range(j, bq, bk, nq)
+            carry = lax.fori_loop(i_lo, i_full, q_step(True), carry)
+            carry = lax.fori_loop(i_full, nq, q_step(False), carry)
+        else:
+            carry = lax.fori_loop(0, nq, q_step(False), carry)
+        dq_acc, dk, dv = carry
+        return dq_acc, (dk, dv)
+
+    dq_acc = jnp.zeros((nq, b, hkv, (hq // hkv) * bq, d), jnp.float32)
+    xs = (jnp.arange(k.shape[1] // bk), _kv_to_blocks(k, bk), _kv_to_blocks(v, bk), _seg_to_blocks(kv_seg, bk))
+    dq_acc, (dk_blocks, dv_blocks) = lax.scan(kv_block, dq_acc, xs)
+
+    def kv_rows(x):
+        return x.transpose(1, 0, 3, 2, 4).reshape(k.shape)
+
+    return _blocks_to_rows(dq_acc, bq, hq), kv_rows(dk_blocks), kv_rows(dv_blocks)
+
+
+attention = attention_with_vjp(forward, backward)

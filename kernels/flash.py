@@ -1,0 +1,135 @@
+"""`flash_attention`: one entry point over the attention backends, in the layout of `jax.nn.dot_product_attention`."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import jax
+
+from . import blockwise, pallas_gpu, pallas_tpu
+from .common import BlockSizes, Settings, check_qkv, check_segment_ids
+from .reference import mha_reference
+
+BACKENDS = {"xla": blockwise, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
+_PLATFORM_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+
+
+def _fits(module: types.ModuleType, head_dim: int, q_len: int, kv_len: int, block_sizes: BlockSizes | None) -> str:
+    """Why `module` cannot run this shape ('' when it can)."""
+    try:
+        if hasattr(module, "check_head_dim"):
+            module.check_head_dim(head_dim)
+        _fit_blocks(module, block_sizes, q_len, kv_len)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _fit_blocks(module: types.ModuleType, block_sizes: BlockSizes | None, q_len: int, kv_len: int) -> BlockSizes:
+    if block_sizes is None:
+        return module.BlockSizes().fit(q_len, kv_len, strict=False)
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a qlx.kernels.BlockSizes, got {type(block_sizes).__name__}")
+    sizes = module.BlockSizes(
+        block_q=block_sizes.block_q,
+        block_kv=block_sizes.block_kv,
+        block_q_bwd=block_sizes.block_q_bwd,
+        block_kv_bwd=block_sizes.block_kv_bwd,
+    )
+    return sizes.fit(q_len, kv_len, strict=True)
+
+
+def resolve_backend(
+    backend: str, head_dim: int, q_len: int, kv_len: int, block_sizes: BlockSizes | None
+) -> types.ModuleType:
+    """The kernel module for `backend`. "auto": Pallas on TPU / GPU when it supports the shape, else the XLA blockwise
+    kernel (with a warning saying why); a named backend that cannot run the shape raises."""
+    if backend == "auto":
+        name = _PLATFORM_BACKEND.get(jax.default_backend())
+        if name is None:
+            return blockwise
+        reason = _fits(BACKENDS[name], head_dim, q_len, kv_len, block_sizes)
+        if not reason:
+            return BACKENDS[name]
+        warnings.warn(f"qlx.kernels: using the xla blockwise backend instead of {name}: {reason}", stacklevel=3)
+        return blockwise
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', 'reference', *BACKENDS]}, got {backend!r}")
+    module = BACKENDS[backend]
+    if hasattr(module, "check_head_dim"):
+        module.check_head_dim(head_dim)
+    return module
+
+
+def make_settings(
+    module: types.ModuleType,
+    *,
+    causal: bool,
+    sm_scale: float,
+    block_sizes: BlockSizes | None,
+    q_len: int,
+    kv_len: int,
+    interpret,
+) -> Settings:
+    """Settings with block sizes fitted to (q_len, kv_len) for `module` (explicit sizes must divide the lengths)."""
+    return Settings(
+        causal=causal,
+        sm_scale=sm_scale,
+        block_sizes=_fit_blocks(module, block_sizes, q_len, kv_len),
+        interpret=interpret,
+    )
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    interpret=False,
+):
+    """Memory-efficient attention: o = softmax(sm_scale * q k^T + mask) v, never materialising [T, S].
+
+    Args:
+      q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
+        kv head h // (Hq // Hkv); K/V are not repeated).
+      causal: key u is visible to query t only when u <= t (needs T == S).
+      segment_ids: [B, T] int (needs T == S); a query sees only keys of its own segment (packed sequences).
+      sm_scale: logit scale, default 1 / sqrt(D).
+      block_sizes: tile sizes (`qlx.kernels.BlockSizes`); default: the backend's, shrunk to divide the lengths.
+      return_lse: also return the log-sum-exp [B, T, Hq] float32 (differentiable) so partial results over disjoint
+        key sets can be merged with `merge_partials`.
+      backend: "auto" (Pallas on TPU / GPU, XLA blockwise on CPU), "xla", "pallas_tpu", "pallas_gpu", or "reference"
+        (dense, O(T x S) memory).
+      interpret: run the Pallas kernels in interpret mode (CPU tests): True, or `pltpu.InterpretParams()`.
+    Returns:
+      o [B, T, Hq, D] in q.dtype, or (o, lse) with return_lse. Rows that see no key get o = 0 and lse = -inf.
+    """
+    check_qkv(q, k, v, causal=causal)
+    b, t, _, d = q.shape
+    s_len = k.shape[1]
+    if segment_ids is not None and t != s_len:
+        raise ValueError(f"segment_ids needs equal q and k/v lengths, got q seq {t} and k/v seq {s_len}")
+    check_segment_ids(segment_ids, b, t)
+    sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
+    if backend == "reference":
+        o, lse = mha_reference(q, k, v, segment_ids, segment_ids, causal=causal, sm_scale=sm_scale)
+    else:
+        module = resolve_backend(backend, d, t, s_len, block_sizes)
+        settings = make_settings(
+            module,
+            causal=causal,
+            sm_scale=sm_scale,
+            block_sizes=block_sizes,
+            q_len=t,
+            kv_len=s_len,
+            interpret=interpret,
+        )
+        o, lse = module.attention(q, k, v, segment_ids, segment_ids, settings)
+    return (o, lse) if return_lse else o

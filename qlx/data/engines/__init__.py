@@ -1,0 +1,1 @@
+"""Question engines: each proposes :class:`~qlx.data.engines.base.Candidate` questions with verifiable answers."""

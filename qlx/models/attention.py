@@ -1,0 +1,97 @@
+"""The model's single attention dispatch, and the dense reference backend.
+
+Layout is [B, T, H, D] for queries and [B, S, KV, D] for keys/values (grouped-query attention: H is a multiple of
+KV; query head h reads kv head h // (H // KV), as Hugging Face's ``repeat_kv``).
+
+Backends (``ModelConfig.attention``):
+- ``"reference"``: dense XLA attention, float32 scores and softmax. Masks: causal + segment ids, or, over a KV
+  cache, "key slot s is visible to query (b, t) iff s <= q_positions[b, t]".
+- ``"flash"`` / ``"ring"``: ``qlx.kernels.flash_attention`` / ``qlx.kernels.ring_attention`` (same [B, T, H, D]
+  layout); they are wired in here by the kernels work and raise NotImplementedError until then.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("reference", "flash", "ring")
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    t: int,
+    s: int,
+    *,
+    causal: bool = True,
+    segment_ids_bt: jax.Array | None = None,
+    q_positions_bt: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean visibility mask [B or 1, T, S].
+
+    Without ``q_positions_bt`` (T == S): key s visible to query t iff (not causal or s <= t) and, with segment ids,
+    segment_ids[b, s] == segment_ids[b, t]. With ``q_positions_bt`` (keys are cache slots 0..S-1): key s visible
+    iff s <= q_positions[b, t]; a negative position (padding) sees nothing.
+    """
+    if q_positions_bt is not None:
+        return jnp.arange(s)[None, None, :] <= q_positions_bt[:, :, None]
+    mask = jnp.ones((1, t, s), dtype=bool)
+    if causal:
+        mask = jnp.tril(mask)
+    if segment_ids_bt is not None:
+        mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return mask
+
+
+def reference_attention(
+    q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array, sm_scale: float
+) -> jax.Array:
+    """softmax(q k^T * sm_scale, masked) v per kv group; scores and softmax in float32. Returns [B, T, H, D].
+
+    Fully masked rows (padding queries) get a uniform average instead of NaN.
+    """
+    b, t, h, d = q_bthd.shape
+    kv = k_bskd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out.reshape(b, t, h, d)
+
+
+def attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    *,
+    backend: str = "reference",
+    causal: bool = True,
+    segment_ids_bt: jax.Array | None = None,
+    q_positions_bt: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention through the backend named by ``model.attention``. Returns [B, T, H, D].
+
+    q [B, T, H, D]; k, v [B, S, KV, D]; sm_scale defaults to D ** -0.5. Give either ``causal``/``segment_ids_bt``
+    (self-attention over the same T tokens) or ``q_positions_bt`` (queries at those positions over a KV cache of S
+    slots).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"model.attention: unknown backend {backend!r}; valid values: {', '.join(BACKENDS)}")
+    if q_positions_bt is not None and segment_ids_bt is not None:
+        raise ValueError("attention over a KV cache (q_positions_bt) does not take segment_ids_bt")
+    sm_scale = q_bthd.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    if backend == "reference":
+        mask = attention_mask(
+            q_bthd.shape[1],
+            k_bskd.shape[1],
+            causal=causal,
+            segment_ids_bt=segment_ids_bt,
+            q_positions_bt=q_positions_bt,
+        )
+        return reference_attention(q_bthd, k_bskd, v_bskd, mask, sm_scale)
+    raise NotImplementedError(
+        f"model.attention={backend!r}: qlx.kernels.{backend}_attention is not wired into qlx.models.attention yet; "
+        "set model.attention='reference'"
+    )

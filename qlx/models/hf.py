@@ -1,0 +1,486 @@
+"""Hugging Face checkpoints: ``load_hf`` (config.json + safetensors shards -> model) and ``save_hf`` (the reverse).
+
+Supported architectures: ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM``. Weights are read tensor by tensor from
+memory-mapped safetensors files (one file, or shards listed in ``model.safetensors.index.json``) and placed straight
+into their final (sharded, with a mesh) layout with ``jax.make_array_from_callback``; stacked expert weights are
+filled one expert at a time into one preallocated host array. So the host never holds more than one parameter
+beyond the model itself. Pickle checkpoints (.bin / .pt) are refused.
+
+Name mapping (HF -> qlx; HF linear weights are [out, in], ours [in, out]):
+  model.embed_tokens.weight -> embed               lm_head.weight -> lm_head (transposed; absent when tied)
+  model.norm.weight -> final_norm.scale            model.layers.{i}.{input,post_attention}_layernorm.weight
+  self_attn.{q,k,v}_proj.weight [H*K, D] -> attn.{q,k,v} [D, H, K]   self_attn.o_proj.weight -> attn.o [H, K, D]
+  self_attn.{q,k}_norm.weight -> attn.{q,k}_norm.scale               mlp.{gate,up,down}_proj.weight -> mlp.*
+  mlp.gate.weight [E, D] -> moe.router [D, E]      mlp.experts.{e}.{gate,up,down}_proj.weight -> moe.{gate,up,down}[e]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from qlx.config import ConfigError, ModelConfig, RopeScalingConfig
+from qlx.models.qwen3 import Qwen3ForCausalLM
+from qlx.models.safetensors_io import DTYPES, Reader, TensorInfo, TensorToWrite, read_header, write_file
+from qlx.models.sharding import Layout, state_shardings
+
+ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be loaded; the message names the file, key or tensor."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScalingConfig | None]:
+    """(rope_theta, YaRN scaling or None) from either transformers 5 ``rope_parameters`` or legacy keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = {**legacy, **params}
+    scaling.pop("rope_theta", None)
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise CheckpointError(f"{source}: rope type {kind!r} is not supported; qlx supports default RoPE and 'yarn'")
+    for key in ("mscale", "mscale_all_dim"):
+        if scaling.get(key):
+            raise CheckpointError(f"{source}: rope_scaling.{key} (DeepSeek-style YaRN) is not supported")
+    if scaling.pop("truncate", True) is not True:
+        raise CheckpointError(f"{source}: rope_scaling.truncate=false is not supported")
+    original = int(scaling.pop("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    factor = scaling.pop("factor", None)
+    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
+    known = {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "partial_rotary_factor"}
+    unknown = sorted(set(scaling) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: rope_scaling.{unknown[0]} is not supported")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{source}: rope partial_rotary_factor != 1 is not supported")
+    return theta, RopeScalingConfig(
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        attention_factor=None if scaling.get("attention_factor") is None else float(scaling["attention_factor"]),
+    )
+
+
+def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a Hugging Face Qwen3 / Qwen3-MoE ``config.json`` mapping; unsupported features are refused."""
+    architectures = hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), str(hf.get("model_type")))]
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: architecture {architectures} (model_type {hf.get('model_type')!r}) is not supported; "
+            f"qlx loads {' and '.join(ARCHITECTURES)}"
+        )
+    family = ARCHITECTURES[architectures[0]]
+
+    def need(key, *aliases):
+        for k in (key, *aliases):
+            if k in hf:
+                return hf[k]
+        raise CheckpointError(f"{source}: missing key {key!r}")
+
+    refusals = {
+        "attention_bias": (hf.get("attention_bias", False), "attention biases"),
+        "use_sliding_window": (hf.get("use_sliding_window", False), "sliding-window attention"),
+        "hidden_act": (hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r} (only silu)"),
+        "layer_types": (
+            any(t != "full_attention" for t in hf.get("layer_types") or []),
+            "layer types other than full_attention",
+        ),
+    }
+    for key, (bad, what) in refusals.items():
+        if bad:
+            raise CheckpointError(f"{source}: {key}: {what} not supported")
+    theta, scaling = _rope_from_hf(hf, source)
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    fields = dict(
+        family=family,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    if family == "qwen3":
+        fields.update(intermediate_size=int(need("intermediate_size")))
+    else:
+        fields.update(
+            intermediate_size=int(hf.get("intermediate_size", 0)),
+            num_experts=int(need("num_experts", "num_local_experts")),
+            num_experts_per_tok=int(need("num_experts_per_tok")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0,
+        )
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: inconsistent config: {e}") from None
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The ``config.json`` mapping transformers reads for ``config`` (legacy rope keys, read by 4.x and 5.x)."""
+    c = config
+    rope_scaling = None
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope_scaling = {
+            "rope_type": "yarn",
+            "factor": s.factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+            "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow,
+        }
+        if s.attention_factor is not None:
+            rope_scaling["attention_factor"] = s.attention_factor
+    hf = {
+        "architectures": [MODEL_TYPES[c.family]],
+        "model_type": c.family,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "initializer_range": c.initializer_range,
+        "rms_norm_eps": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "use_cache": True,
+        "dtype": c.param_dtype,
+    }
+    if c.family == "qwen3_moe":
+        hf.update(
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            moe_intermediate_size=c.moe_intermediate_size,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=c.decoder_sparse_step,
+            mlp_only_layers=list(c.mlp_only_layers),
+            router_aux_loss_coef=c.router_aux_loss_coef,
+            output_router_logits=c.router_aux_loss_coef > 0,
+        )
+    return hf
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tensor names <-> parameter paths
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor: its name, the qlx parameter path, the qlx shape (of one expert for stacked experts), the
+    layout transform ("copy", "transpose", "in_heads" [H*K, D] <-> [D, H, K], "out_heads" [D, H*K] <-> [H, K, D])
+    and, for stacked expert weights, the expert index."""
+
+    name: str
+    path: tuple
+    shape: tuple[int, ...]
+    transform: str
+    expert: int | None = None
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        if self.transform == "copy":
+            return self.shape
+        if self.transform == "transpose":
+            return self.shape[::-1]
+        if self.transform == "in_heads":
+            return (self.shape[1] * self.shape[2], self.shape[0])
+        return (self.shape[2], self.shape[0] * self.shape[1])
+
+    def to_qlx(self, hf_array: np.ndarray) -> np.ndarray:
+        if self.transform == "copy":
+            return hf_array
+        return hf_array.T.reshape(self.shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        if self.transform == "copy":
+            return array
+        if self.transform == "transpose":
+            return array.T
+        if self.transform == "in_heads":
+            return array.reshape(self.shape[0], -1).T
+        return array.reshape(-1, self.shape[2]).T
+
+
+def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
+    """Every tensor of the HF checkpoint for ``config``, in the order Hugging Face lists them."""
+    c = config
+    d, h, kv, k = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", ("embed",), (c.vocab_size, d), "copy")]
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        layer = ("layers", i)
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (*layer, "input_norm", "scale"), (d,), "copy"),
+            TensorSpec(p + "self_attn.q_proj.weight", (*layer, "attn", "q"), (d, h, k), "in_heads"),
+            TensorSpec(p + "self_attn.k_proj.weight", (*layer, "attn", "k"), (d, kv, k), "in_heads"),
+            TensorSpec(p + "self_attn.v_proj.weight", (*layer, "attn", "v"), (d, kv, k), "in_heads"),
+            TensorSpec(p + "self_attn.o_proj.weight", (*layer, "attn", "o"), (h, k, d), "out_heads"),
+            TensorSpec(p + "self_attn.q_norm.weight", (*layer, "attn", "q_norm", "scale"), (k,), "copy"),
+            TensorSpec(p + "self_attn.k_norm.weight", (*layer, "attn", "k_norm", "scale"), (k,), "copy"),
+            TensorSpec(p + "post_attention_layernorm.weight", (*layer, "post_attn_norm", "scale"), (d,), "copy"),
+        ]
+        if c.is_moe_layer(i):
+            mi = c.moe_intermediate_size
+            specs.append(TensorSpec(p + "mlp.gate.weight", (*layer, "mlp", "router"), (d, c.num_experts), "transpose"))
+            for e in range(c.num_experts):
+                q = f"{p}mlp.experts.{e}."
+                specs += [
+                    TensorSpec(q + "gate_proj.weight", (*layer, "mlp", "gate"), (d, mi), "transpose", e),
+                    TensorSpec(q + "up_proj.weight", (*layer, "mlp", "up"), (d, mi), "transpose", e),
+                    TensorSpec(q + "down_proj.weight", (*layer, "mlp", "down"), (mi, d), "transpose", e),
+                ]
+        else:
+            mi = c.intermediate_size
+            specs += [
+                TensorSpec(p + "mlp.gate_proj.weight", (*layer, "mlp", "gate"), (d, mi), "transpose"),
+                TensorSpec(p + "mlp.up_proj.weight", (*layer, "mlp", "up"), (d, mi), "transpose"),
+                TensorSpec(p + "mlp.down_proj.weight", (*layer, "mlp", "down"), (mi, d), "transpose"),
+            ]
+    specs.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), (d,), "copy"))
+    if not c.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", ("lm_head",), (d, c.vocab_size), "transpose"))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# load
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+
+
+def tensor_index(directory: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint in ``directory`` (single ``model.safetensors`` or an indexed set of shards)."""
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: missing 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        weight_map = None
+    if not files:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{directory}: only pickle checkpoints found ({', '.join(pickles)}); qlx loads safetensors only "
+                "(pickle can run arbitrary code); convert them to safetensors first"
+            )
+        raise CheckpointError(f"{directory}: no model.safetensors or {INDEX_FILE} found")
+    infos: dict[str, TensorInfo] = {}
+    for name in files:
+        file = directory / name
+        if not file.exists():
+            raise CheckpointError(f"{index_path}: lists shard {name}, which does not exist")
+        for tensor, info in read_header(file).items():
+            if tensor in infos:
+                raise CheckpointError(f"tensor {tensor} appears in both {infos[tensor].file.name} and {name}")
+            infos[tensor] = info
+    if weight_map is not None:
+        for tensor, name in weight_map.items():
+            if tensor not in infos or infos[tensor].file.name != name:
+                raise CheckpointError(f"{index_path}: tensor {tensor} is mapped to {name} but is not stored there")
+    return infos
+
+
+def check_tensors(specs: list[TensorSpec], infos: dict[str, TensorInfo], config: ModelConfig) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    expected = {s.name: s for s in specs}
+    missing = [name for name in expected if name not in infos]
+    if missing:
+        s = expected[missing[0]]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {s.name} (expected shape {list(s.hf_shape)}){more}")
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(name for name in infos if name not in expected and name not in allowed_extra)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected tensor {unexpected[0]} in {infos[unexpected[0]].file.name}{more}")
+    for s in specs:
+        info = infos[s.name]
+        if info.shape != s.hf_shape:
+            raise CheckpointError(
+                f"tensor {s.name} in {info.file.name} has shape {list(info.shape)}, expected {list(s.hf_shape)}"
+            )
+        if not np.issubdtype(DTYPES[info.dtype], np.floating) and info.dtype != "BF16":
+            raise CheckpointError(f"tensor {s.name} in {info.file.name} has non-float dtype {info.dtype}")
+
+
+def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForCausalLM:
+    """Load a Hugging Face Qwen3 / Qwen3-MoE directory into a model; ``model(tokens)`` -> logits [B, T, V].
+
+    dtype: parameter and compute dtype ("float32" or "bfloat16"). mesh: place each parameter straight into its
+    sharded layout on this mesh (logical-axis ``rules`` optional); None puts the model on the default device.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = config_from_hf(_read_json(directory / "config.json"), dtype=dtype, source=str(directory / "config.json"))
+    infos = tensor_index(directory)
+    specs = tensor_specs(config)
+    check_tensors(specs, infos, config)
+    reader = Reader()
+    tied_copy = config.tie_word_embeddings and "lm_head.weight" in infos
+    if tied_copy and not np.array_equal(
+        reader.get(infos["lm_head.weight"]), reader.get(infos["model.embed_tokens.weight"])
+    ):
+        raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
+    layout = Layout.create(mesh, rules)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0), layout=layout)))
+    shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
+    by_path: dict[tuple, list[TensorSpec]] = {}
+    for s in specs:
+        by_path.setdefault(s.path, []).append(s)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    loaded = []
+    for param_path, var in tqdm(list(nnx.to_flat_state(abstract)), desc="load_hf", unit="param", disable=None):
+        group = by_path.get(tuple(param_path))
+        if group is None:
+            raise CheckpointError(f"internal: parameter {'.'.join(map(str, param_path))} has no Hugging Face tensor")
+        shape = var.get_value().shape
+        host = np.empty(shape, np_dtype)
+        for s in group:
+            value = s.to_qlx(reader.get(infos[s.name]))
+            if s.expert is None:
+                host[...] = value
+            else:
+                host[s.expert] = value
+        if mesh is None:
+            array = jax.device_put(host)
+        else:
+            sharding = flat_shardings[param_path].get_value()
+            array = jax.make_array_from_callback(shape, sharding, lambda index, host=host: host[index])
+        loaded.append((param_path, var.replace(array)))
+        del host
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# save
+
+
+def save_hf(
+    model: Qwen3ForCausalLM,
+    path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory: config.json and safetensors shards (+ index when sharded).
+
+    Tensors are pulled from the devices and written one at a time. ``extra_config`` adds keys to config.json
+    (e.g. bos/eos token ids). An existing checkpoint in ``path`` is replaced only with ``overwrite=True``.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(directory.glob("*.safetensors")) + sorted(directory.glob(INDEX_FILE))
+    if existing:
+        if not overwrite:
+            raise CheckpointError(f"{directory}: already holds {existing[0].name}; pass overwrite=True to replace it")
+        for file in existing:
+            file.unlink()
+    config = model.config
+    hf_config = {**config_to_hf(config), **(extra_config or {})}
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    cache: dict[tuple, np.ndarray] = {}
+
+    def producer(spec: TensorSpec, np_dtype):
+        def produce():
+            if spec.path not in cache:
+                cache.clear()
+                cache[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
+            value = cache[spec.path] if spec.expert is None else cache[spec.path][spec.expert]
+            return spec.to_hf(value).astype(np_dtype)
+
+        return produce
+
+    tensors = []
+    for spec in tensor_specs(config):
+        np_dtype = np.dtype(flat[spec.path].get_value().dtype)
+        tensors.append(TensorToWrite(spec.name, np_dtype, spec.hf_shape, producer(spec, np_dtype)))
+    shards: list[list[TensorToWrite]] = [[]]
+    for t in tensors:
+        if shards[-1] and sum(x.nbytes for x in shards[-1]) + t.nbytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(t)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="save_hf", unit="shard", disable=None):
+        write_file(directory / name, shard)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+def copy_side_files(source: Path, destination: Path) -> list[str]:
+    """Copy tokenizer / generation files (everything but weights and config.json) from one HF dir to another."""
+    copied = []
+    for file in sorted(Path(source).iterdir()):
+        skip = file.suffix in (".safetensors", *PICKLE_SUFFIXES) or file.name in ("config.json", INDEX_FILE)
+        if file.is_file() and not skip:
+            shutil.copy2(file, Path(destination) / file.name)
+            copied.append(file.name)
+    return copied
+
+
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "copy_side_files", "load_hf", "save_hf", "tensor_specs"]

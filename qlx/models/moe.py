@@ -1,0 +1,96 @@
+"""Mixture-of-experts routing, the Switch load-balancing loss, and the expert-compute dispatch.
+
+Routing is Hugging Face Qwen3-MoE's: softmax over all experts in float32, top-k, optionally renormalised
+(``norm_topk_prob``). Expert compute is dropless and grouped by expert, with a backend per platform
+(``ModelConfig.moe_backend``):
+- ``"ragged"``: sort assignments by expert and run ``jax.lax.ragged_dot`` (TPU / GPU grouped matmul);
+- ``"blocked"``: the sort-by-expert fixed-block scan of :mod:`qlx.models.moe_blocked` (fast on CPU);
+- ``"auto"``: ``"blocked"`` on CPU, ``"ragged"`` elsewhere.
+:func:`expert_outputs_reference` (a per-assignment weight gather) is the plain reference both are tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qlx.models.moe_blocked import expert_outputs_blocked
+
+MOE_BACKENDS = ("auto", "ragged", "blocked")
+
+
+def route(router_logits_te: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing: probs = softmax(logits) (float32); weights, experts = top_k(probs); renormalise if normalize.
+
+    Returns weights [T, k] (float32), experts [T, k] (int32) and probs [T, E] (float32).
+    """
+    probs_te = jax.nn.softmax(router_logits_te.astype(jnp.float32), axis=-1)
+    weights_tk, experts_tk = jax.lax.top_k(probs_te, top_k)
+    if normalize:
+        weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+    return weights_tk, experts_tk.astype(jnp.int32), probs_te
+
+
+def router_stats(experts_tk: jax.Array, probs_te: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-expert assignment counts [E] and summed router probabilities [E] of one MoE layer (float32)."""
+    num_experts = probs_te.shape[-1]
+    counts_e = jnp.sum(jax.nn.one_hot(experts_tk, num_experts, dtype=jnp.float32), axis=(0, 1))
+    return counts_e, jnp.sum(probs_te, axis=0)
+
+
+def load_balancing_loss(counts_e: jax.Array, prob_sum_e: jax.Array, num_rows, num_experts: int) -> jax.Array:
+    """Switch load-balancing loss as Hugging Face's ``load_balancing_loss_func`` over all MoE layers together.
+
+    loss = E * sum_e (counts_e / N) * (prob_sum_e / N), where counts and probability sums are accumulated over the
+    MoE layers and N = tokens x MoE layers. counts_e sum to k per row, so a perfectly balanced router gives k.
+    """
+    return num_experts * jnp.sum((counts_e / num_rows) * (prob_sum_e / num_rows))
+
+
+def expert_outputs_reference(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid):
+    """Plain reference: out[t, j] = (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] with e = experts[t, j]. Returns [T, k, D].
+
+    Gathers a weight copy per assignment ([T, k, D, I]), so it is for tests only.
+    """
+    gate = jnp.einsum("td,tkdi->tki", x_td, w_gate_edi[experts_tk])
+    up = jnp.einsum("td,tkdi->tki", x_td, w_up_edi[experts_tk])
+    return jnp.einsum("tki,tkid->tkd", jax.nn.silu(gate) * up, w_down_eid[experts_tk])
+
+
+def expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid):
+    """Each assignment's expert output [T, k, D] with rows sorted by expert and ``jax.lax.ragged_dot``."""
+    t, k = experts_tk.shape
+    num_experts = w_gate_edi.shape[0]
+    flat_a = experts_tk.reshape(t * k)
+    order = jnp.argsort(flat_a, stable=True)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1)
+    x_sorted = x_td[order // k]
+    gate = jax.lax.ragged_dot(x_sorted, w_gate_edi, group_sizes)
+    up = jax.lax.ragged_dot(x_sorted, w_up_edi, group_sizes)
+    y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_eid, group_sizes)
+    inverse = jnp.zeros((t * k,), jnp.int32).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+    return y_sorted[inverse].reshape(t, k, -1)
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"blocked"`` on CPU, ``"ragged"`` on TPU / GPU; other names pass through after a check."""
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"model.moe_backend: unknown backend {backend!r}; valid values: {', '.join(MOE_BACKENDS)}")
+    if backend == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return backend
+
+
+def experts(
+    x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *, backend: str = "auto", block_size: int = 128
+):
+    """Dropless MoE expert compute: y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]). Returns [T, D].
+
+    x [T, D]; weights [T, k]; experts [T, k] (int); w_gate / w_up [E, D, I]; w_down [E, I, D].
+    """
+    backend = resolve_backend(backend)
+    if backend == "ragged":
+        out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid)
+    else:
+        out_tkd = expert_outputs_blocked(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid, block_size=block_size)
+    return jnp.einsum("tkd,tk->td", out_tkd, weights_tk.astype(out_tkd.dtype))

@@ -1,0 +1,274 @@
+"""Qwen3 (dense) and Qwen3-MoE decoders in Flax NNX, numerically matching Hugging Face transformers.
+
+Parameter layouts (logical axes in brackets; ``qlx.mesh.LOGICAL_AXIS_RULES`` maps them to mesh axes):
+  embed [V, D] (vocab, embed)          lm_head [D, V] (embed, vocab), absent when tied
+  attn.q [D, H, K] (embed, heads, head_dim)   attn.k / attn.v [D, KV, K] (embed, kv_heads, head_dim)
+  attn.o [H, K, D] (heads, head_dim, embed)   attn.q_norm / attn.k_norm [K] (head_dim)
+  mlp.gate / mlp.up [D, I] (embed, mlp)       mlp.down [I, D] (mlp, embed)
+  moe.router [D, E] (embed, -)                moe.gate / moe.up [E, D, I] (experts, embed, mlp)
+  moe.down [E, I, D] (experts, mlp, embed)    norms [D] (norm)
+Activations are constrained as (batch, length, embed | heads | kv_heads | mlp | vocab).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from qlx.config import ModelConfig
+from qlx.models.attention import attention
+from qlx.models.cache import KVCache, write_kv
+from qlx.models.layers import RMSNorm, normal_param
+from qlx.models.moe import experts, load_balancing_loss, route, router_stats
+from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
+from qlx.models.sharding import Layout, state_shardings
+
+BTD = ("batch", "length", "embed")
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (before RoPE), no biases."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype, std = jnp.dtype(c.param_dtype), c.initializer_range
+        self.config = config
+        self.q = normal_param(
+            rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), std, dtype
+        )
+        kv_shape = (c.hidden_size, c.num_kv_heads, c.head_dim)
+        self.k = normal_param(rngs, kv_shape, ("embed", "kv_heads", "head_dim"), std, dtype)
+        self.v = normal_param(rngs, kv_shape, ("embed", "kv_heads", "head_dim"), std, dtype)
+        self.o = normal_param(
+            rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"), std, dtype
+        )
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, logical_axis="head_dim", param_dtype=dtype)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, logical_axis="head_dim", param_dtype=dtype)
+
+    def __call__(self, x_btd, cos_btk, sin_btk, *, layout: Layout, segment_ids_bt=None, kv=None, positions_bt=None):
+        """x [B, T, D] -> [B, T, D]; with ``kv`` (this layer's cache K, V) also returns the written (K, V)."""
+        dt = x_btd.dtype
+        q = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.q[...].astype(dt)), BTD[:2] + ("heads", None))
+        k = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.k[...].astype(dt)), BTD[:2] + ("kv_heads", None))
+        v = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.v[...].astype(dt)), BTD[:2] + ("kv_heads", None))
+        q = apply_rope(self.q_norm(q), cos_btk, sin_btk)
+        k = apply_rope(self.k_norm(k), cos_btk, sin_btk)
+        backend = self.config.attention
+        if kv is None:
+            out = attention(q, k, v, backend=backend, causal=True, segment_ids_bt=segment_ids_bt)
+            new_kv = None
+        else:
+            new_kv = (write_kv(kv[0], k, positions_bt), write_kv(kv[1], v, positions_bt))
+            out = attention(q, new_kv[0].astype(dt), new_kv[1].astype(dt), backend=backend, q_positions_bt=positions_bt)
+        out = layout.constrain(out, BTD[:2] + ("heads", None))
+        return layout.constrain(jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), BTD), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype, std = jnp.dtype(c.param_dtype), c.initializer_range
+        self.gate = normal_param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), std, dtype)
+        self.up = normal_param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), std, dtype)
+        self.down = normal_param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), std, dtype)
+
+    def __call__(self, x_btd, *, layout: Layout):
+        dt = x_btd.dtype
+        h = jax.nn.silu(x_btd @ self.gate[...].astype(dt)) * (x_btd @ self.up[...].astype(dt))
+        h = layout.constrain(h, BTD[:2] + ("mlp",))
+        return layout.constrain(h @ self.down[...].astype(dt), BTD), None
+
+
+class MoE(nnx.Module):
+    """Sparse MoE block: float32 softmax router, top-k (optionally renormalised), dropless SwiGLU experts."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype, std = jnp.dtype(c.param_dtype), c.initializer_range
+        self.config = config
+        e, d, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        self.router = normal_param(rngs, (d, e), ("embed", None), std, dtype)
+        self.gate = normal_param(rngs, (e, d, i), ("experts", "embed", "mlp"), std, dtype)
+        self.up = normal_param(rngs, (e, d, i), ("experts", "embed", "mlp"), std, dtype)
+        self.down = normal_param(rngs, (e, i, d), ("experts", "mlp", "embed"), std, dtype)
+
+    def __call__(self, x_btd, *, layout: Layout):
+        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E]))."""
+        c, dt = self.config, x_btd.dtype
+        b, t, d = x_btd.shape
+        x_td = x_btd.reshape(b * t, d)
+        logits_te = jnp.matmul(x_td, self.router[...].astype(dt), preferred_element_type=jnp.float32)
+        weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
+        y_td = experts(
+            x_td,
+            weights_tk,
+            experts_tk,
+            self.gate[...].astype(dt),
+            self.up[...].astype(dt),
+            self.down[...].astype(dt),
+            backend=c.moe_backend,
+            block_size=c.moe_block_size,
+        )
+        return layout.constrain(y_td.reshape(b, t, d), BTD), router_stats(experts_tk, probs_te)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)); the MLP is MoE per ``config.is_moe_layer``."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.param_dtype)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, logical_axis="norm", param_dtype=dtype)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, logical_axis="norm", param_dtype=dtype)
+        self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer_index) else MLP(config, rngs=rngs)
+
+    def __call__(self, x_btd, cos_btk, sin_btk, *, layout, segment_ids_bt=None, kv=None, positions_bt=None):
+        """Returns (x [B, T, D], written (K, V) or None, router stats or None)."""
+        h, new_kv = self.attn(
+            self.input_norm(x_btd),
+            cos_btk,
+            sin_btk,
+            layout=layout,
+            segment_ids_bt=segment_ids_bt,
+            kv=kv,
+            positions_bt=positions_bt,
+        )
+        x_btd = x_btd + h
+        m, stats = self.mlp(self.post_attn_norm(x_btd), layout=layout)
+        return x_btd + m, new_kv, stats
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 / Qwen3-MoE causal LM. ``model(tokens)`` -> logits [B, T, V] (float32).
+
+    Call variants (all jit-friendly; positions default to 0..T-1, or each row's cache length onward):
+      model(tokens_bt, positions_bt=None, segment_ids_bt=None)                  -> logits
+      model(tokens_bt, ..., cache=cache)                                        -> (logits, cache)
+      model(tokens_bt, ..., return_aux=True)                                    -> (logits, aux)
+      model(tokens_bt, ..., cache=cache, return_aux=True)                       -> (logits, cache, aux)
+    ``hidden_states`` takes the same arguments and returns the final-norm hidden [B, T, D] in place of logits;
+    ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied). aux is
+    {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models)}.
+    Segment ids restrict attention to equal ids (packing); they do not combine with a cache.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layout: Layout | None = None):
+        c = config
+        dtype, std = jnp.dtype(c.param_dtype), c.initializer_range
+        self.config = config
+        self.layout = Layout() if layout is None else layout
+        self.embed = normal_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), std, dtype)
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, logical_axis="norm", param_dtype=dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), std, dtype)
+
+    def lm_head_weight(self) -> jax.Array:
+        """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied)."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.config.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """Empty cache (zeros, lengths 0) for ``batch`` rows of up to ``max_len`` tokens; sharded on the mesh."""
+        c = self.config
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = jnp.dtype(c.dtype if dtype is None else dtype)
+
+        def make():
+            zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+            return KVCache(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
+
+        if self.layout.mesh is None:
+            return make()
+        kv_sharding = self.layout.sharding(shape, ("batch", "length", "kv_heads", "head_dim"))
+        shardings = KVCache(
+            k=(kv_sharding,) * c.num_layers,
+            v=(kv_sharding,) * c.num_layers,
+            lengths=self.layout.sharding((batch,), ("batch",)),
+        )
+        return jax.jit(make, out_shardings=shardings)()
+
+    def hidden_states(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False):
+        """Final-norm hidden states [B, T, D] (plus the updated cache and/or aux, as ``__call__``)."""
+        c, layout = self.config, self.layout
+        if cache is not None and segment_ids_bt is not None:
+            raise ValueError("segment_ids_bt cannot be combined with a KV cache")
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = cache.default_positions(t) if cache is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
+        inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
+        x = layout.constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.dtype), BTD)
+
+        def run(layer, x, cos, sin, seg, kv, pos):
+            return layer(x, cos, sin, layout=layout, segment_ids_bt=seg, kv=kv, positions_bt=pos)
+
+        if c.remat and cache is None:
+            run = nnx.remat(run)
+        new_k, new_v = [], []
+        counts = prob_sums = None
+        num_moe = 0
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, written, stats = run(layer, x, cos_btk, sin_btk, segment_ids_bt, kv, positions_bt)
+            if written is not None:
+                new_k.append(written[0])
+                new_v.append(written[1])
+            if stats is not None:
+                counts = stats[0] if counts is None else counts + stats[0]
+                prob_sums = stats[1] if prob_sums is None else prob_sums + stats[1]
+                num_moe += 1
+        outputs = [self.final_norm(x)]
+        if cache is not None:
+            outputs.append(cache.updated(new_k, new_v, positions_bt))
+        if return_aux:
+            loss = (
+                jnp.zeros((), jnp.float32)
+                if counts is None
+                else load_balancing_loss(counts, prob_sums, b * t * num_moe, c.num_experts)
+            )
+            outputs.append({"load_balancing_loss": loss})
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False):
+        out = self.hidden_states(
+            tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache, return_aux=return_aux
+        )
+        hidden = out[0] if isinstance(out, tuple) else out
+        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        logits = self.layout.constrain(logits, ("batch", "length", "vocab"))
+        return (logits, *out[1:]) if isinstance(out, tuple) else logits
+
+
+def build_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=None) -> Qwen3ForCausalLM:
+    """A freshly initialised model (weights ~ N(0, initializer_range^2), norms 1).
+
+    With ``mesh``, parameters are created directly in their sharded layout (abstract init, then one jit with
+    ``out_shardings``), so the full model never sits on one device. ``rules`` overrides the logical-axis rules.
+    """
+    layout = Layout.create(mesh, rules)
+
+    def create():
+        return Qwen3ForCausalLM(config, rngs=nnx.Rngs(seed), layout=layout)
+
+    if mesh is None:
+        return create()
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shardings(abstract_state, mesh, rules))()
+    return nnx.merge(graphdef, state)
+
+
+def shard_model(model: Qwen3ForCausalLM, mesh: Mesh | None, rules=None) -> Qwen3ForCausalLM:
+    """The same model with its parameters moved to ``mesh`` by the logical-axis rules (None: one device)."""
+    graphdef, state = nnx.split(model)
+    if mesh is None:
+        state = jax.device_put(state, jax.devices()[0])
+    else:
+        state = jax.device_put(state, state_shardings(state, mesh, rules))
+    moved = nnx.merge(graphdef, state)
+    moved.layout = Layout.create(mesh, rules)
+    return moved

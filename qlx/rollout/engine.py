@@ -1,0 +1,329 @@
+"""Batched generation: chunked prefill into a preallocated KV cache, then a compiled decode loop.
+
+For N prompts of different lengths L_i (right-padded into one [B, P] array):
+
+    prefill   for each chunk c of C prompt positions (a Python loop over P / C chunks, one compiled function):
+                  h, cache = model.hidden_states(tokens[:, cC:(c+1)C], positions, cache)
+                  keep h at position L_i − 1 of each row
+    decode    one lax.while_loop (no Python per token): token j of row i is drawn from the row's sampling
+              distribution at position L_i + j − 1, then fed back at position L_i + j; a row stops at its first stop
+              token or after its max_new_tokens; the loop ends when every row has stopped.
+
+Only each row's last hidden state is projected to the vocabulary during prefill (no [B, P, V] logits), so prefill
+memory is bounded by the chunk. Shapes are bucketed (``qlx.rollout.buckets``): the batch to a power of two (and a
+multiple of the mesh's batch shards), the prompt to a multiple of the chunk, the output buffer and the cache to
+length buckets, so a new request rarely compiles anything. The model is passed into the compiled functions as
+``nnx.split`` (graphdef static, parameter state as arrays), so no parameter is copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
+from qlx.rollout.sampling import sample_tokens, sampling_logprobs
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """How one sequence is sampled.
+
+    max_new_tokens: most tokens generated (a final stop token counts).
+    temperature: 0 is greedy; otherwise logits are divided by it before the filters (``qlx.rollout.sampling``).
+    top_p: nucleus mass in [0, 1]; 1 is off. top_k: keep the k most likely tokens; 0 is off.
+    stop_token_ids: generation stops after emitting any of these (the stop token is returned, as its log-prob).
+    seed, stream: the sequence's random stream is ``fold_in(key(seed), stream)``; token j uses
+        ``fold_in(that, j)``, so a sequence's samples depend only on its own seed, stream, prompt and the model.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+    stream: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (got {self.temperature!r})")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (got {self.top_p!r})")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, 0 meaning off (got {self.top_k!r})")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def filtered(self) -> bool:
+        return self.temperature > 0 and (self.top_p < 1 or self.top_k > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """Generated tokens of N sequences.
+
+    tokens: int32 [N, T] (T = the largest max_new_tokens); row i is valid up to ``lengths[i]``, 0 after.
+    logprobs: float32 [N, T]; log-probability of each token under the distribution it was sampled from
+        (``qlx.rollout.sampling.sampling_logprobs``: the tempered, top-k/top-p renormalised distribution; the
+        model's own log_softmax for greedy rows); 0 after ``lengths[i]``.
+    lengths: int32 [N] tokens generated per sequence (including a final stop token).
+    finish_reasons: "stop" (ended with a stop token) or "length" (reached max_new_tokens), per sequence.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    finish_reasons: tuple[str, ...]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool [N, T]: True where a token was generated."""
+        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+    def sequences(self) -> list[list[int]]:
+        """The generated tokens of each sequence as lists."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    return_logprobs: bool = True,
+    prefill_chunk: int = 512,
+) -> GenerateResult:
+    """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
+
+    Sequence i uses the random stream ``fold_in(key(seed), i)`` (see :class:`SamplingSpec`); ``temperature=0`` is
+    greedy decoding. ``return_logprobs=False`` returns zeros in ``logprobs`` (the values are computed either way; the
+    flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt positions processed
+    per prefill step. Returns a :class:`GenerateResult`.
+    """
+    specs = [
+        SamplingSpec(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_token_ids=tuple(stop_token_ids),
+            seed=seed,
+            stream=i,
+        )
+        for i in range(len(prompts))
+    ]
+    result = generate_rows(model, prompts, specs, prefill_chunk=prefill_chunk)
+    if not return_logprobs:
+        result = dataclasses.replace(result, logprobs=np.zeros_like(result.logprobs))
+    return result
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one list of token ids")
+    arrays = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompts[{i}] must be a non-empty list of integer token ids (got shape {ids.shape}, "
+                             f"dtype {ids.dtype})")
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if bad.size:
+            raise ValueError(f"prompts[{i}][{bad[0]}] = {ids[bad[0]]} is outside the vocabulary [0, {vocab_size})")
+        arrays.append(ids.astype(np.int32))
+    return arrays
+
+
+def _batch_axes(model) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is sharded over (from the model's logical-axis rules)."""
+    mesh = model.layout.mesh
+    if mesh is None:
+        return ()
+    return tuple(axis for axis in dict(model.layout.rules).get("batch", ()) if mesh.shape[axis] > 1)
+
+
+def _put_batch(x: np.ndarray, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
+    """A host array whose first dimension is the batch, on device (sharded over ``batch_axes`` on a mesh)."""
+    if mesh is None or not batch_axes:
+        return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (x.ndim - 1))))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_cache(graphdef, state, batch: int, max_len: int):
+    """An empty cache with one distinct buffer per array (it is donated to, and updated in place by, each step)."""
+    return nnx.merge(graphdef, state).init_cache(batch, max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, lengths_b):
+    """Write one chunk of prompt positions [start, start + C) into the cache; keep each row's hidden state at its
+    last prompt position (L_b − 1) when that position falls in this chunk. Positions past a row's prompt are
+    padding (position −1: not written, attends to nothing)."""
+    model = nnx.merge(graphdef, state)
+    chunk = tokens_bc.shape[1]
+    positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
+    hidden_bcd, cache = model.hidden_states(tokens_bc, positions_bt=positions_bc, cache=cache)
+    offset_b = lengths_b - 1 - start
+    inside_b = (offset_b >= 0) & (offset_b < chunk)
+    picked_bd = jnp.take_along_axis(hidden_bcd, jnp.clip(offset_b, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+    return cache, jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len", "filtered"), donate_argnums=(2,))
+def _decode(
+    graphdef,
+    state,
+    cache,
+    last_hidden_bd,
+    lengths_b,
+    max_new_b,
+    temperature_b,
+    top_p_b,
+    top_k_b,
+    stops_bs,
+    seeds_b2,
+    *,
+    out_len,
+    filtered,
+):
+    """The decode loop: returns tokens [B, out_len], log-probs [B, out_len], counts [B], stopped-by-token [B] and
+    the final cache (returned so that the donated cache buffers are updated in place)."""
+    model = nnx.merge(graphdef, state)
+    w_dv = model.lm_head_weight()
+    keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s[0]), s[1]))(seeds_b2)
+    batch = lengths_b.shape[0]
+
+    def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn):
+        logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
+        logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b, filtered=filtered)
+        step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, j)
+        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b)
+        live_b = ~done_b
+        tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
+        logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
+        hit_b = live_b & jnp.any(token_b[:, None] == stops_bs, axis=-1)
+        count_b = count_b + live_b.astype(jnp.int32)
+        done_b = done_b | hit_b | (count_b >= max_new_b)
+        return token_b, (done_b, stopped_b | hit_b, count_b, tokens_bn, logprobs_bn)
+
+    init = (
+        jnp.zeros(batch, bool),
+        jnp.zeros(batch, bool),
+        jnp.zeros(batch, jnp.int32),
+        jnp.zeros((batch, out_len), jnp.int32),
+        jnp.zeros((batch, out_len), jnp.float32),
+    )
+    first_b, outs = emit(0, last_hidden_bd, *init)
+
+    def cond(loop):
+        j, _, _, outs = loop
+        return (j < out_len) & ~jnp.all(outs[0])
+
+    def body(loop):
+        j, cache, previous_b, outs = loop
+        positions_b1 = (lengths_b + j - 1)[:, None]
+        hidden_b1d, cache = model.hidden_states(previous_b[:, None], positions_bt=positions_b1, cache=cache)
+        token_b, outs = emit(j, hidden_b1d[:, 0], *outs)
+        return j + 1, cache, token_b, outs
+
+    _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn) = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), cache, first_b, outs)
+    )
+    return tokens_bn, logprobs_bn, count_b, stopped_b, cache
+
+
+def generate_rows(
+    model, prompts: Sequence[Sequence[int]], specs: Sequence[SamplingSpec], *, prefill_chunk: int = 512
+) -> GenerateResult:
+    """Generate for ``prompts[i]`` with ``specs[i]``: the batched engine behind :func:`generate` and the server."""
+    if len(specs) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+    vocab_size = model.config.vocab_size
+    arrays = _check_prompts(prompts, vocab_size)
+    for i, spec in enumerate(specs):
+        bad = [t for t in spec.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"specs[{i}].stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+    n = len(arrays)
+    mesh = model.layout.mesh
+    batch_axes = _batch_axes(model)
+    batch = batch_bucket(n, math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1)
+    longest = max(a.size for a in arrays)
+    chunk = min(prefill_chunk, length_bucket(longest))
+    prompt_len = round_up(longest, chunk)
+    out_len = length_bucket(max(s.max_new_tokens for s in specs), minimum=8)
+    cache_len = length_bucket(prompt_len + out_len)
+    n_stops = length_bucket(max(1, max(len(s.stop_token_ids) for s in specs)), minimum=1)
+
+    tokens_bp = np.zeros((batch, prompt_len), np.int32)
+    lengths_b = np.ones(batch, np.int32)
+    max_new_b = np.ones(batch, np.int32)
+    temperature_b = np.zeros(batch, np.float32)
+    top_p_b = np.ones(batch, np.float32)
+    top_k_b = np.zeros(batch, np.int32)
+    stops_bs = np.full((batch, n_stops), -1, np.int32)
+    seeds = np.zeros((batch, 2), np.uint32)
+    for i, (ids, spec) in enumerate(zip(arrays, specs, strict=True)):
+        tokens_bp[i, : ids.size] = ids
+        lengths_b[i] = ids.size
+        max_new_b[i] = spec.max_new_tokens
+        temperature_b[i], top_p_b[i], top_k_b[i] = spec.temperature, spec.top_p, spec.top_k
+        stops_bs[i, : len(spec.stop_token_ids)] = spec.stop_token_ids
+        seeds[i] = (spec.seed % 2**32, spec.stream % 2**32)
+    filtered = any(s.filtered for s in specs)
+
+    graphdef, state = nnx.split(model)
+    put = functools.partial(_put_batch, mesh=mesh, batch_axes=batch_axes)
+    cache = _init_cache(graphdef, state, batch, cache_len)
+    last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), np.float32))
+    lengths_dev = put(lengths_b)
+    for start in range(0, prompt_len, chunk):
+        cache, last_hidden_bd = _prefill_chunk(
+            graphdef, state, cache, last_hidden_bd, put(tokens_bp[:, start : start + chunk]), start, lengths_dev
+        )
+    out_tokens, out_logprobs, out_lengths, stopped, _ = _decode(
+        graphdef,
+        state,
+        cache,
+        last_hidden_bd,
+        lengths_dev,
+        put(max_new_b),
+        put(temperature_b),
+        put(top_p_b),
+        put(top_k_b),
+        put(stops_bs),
+        put(seeds),
+        out_len=out_len,
+        filtered=filtered,
+    )
+    width = max(s.max_new_tokens for s in specs)
+    out_lengths = np.asarray(out_lengths)[:n]
+    return GenerateResult(
+        tokens=np.asarray(out_tokens)[:n, :width],
+        logprobs=np.asarray(out_logprobs)[:n, :width],
+        lengths=out_lengths,
+        finish_reasons=tuple(FINISH_STOP if s else FINISH_LENGTH for s in np.asarray(stopped)[:n]),
+    )

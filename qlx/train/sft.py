@@ -1,0 +1,102 @@
+"""SFT: cross-entropy on the reference answer tokens of each record, for models that start from random weights and
+as the warm start of RL.
+
+Records are visited in epochs, each a permutation drawn from (seed, epoch); the iterator state (epoch, position) is
+saved with every checkpoint, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from qlx.config import Config
+from qlx.models.sharding import Layout
+from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.inputs import Dataset
+from qlx.train.step import Policy, nonfinite_reason, sft_loss_sum, stack_micro_batches, train_step
+
+
+class EpochIterator:
+    """Batches of record indices, epoch after epoch, each epoch a seeded permutation."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def next_batch(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + self.batch_size - len(out)]
+            out.extend(int(i) for i in take)
+            self.position += len(take)
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class SFTJob:
+    """One SFT step per call: next batch of records -> packed rows -> one optimizer step."""
+
+    def __init__(self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout):
+        self.config, self.dataset, self.policy, self.rest = config, dataset, policy, rest
+        self.optimizer, self.layout = optimizer, layout
+        self.pad_id = dataset.builder.tokenizer.pad_id
+        self.iterator = EpochIterator(len(dataset), config.train.batch_size, config.seed)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def meta(self) -> dict:
+        return {"data_iterator": self.iterator.state_dict()}
+
+    def load(self, extra: dict, meta: dict) -> None:
+        self.iterator.load_state_dict(meta["data_iterator"])
+
+    def begin(self, params) -> None:
+        """Nothing to prepare for SFT."""
+
+    def step(self, step: int, params, opt_state):
+        start = time.perf_counter()
+        indices = self.iterator.next_batch()
+        limit = self.config.data.max_output_tokens
+        prompts = [self.dataset.prompt(i) for i in indices]
+        targets = [self.dataset.target(i)[:limit] for i in indices]
+        rows = pack_rows(prompts, targets, pad_id=self.pad_id)
+        denominator = np.float32(rows["mask_br"].sum())
+        micro = stack_micro_batches(rows, self.config.train.micro_batch_size, pad_row_values(rows, self.pad_id))
+        params, opt_state, out = train_step(
+            params,
+            opt_state,
+            self.rest,
+            put_micro_batches(micro, self.layout),
+            denominator,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            loss_sum=sft_loss_sum,
+            temperature=1.0,
+            chunk=self.config.rl.logprob_chunk,
+        )
+        skipped = nonfinite_reason(out)
+        elapsed = time.perf_counter() - start
+        tokens = int(sum(len(p) + len(t) for p, t in zip(prompts, targets, strict=True)))
+        metrics = {
+            "loss": float(out["loss"]),
+            "grad_norm": float(out["grad_norm"]),
+            "entropy": float(out["entropy_sum"]) / max(float(denominator), 1.0),
+            "response_length/mean": float(np.mean([len(t) for t in targets])),
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+        }
+        return params, opt_state, metrics, skipped

@@ -1,0 +1,180 @@
+"""One optimizer step: micro-batched gradients with the step-wide token-mean denominator, clipping, AdamW, and the
+non-finite guard.
+
+A step batch is a dict of arrays with a leading micro-batch axis M (``[M, b, ...]``):
+
+- ``tokens_bt`` int32 [M, b, T]: prompt then response, right-padded;
+- ``start_b`` int32 [M, b]: index of the first response token in each row (>= 1);
+- ``mask_br`` float32 [M, b, R]: 1 on response tokens that count in the loss (R = the response window);
+- plus whatever the loss reads (``advantages_b``, ``old_logp_br`` in RL).
+
+Every loss is written as a sum over tokens, ``numerator = Σ_{m,i,t} ℓ_{m,i,t}``, and the step divides by
+``denominator = Σ mask`` over the *whole step*, not per micro-batch:
+
+    loss = Σ_m numerator_m / denominator,     grads = Σ_m ∇numerator_m / denominator
+
+so k micro-batches give the same update as one batch (exact token-mean, never a mean of means). A step whose loss
+or gradient norm is not finite leaves parameters and optimizer state unchanged and reports why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qlx.rl.logprobs import token_logprobs_and_entropy
+
+LossSum = Callable[[jax.Array, jax.Array, dict], tuple[jax.Array, dict]]
+"""``(logp_br, entropy_br, micro_batch) -> (numerator, {name: sum})``: a loss as a sum over tokens."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The static graph of a model; parameters and the other model state travel as arrays.
+
+    ``policy.model(params, rest)`` rebuilds the NNX module around the given arrays without copying them, so rollouts
+    and training read the same device buffers.
+    """
+
+    graphdef: nnx.GraphDef
+
+    @staticmethod
+    def split(model: nnx.Module) -> tuple[Policy, nnx.State, nnx.State]:
+        """(policy, params, rest): trainable ``nnx.Param`` arrays and every other variable of the model."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return Policy(graphdef), params, rest
+
+    def model(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, rest)
+
+
+def response_window(tokens_bt: jax.Array, start_b: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the positions that predict the response tokens, and those tokens: ([b, R], [b, R]) int32.
+
+    Position ``start - 1 + r`` predicts token ``start + r``; indices past the row are clamped (their mask is 0).
+    """
+    length = tokens_bt.shape[1]
+    pred_br = jnp.clip(start_b[:, None] - 1 + jnp.arange(window)[None, :], 0, length - 1)
+    targets_br = jnp.take_along_axis(tokens_bt, jnp.clip(pred_br + 1, 0, length - 1), axis=1)
+    return pred_br, targets_br
+
+
+def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [b, R].
+
+    Only the response window's hidden states reach the vocabulary projection (no [b, T, V] array).
+    """
+    tokens_bt, start_b, mask_br = batch["tokens_bt"], batch["start_b"], batch["mask_br"]
+    hidden_btd = model.hidden_states(tokens_bt)
+    pred_br, targets_br = response_window(tokens_bt, start_b, mask_br.shape[1])
+    hidden_brd = jnp.take_along_axis(hidden_btd, pred_br[:, :, None], axis=1)
+    return token_logprobs_and_entropy(
+        hidden_brd, model.lm_head_weight(), targets_br, mask_br, temperature=temperature, chunk=chunk
+    )
+
+
+def sft_loss_sum(logp_br: jax.Array, entropy_br: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+    """Cross-entropy on answer tokens as a sum: ``−Σ mask · log p``; also sums the entropy."""
+    mask_br = batch["mask_br"]
+    return -jnp.sum(mask_br * logp_br), {"entropy_sum": jnp.sum(mask_br * entropy_br)}
+
+
+def accumulate_gradients(
+    policy: Policy, params, rest, micro_batches: dict, denominator, loss_sum: LossSum, **logprob_kw
+):
+    """Σ over micro-batches (axis 0) of the loss numerator and its gradient, divided by ``denominator``.
+
+    Returns (loss, grads, aux) where aux holds the sums the loss reported, summed over micro-batches.
+    """
+
+    def numerator(p, micro_batch):
+        logp_br, entropy_br = response_logprobs(policy.model(p, rest), micro_batch, **logprob_kw)
+        return loss_sum(logp_br, entropy_br, micro_batch)
+
+    grad_fn = jax.value_and_grad(numerator, has_aux=True)
+
+    def body(carry, micro_batch):
+        num_acc, grad_acc, aux_acc = carry
+        (num, aux), grads = grad_fn(params, micro_batch)
+        grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+        aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+        return (num_acc + num, grad_acc, aux_acc), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    aux_shape = jax.eval_shape(lambda: numerator(params, first)[1])
+    init = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+    )
+    (num, grads, aux), _ = jax.lax.scan(body, init, micro_batches)
+    scale = 1.0 / jnp.maximum(denominator, 1.0)
+    return num * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), aux
+
+
+@functools.partial(
+    jax.jit, static_argnames=("policy", "optimizer", "loss_sum", "temperature", "chunk"), donate_argnums=(0, 1)
+)
+def train_step(
+    params,
+    opt_state,
+    rest,
+    micro_batches: dict,
+    denominator,
+    *,
+    policy: Policy,
+    optimizer: optax.GradientTransformation,
+    loss_sum: LossSum,
+    temperature: float,
+    chunk: int,
+):
+    """One optimizer step; returns (params, opt_state, metrics). Non-finite loss or gradients skip the update.
+
+    ``params`` and ``opt_state`` are donated (their buffers are reused for the results). metrics: loss, grad_norm
+    (before clipping), finite_loss, finite_grad (booleans), and the loss's aux sums.
+    """
+    loss, grads, aux = accumulate_gradients(
+        policy, params, rest, micro_batches, denominator, loss_sum, temperature=temperature, chunk=chunk
+    )
+    grad_norm = optax.global_norm(grads)
+    finite_loss, finite_grad = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    ok = finite_loss & finite_grad
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite_loss": finite_loss, "finite_grad": finite_grad, **aux}
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+
+def nonfinite_reason(metrics: dict) -> str | None:
+    """Why a step was skipped ("loss is nan", "gradient norm is inf", ...), or None when it was applied."""
+    reasons = []
+    if not bool(metrics["finite_loss"]):
+        reasons.append(f"loss is {float(metrics['loss'])}")
+    if not bool(metrics["finite_grad"]):
+        reasons.append(f"gradient norm is {float(metrics['grad_norm'])}")
+    return "; ".join(reasons) or None
+
+
+def stack_micro_batches(batch: dict[str, np.ndarray], micro_batch_size: int, pad_row: dict) -> dict[str, np.ndarray]:
+    """Host arrays with B rows -> [M, b, ...] with b = micro_batch_size (0: one micro-batch of all rows).
+
+    Rows are padded to a multiple of b with ``pad_row`` values (their ``mask_br`` must be 0).
+    """
+    rows = len(batch["tokens_bt"])
+    size = rows if micro_batch_size == 0 else micro_batch_size
+    total = -(-rows // size) * size
+    out = {}
+    for name, array in batch.items():
+        if total > rows:
+            pad = np.broadcast_to(np.asarray(pad_row[name], array.dtype), (total - rows, *array.shape[1:]))
+            array = np.concatenate([array, pad])
+        out[name] = array.reshape(total // size, size, *array.shape[1:])
+    return out
