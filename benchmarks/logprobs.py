@@ -108,21 +108,27 @@ def main():
     for impl, tokens in tqdm(jobs, desc="compiling"):
         rows.append((impl, tokens, peak_bytes(impl, tokens, args)))
 
-    print(f"\nhidden {args.hidden}, vocab {args.vocab:,}, {args.dtype} inputs, float32 logits, temperature "
-          f"{args.temperature}, tiles {args.chunk} x {args.vocab_chunk}; backend {jax.default_backend()}, "
-          f"jax {jax.__version__}")
+    print(
+        f"\nhidden {args.hidden}, vocab {args.vocab:,}, {args.dtype} inputs, float32 logits, temperature "
+        f"{args.temperature}, tiles {args.chunk} x {args.vocab_chunk}; backend {jax.default_backend()}, "
+        f"jax {jax.__version__}"
+    )
     print(f"{'impl':<6} {'tokens':>7} {'args GiB':>9} {'out GiB':>8} {'temp GiB':>9} {'peak GiB':>9} {'vs naive':>9}")
     naive_peak = rows[0][2]["peak"]
     for impl, tokens, m in rows:
         ratio = f"{m['peak'] / naive_peak:.3f}" if tokens == args.tokens[0] else ""
-        print(f"{impl:<6} {tokens:>7} {m['args'] / GIB:>9.3f} {m['out'] / GIB:>8.3f} {m['temp'] / GIB:>9.3f} "
-              f"{m['peak'] / GIB:>9.3f} {ratio:>9}")
+        print(
+            f"{impl:<6} {tokens:>7} {m['args'] / GIB:>9.3f} {m['out'] / GIB:>8.3f} {m['temp'] / GIB:>9.3f} "
+            f"{m['peak'] / GIB:>9.3f} {ratio:>9}"
+        )
 
     if args.check_tokens:
         errs, t_naive, t_qlx = equality_check(args)
-        print(f"\nexecuted check at {args.check_tokens} tokens (max |diff| / max |naive|): "
-              + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-              + f"; wall incl. compile: naive {t_naive:.1f}s, qlx {t_qlx:.1f}s")
+        print(
+            f"\nexecuted check at {args.check_tokens} tokens (max |diff| / max |naive|): "
+            + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+            + f"; wall incl. compile: naive {t_naive:.1f}s, qlx {t_qlx:.1f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -24,23 +24,40 @@ def _hf_logprobs(logits: np.ndarray, temperature: float, top_p: float, top_k: in
     return torch.log_softmax(scores, -1)[0].numpy()
 
 
-ROWS = [(1.0, 1.0, 0), (0.7, 0.95, 0), (1.3, 0.5, 0), (0.7, 1.0, 5), (0.9, 0.8, 20), (0.0, 0.3, 3), (2.0, 0.05, 0)]
+# (temperature, top_p, top_k, logit scale): peaked rows keep few tokens (found among the top 64 candidates), flat
+# rows keep hundreds (found by bisection), top_k above 64 needs the counting bisection.
+ROWS = [
+    (1.0, 1.0, 0, 3.0),
+    (0.7, 0.95, 0, 3.0),
+    (1.3, 0.5, 0, 3.0),
+    (0.7, 1.0, 5, 3.0),
+    (0.9, 0.8, 20, 3.0),
+    (0.0, 0.3, 3, 3.0),
+    (2.0, 0.05, 0, 3.0),
+    (1.0, 0.95, 0, 0.3),
+    (0.7, 0.9, 100, 0.3),
+    (1.0, 1.0, 250, 1.0),
+    (0.5, 0.99, 0, 1.0),
+]
 
 
 def test_sampling_logprobs_match_transformers_warpers():
     rng = np.random.default_rng(0)
-    logits_bv = (rng.standard_normal((len(ROWS), 97)) * 3).astype(np.float32)
-    temperature_b, top_p_b, top_k_b = (np.array(col) for col in zip(*ROWS, strict=True))
+    temperature_b, top_p_b, top_k_b, scale_b = (np.array(col) for col in zip(*ROWS, strict=True))
+    logits_bv = (rng.standard_normal((len(ROWS), 300)) * scale_b[:, None]).astype(np.float32)
     ours = np.asarray(
         sampling_logprobs(jnp.asarray(logits_bv), jnp.asarray(temperature_b, jnp.float32),
                           jnp.asarray(top_p_b, jnp.float32), jnp.asarray(top_k_b, jnp.int32))
     )
-    for b, (temperature, top_p, top_k) in enumerate(ROWS):
+    kept_counts = []
+    for b, (temperature, top_p, top_k, _) in enumerate(ROWS):
         expected = _hf_logprobs(logits_bv[b], temperature, top_p, top_k)
         kept = np.isfinite(expected)
+        kept_counts.append(kept.sum())
         np.testing.assert_array_equal(np.isfinite(ours[b]), kept, err_msg=f"row {b}: kept set differs")
         np.testing.assert_allclose(ours[b][kept], expected[kept], atol=1e-5, err_msg=f"row {b}")
-    # Unfiltered rows need no sort: the static shortcut gives the same values.
+    assert min(kept_counts[1:7]) < 64 < min(kept_counts[7:])  # both search paths were exercised
+    # Unfiltered rows need no search: the static shortcut gives the same values.
     plain = np.asarray(
         sampling_logprobs(jnp.asarray(logits_bv[:1]), jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32),
                           filtered=False)

@@ -5,7 +5,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Fact:
-    """``subject --relation--> object``, stated in ``doc_id`` at ``text[start:end]`` (``object`` appears verbatim there).
+    """``subject --relation--> object``, stated in ``doc_id`` at ``text[start:end]``, where ``object`` appears verbatim.
 
     ``qualifiers`` narrow a fact that is not functional on its own (a table cell: ``{"year": 2019, "segment": ...}``).
     """

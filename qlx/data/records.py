@@ -5,7 +5,8 @@ A record's ``context`` is inline text, or ``None`` with ``context_ref = {"path",
 
 ``evidence`` is ``{"docs": [...], "facts": [...], "program": {...}}``:
 
-- ``docs``: ``{doc_id, char_start, char_end, token_start, token_end}`` — where each evidence document sits in the context;
+- ``docs``: ``{doc_id, char_start, char_end, token_start, token_end}``: where each evidence document sits in the
+  context;
 - ``facts``: ``{subject, relation, object, doc_id, char_start, char_end, qualifiers}`` — atomic facts, spans in the
   context, ``object`` appearing verbatim (tables: as printed) inside ``context[char_start:char_end]``;
 - ``program``: how the answer follows from the facts (see :mod:`qlx.data.derive`).
@@ -80,6 +81,21 @@ def iter_context(record: Record, base_dir: str | Path, *, chunk_chars: int = 1 <
     with open(path, encoding="utf-8", newline="") as f:
         while piece := f.read(chunk_chars):
             yield piece
+
+
+def context_spans(record: Record, base_dir: str | Path, spans: list[tuple[int, int]]) -> list[str]:
+    """The context text at each character span ``(start, end)``, read in one streaming pass."""
+    if record.context is not None:
+        return [record.context[a:b] for a, b in spans]
+    out = [""] * len(spans)
+    pos = 0
+    for piece in iter_context(record, base_dir):
+        end = pos + len(piece)
+        for i, (a, b) in enumerate(spans):
+            if a < end and b > pos:
+                out[i] += piece[max(a, pos) - pos : min(b, end) - pos]
+        pos = end
+    return out
 
 
 def write_jsonl(records: Iterable[Record], path: str | Path) -> int:

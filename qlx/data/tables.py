@@ -3,7 +3,8 @@
 Tables whose headers match (after normalisation) across documents are unioned into one SQL table — the
 "unified cross-document corpus table" — with the columns ``doc_id``, ``doc_title``, the columns the document implies
 (``Table.context``, e.g. an annual report's ``org`` and ``year``), the printed columns, and ``_spans`` (JSON: column ->
-``[start, end]`` of the cell in its document) and ``_cells`` (JSON: column -> the cell as printed). A :class:`TableView` names the roles of the columns for query templates.
+``[start, end]`` of the cell in its document) and ``_cells`` (JSON: column -> the cell as printed). A
+:class:`TableView` names the roles of the columns for query templates.
 """
 
 import csv
@@ -131,6 +132,8 @@ class SqlStore:
     def __init__(self):
         self.conn = sqlite3.connect(":memory:")
         self.views: list[TableView] = []
+        self.skipped: list[str] = []
+        """tables left out, with the reason."""
 
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         return self.conn.execute(sql, tuple(params)).fetchall()
@@ -144,8 +147,11 @@ class SqlStore:
                 key = (tuple(sorted(table.context)), tuple(normalise_column(h) for h in table.header))
                 groups.setdefault(key, []).append((doc, table))
         store = cls()
+        reserved = {"doc_id", "doc_title", "_spans", "_cells"}
         for (context_cols, columns), members in groups.items():
-            if len(set(columns)) != len(columns) or set(columns) & {"doc_id", "doc_title", "_spans", "_cells", *context_cols}:
+            if len(set(columns)) != len(columns) or set(columns) & (reserved | set(context_cols)):
+                ids = ", ".join(sorted({d.doc_id for d, _ in members}))
+                store.skipped.append(f"table with columns {list(columns)} in {ids}: repeated or reserved column names")
                 continue
             store._add_group(context_cols, columns, members)
         return store
@@ -153,7 +159,11 @@ class SqlStore:
     def _add_group(self, context_cols, columns, members) -> None:
         numeric = [all(parse_number(r[i]) is not None for _, t in members for r in t.rows) for i in range(len(columns))]
         name = "t_" + "_".join(columns)[:60]
-        types = ["REAL" if is_num else "TEXT" for is_num in numeric]
+        integral = [
+            is_num and all(isinstance(parse_number(r[i]), int) for _, t in members for r in t.rows)
+            for i, is_num in enumerate(numeric)
+        ]
+        types = ["INTEGER" if is_int else "REAL" if is_num else "TEXT" for is_num, is_int in zip(numeric, integral)]
         context_types = [
             "INTEGER" if all(isinstance(t.context[c], int) for _, t in members) else "TEXT" for c in context_cols
         ]
@@ -167,7 +177,14 @@ class SqlStore:
                 cells = [parse_number(c) if is_num else c for c, is_num in zip(row, numeric, strict=True)]
                 span_json = json.dumps(dict(zip(columns, spans, strict=True)))
                 cell_json = json.dumps(dict(zip(columns, row, strict=True)))
-                values = [doc.doc_id, doc.title, span_json, cell_json, *(table.context[c] for c in context_cols), *cells]
+                values = [
+                    doc.doc_id,
+                    doc.title,
+                    span_json,
+                    cell_json,
+                    *(table.context[c] for c in context_cols),
+                    *cells,
+                ]
                 self.conn.execute(f"INSERT INTO {name} VALUES ({marks})", values)
         header = members[0][1].header
         measures = {c: h for c, h, is_num in zip(columns, header, numeric, strict=True) if is_num}

@@ -31,7 +31,7 @@ _ROLES = ("system", "user", "assistant")
 
 
 def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False, mode: str = "thinking") -> str:
-    """Render messages ``[{"role", "content"[, "reasoning_content"]}]`` with the Qwen3 ChatML template (see module doc)."""
+    """Render ``[{"role", "content"[, "reasoning_content"]}]`` with the Qwen3 ChatML template (see module doc)."""
     if mode not in CHAT_MODES:
         raise ValueError(f"chat mode {mode!r} is not one of {CHAT_MODES}")
     for i, message in enumerate(messages):

@@ -288,7 +288,8 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
 # load
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict; CheckpointError naming the file when missing or invalid."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -301,7 +302,7 @@ def tensor_index(directory: Path) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint in ``directory`` (single ``model.safetensors`` or an indexed set of shards)."""
     index_path = directory / INDEX_FILE
     if index_path.exists():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: missing 'weight_map'")
         files = sorted(set(weight_map.values()))
@@ -332,8 +333,11 @@ def tensor_index(directory: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def check_tensors(specs: list[TensorSpec], infos: dict[str, TensorInfo], config: ModelConfig) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+def check_tensors(specs: list[TensorSpec], infos: dict[str, TensorInfo], config: ModelConfig, reader: Reader) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor.
+
+    With tied embeddings a stored ``lm_head.weight`` is accepted only if it equals the embedding.
+    """
     expected = {s.name: s for s in specs}
     missing = [name for name in expected if name not in infos]
     if missing:
@@ -353,6 +357,11 @@ def check_tensors(specs: list[TensorSpec], infos: dict[str, TensorInfo], config:
             )
         if not np.issubdtype(DTYPES[info.dtype], np.floating) and info.dtype != "BF16":
             raise CheckpointError(f"tensor {s.name} in {info.file.name} has non-float dtype {info.dtype}")
+    tied_copy = config.tie_word_embeddings and "lm_head.weight" in infos
+    if tied_copy and not np.array_equal(
+        reader.get(infos["lm_head.weight"]), reader.get(infos["model.embed_tokens.weight"])
+    ):
+        raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
 
 
 def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForCausalLM:
@@ -364,16 +373,11 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForC
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
-    config = config_from_hf(_read_json(directory / "config.json"), dtype=dtype, source=str(directory / "config.json"))
+    config = config_from_hf(read_json(directory / "config.json"), dtype=dtype, source=str(directory / "config.json"))
     infos = tensor_index(directory)
     specs = tensor_specs(config)
-    check_tensors(specs, infos, config)
     reader = Reader()
-    tied_copy = config.tie_word_embeddings and "lm_head.weight" in infos
-    if tied_copy and not np.array_equal(
-        reader.get(infos["lm_head.weight"]), reader.get(infos["model.embed_tokens.weight"])
-    ):
-        raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
+    check_tensors(specs, infos, config, reader)
     layout = Layout.create(mesh, rules)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0), layout=layout)))
     shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
@@ -406,23 +410,10 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForC
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# save
+# save / convert
 
 
-def save_hf(
-    model: Qwen3ForCausalLM,
-    path,
-    *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    extra_config=None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``model`` as a Hugging Face directory: config.json and safetensors shards (+ index when sharded).
-
-    Tensors are pulled from the devices and written one at a time. ``extra_config`` adds keys to config.json
-    (e.g. bos/eos token ids). An existing checkpoint in ``path`` is replaced only with ``overwrite=True``.
-    """
-    directory = Path(path)
+def _prepare_output(directory: Path, overwrite: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     existing = sorted(directory.glob("*.safetensors")) + sorted(directory.glob(INDEX_FILE))
     if existing:
@@ -430,57 +421,105 @@ def save_hf(
             raise CheckpointError(f"{directory}: already holds {existing[0].name}; pass overwrite=True to replace it")
         for file in existing:
             file.unlink()
-    config = model.config
-    hf_config = {**config_to_hf(config), **(extra_config or {})}
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
-    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
-    cache: dict[tuple, np.ndarray] = {}
 
-    def producer(spec: TensorSpec, np_dtype):
-        def produce():
-            if spec.path not in cache:
-                cache.clear()
-                cache[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
-            value = cache[spec.path] if spec.expert is None else cache[spec.path][spec.expert]
-            return spec.to_hf(value).astype(np_dtype)
-
-        return produce
-
-    tensors = []
-    for spec in tensor_specs(config):
-        np_dtype = np.dtype(flat[spec.path].get_value().dtype)
-        tensors.append(TensorToWrite(spec.name, np_dtype, spec.hf_shape, producer(spec, np_dtype)))
+def _write_shards(directory: Path, tensors: list[TensorToWrite], max_shard_bytes: int) -> list[str]:
+    """Write ``tensors`` in order into shards of at most ``max_shard_bytes`` (one tensor may exceed it alone);
+    a single shard is ``model.safetensors``, several get ``model-0000i-of-0000n.safetensors`` and an index."""
     shards: list[list[TensorToWrite]] = [[]]
+    size = 0
     for t in tensors:
-        if shards[-1] and sum(x.nbytes for x in shards[-1]) + t.nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards.append([])
+            size = 0
         shards[-1].append(t)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="save_hf", unit="shard", disable=None):
+        size += t.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="write", unit="shard", disable=None):
         write_file(directory / name, shard)
-    if len(shards) > 1:
+    if n > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def save_hf(
+    model: Qwen3ForCausalLM,
+    path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory: config.json and safetensors shards (+ index when sharded).
+
+    Tensors are pulled from the devices and written one parameter at a time. ``extra_config`` adds keys to
+    config.json (e.g. bos/eos token ids). An existing checkpoint in ``path`` is replaced only with ``overwrite``.
+    """
+    directory = Path(path)
+    _prepare_output(directory, overwrite)
+    hf_config = {**config_to_hf(model.config), **(extra_config or {})}
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    current: dict[tuple, np.ndarray] = {}
+
+    def producer(spec: TensorSpec):
+        def produce():
+            if spec.path not in current:
+                current.clear()
+                current[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
+            value = current[spec.path] if spec.expert is None else current[spec.path][spec.expert]
+            return np.ascontiguousarray(spec.to_hf(value))
+
+        return produce
+
+    tensors = [
+        TensorToWrite(spec.name, np.dtype(flat[spec.path].get_value().dtype), spec.hf_shape, producer(spec))
+        for spec in tensor_specs(model.config)
+    ]
+    _write_shards(directory, tensors, max_shard_bytes)
     return directory
 
 
-def copy_side_files(source: Path, destination: Path) -> list[str]:
-    """Copy tokenizer / generation files (everything but weights and config.json) from one HF dir to another."""
-    copied = []
-    for file in sorted(Path(source).iterdir()):
+def convert_hf(
+    source,
+    destination,
+    *,
+    dtype: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Re-write a Hugging Face Qwen3 / Qwen3-MoE checkpoint in ``dtype``, streaming tensor by tensor.
+
+    The source is validated like ``load_hf`` (architecture, tensor names and shapes); config.json is copied with its
+    dtype changed, and tokenizer / generation files are copied alongside.
+    """
+    source, directory = Path(source), Path(destination)
+    if source.resolve() == directory.resolve():
+        raise CheckpointError(f"{directory}: destination must differ from the source")
+    hf_config = read_json(source / "config.json")
+    config = config_from_hf(hf_config, dtype=dtype, source=str(source / "config.json"))
+    infos = tensor_index(source)
+    specs = tensor_specs(config)
+    reader = Reader()
+    check_tensors(specs, infos, config, reader)
+    _prepare_output(directory, overwrite)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    tensors = [
+        TensorToWrite(s.name, np_dtype, s.hf_shape, lambda info=infos[s.name]: reader.get(info).astype(np_dtype))
+        for s in specs
+    ]
+    _write_shards(directory, tensors, max_shard_bytes)
+    out_config = {**hf_config, "dtype": dtype}
+    if "torch_dtype" in hf_config:
+        out_config["torch_dtype"] = dtype
+    (directory / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+    for file in sorted(source.iterdir()):
         skip = file.suffix in (".safetensors", *PICKLE_SUFFIXES) or file.name in ("config.json", INDEX_FILE)
         if file.is_file() and not skip:
-            shutil.copy2(file, Path(destination) / file.name)
-            copied.append(file.name)
-    return copied
-
-
-__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "copy_side_files", "load_hf", "save_hf", "tensor_specs"]
+            shutil.copy2(file, directory / file.name)
+    return directory

@@ -247,18 +247,17 @@ class Qwen3ForCausalLM(nnx.Module):
 def build_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=None) -> Qwen3ForCausalLM:
     """A freshly initialised model (weights ~ N(0, initializer_range^2), norms 1).
 
-    With ``mesh``, parameters are created directly in their sharded layout (abstract init, then one jit with
-    ``out_shardings``), so the full model never sits on one device. ``rules`` overrides the logical-axis rules.
+    Initialisation is one jitted computation; with ``mesh``, parameters are created directly in their sharded layout
+    (``out_shardings``), so the full model never sits on one device. ``rules`` overrides the logical-axis rules.
     """
     layout = Layout.create(mesh, rules)
 
     def create():
         return Qwen3ForCausalLM(config, rngs=nnx.Rngs(seed), layout=layout)
 
-    if mesh is None:
-        return create()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shardings(abstract_state, mesh, rules))()
+    shardings = None if mesh is None else state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 

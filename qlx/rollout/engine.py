@@ -189,7 +189,7 @@ def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, len
     return cache, jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len", "filtered"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len", "filtered", "sampled"), donate_argnums=(2,))
 def _decode(
     graphdef,
     state,
@@ -205,6 +205,7 @@ def _decode(
     *,
     out_len,
     filtered,
+    sampled,
 ):
     """The decode loop: returns tokens [B, out_len], log-probs [B, out_len], counts [B], stopped-by-token [B] and
     the final cache (returned so that the donated cache buffers are updated in place)."""
@@ -217,7 +218,7 @@ def _decode(
         logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
         logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b, filtered=filtered)
         step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, j)
-        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b)
+        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b, sampled=sampled)
         live_b = ~done_b
         tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
         logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
@@ -274,7 +275,7 @@ def generate_rows(
     longest = max(a.size for a in arrays)
     chunk = min(prefill_chunk, length_bucket(longest))
     prompt_len = round_up(longest, chunk)
-    out_len = length_bucket(max(s.max_new_tokens for s in specs), minimum=8)
+    out_len = length_bucket(max(s.max_new_tokens for s in specs), minimum=32)
     cache_len = length_bucket(prompt_len + out_len)
     n_stops = length_bucket(max(1, max(len(s.stop_token_ids) for s in specs)), minimum=1)
 
@@ -318,6 +319,7 @@ def generate_rows(
         put(seeds),
         out_len=out_len,
         filtered=filtered,
+        sampled=any(s.temperature > 0 for s in specs),
     )
     width = max(s.max_new_tokens for s in specs)
     out_lengths = np.asarray(out_lengths)[:n]

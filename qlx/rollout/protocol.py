@@ -270,7 +270,7 @@ def parse_request(
     n = _integer(body, "n", 1, 1, limits.max_rows)
     if len(prompts) * n > limits.max_rows:
         raise _bad(f"{len(prompts)} prompts x n={n} exceeds the server's {limits.max_rows} rows per request", "n")
-    requested = _integer(body, max_tokens_key, default_max, 1, limits.max_model_len)
+    requested = _integer(body, max_tokens_key, default_max, 1, 2**31 - 1)
     max_tokens = []
     for i, prompt in enumerate(prompts):
         room = limits.max_model_len - len(prompt)

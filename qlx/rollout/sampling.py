@@ -20,18 +20,84 @@ import jax
 import jax.numpy as jnp
 
 
-def _filter_threshold_b(z_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> jax.Array:
-    """Smallest tempered logit still kept by the top-k and top-p filters, per row: [B, V] -> [B]."""
+FAST_CANDIDATES = 64  # nucleus / top-k searched among the top 64 tokens first; a bisection covers the rest
+
+
+def _sortable_bv(z_bv: jax.Array) -> jax.Array:
+    """uint32 keys ordered exactly as the float32 values (so thresholds can be searched bit by bit)."""
+    bits_bv = jax.lax.bitcast_convert_type(z_bv.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits_bv >> 31 == 1, ~bits_bv, bits_bv | jnp.uint32(0x80000000))
+
+
+def _largest_passing_b(keys_bv: jax.Array, lo_b: jax.Array, hi_b: jax.Array, passes) -> jax.Array:
+    """Largest key t in [lo, hi] with ``passes(t)`` (monotone: true at lo, false above the answer); 32 halvings."""
+
+    def halve(_, bounds):
+        lo_b, hi_b = bounds
+        span_b = hi_b - lo_b
+        mid_b = lo_b + (span_b >> 1) + (span_b & 1)
+        ok_b = passes(mid_b) | (mid_b == lo_b)  # lo passes by contract (even if rounding says otherwise)
+        return jnp.where(ok_b, mid_b, lo_b), jnp.where(ok_b, hi_b, mid_b - 1)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo_b, hi_b))[0]
+
+
+def _filter_threshold_b(z_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sortable keys of z [B, V] and, per row, the smallest key kept by the top-k and top-p filters [B].
+
+    top-k keeps keys >= the k-th largest; top-p keeps keys >= t*, the largest t whose set {key >= t} holds at least
+    top_p of the top-k-renormalised mass (the smallest prefix reaching top_p, ties included). Rows whose answer lies
+    among the FAST_CANDIDATES largest values take it from ``lax.top_k`` plus a cumulative sum; any other row is
+    found exactly by bisection on the keys (run only when some row needs it). No full-vocabulary sort.
+    """
     vocab = z_bv.shape[-1]
-    sorted_bv = -jnp.sort(-z_bv, axis=-1)
+    keys_bv = _sortable_bv(z_bv)
+    lowest_b, highest_b = jnp.min(keys_bv, axis=-1), jnp.max(keys_bv, axis=-1)
+    n_fast = min(FAST_CANDIDATES, vocab)
+    values_bn, _ = jax.lax.top_k(z_bv, n_fast)
+    top_keys_bn = _sortable_bv(values_bn)
+
     k_b = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, vocab), vocab)
-    kth_b = jnp.take_along_axis(sorted_bv, (k_b - 1)[:, None], axis=-1)[:, 0]
-    in_top_k_bv = jnp.arange(vocab)[None, :] < k_b[:, None]
-    probs_bv = jax.nn.softmax(jnp.where(in_top_k_bv, sorted_bv, -jnp.inf), axis=-1)
-    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-    n_keep_b = jnp.sum((mass_before_bv < top_p_b[:, None]) & in_top_k_bv, axis=-1)
-    nucleus_b = jnp.take_along_axis(sorted_bv, (jnp.maximum(n_keep_b, 1) - 1)[:, None], axis=-1)[:, 0]
-    return jnp.maximum(kth_b, nucleus_b)
+    fast_k_b = k_b <= n_fast
+    kth_fast_b = jnp.where(
+        k_b == vocab, lowest_b, jnp.take_along_axis(top_keys_bn, (jnp.minimum(k_b, n_fast) - 1)[:, None], -1)[:, 0]
+    )
+    kth_b = jax.lax.cond(
+        jnp.all(fast_k_b | (k_b == vocab)),
+        lambda: kth_fast_b,
+        lambda: jnp.where(
+            fast_k_b | (k_b == vocab),
+            kth_fast_b,
+            _largest_passing_b(
+                keys_bv, lowest_b, highest_b, lambda t_b: jnp.sum(keys_bv >= t_b[:, None], -1) >= k_b
+            ),
+        ),
+    )
+
+    in_k_bv = keys_bv >= kth_b[:, None]
+    lse_b = jax.nn.logsumexp(jnp.where(in_k_bv, z_bv, -jnp.inf), axis=-1)
+    probs_bn = jnp.where(top_keys_bn >= kth_b[:, None], jnp.exp(values_bn - lse_b[:, None]), 0.0)
+    mass_bn = jnp.cumsum(probs_bn, axis=-1)
+    n_keep_b = jnp.maximum(jnp.sum(mass_bn - probs_bn < top_p_b[:, None], axis=-1), 1)
+    nucleus_fast_b = jnp.take_along_axis(top_keys_bn, (jnp.minimum(n_keep_b, n_fast) - 1)[:, None], -1)[:, 0]
+    off_b = top_p_b >= 1
+    fast_p_b = off_b | (mass_bn[:, -1] >= top_p_b)
+    probs_bv = jnp.where(in_k_bv, jnp.exp(z_bv - lse_b[:, None]), 0.0)
+    nucleus_b = jax.lax.cond(
+        jnp.all(fast_p_b),
+        lambda: nucleus_fast_b,
+        lambda: jnp.where(
+            fast_p_b,
+            nucleus_fast_b,
+            _largest_passing_b(
+                keys_bv,
+                kth_b,
+                highest_b,
+                lambda t_b: jnp.sum(jnp.where(keys_bv >= t_b[:, None], probs_bv, 0.0), -1) >= top_p_b,
+            ),
+        ),
+    )
+    return keys_bv, jnp.where(off_b, kth_b, jnp.maximum(kth_b, nucleus_b))
 
 
 def sampling_logprobs(
@@ -58,23 +124,33 @@ def sampling_logprobs(
     if filtered:
         top_p_b = jnp.where(greedy_b, 1.0, top_p_b).astype(jnp.float32)
         top_k_b = jnp.where(greedy_b, 0, top_k_b).astype(jnp.int32)
-        threshold_b = _filter_threshold_b(z_bv, top_p_b, top_k_b)
-        z_bv = jnp.where(z_bv >= threshold_b[:, None], z_bv, -jnp.inf)
+        keys_bv, threshold_b = _filter_threshold_b(z_bv, top_p_b, top_k_b)
+        z_bv = jnp.where(keys_bv >= threshold_b[:, None], z_bv, -jnp.inf)
     return jax.nn.log_softmax(z_bv, axis=-1)
 
 
-def sample_tokens(logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(
+    logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.Array, *, sampled: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from ``exp(logprobs_bv)``; greedy rows (temperature 0) take the argmax.
+
+    The draw is the Gumbel-max trick, argmax(logprobs + Gumbel noise), with the noise of row b from ``keys_b[b]``
+    only (a row's draw never depends on the other rows).
 
     Args:
       logprobs_bv: output of :func:`sampling_logprobs`, [B, V].
       temperature_b: [B].
-      keys_b: one typed PRNG key per row, [B] (each row's draw depends only on its own key).
+      keys_b: one typed PRNG key per row, [B].
+      sampled: static; False when every row is greedy (no noise is drawn).
 
     Returns:
       tokens_b int32 [B] and their log-probabilities logprob_b float32 [B] under ``logprobs_bv``.
     """
-    sampled_b = jax.vmap(jax.random.categorical)(keys_b, logprobs_bv)
-    tokens_b = jnp.where(temperature_b <= 0, jnp.argmax(logprobs_bv, axis=-1), sampled_b).astype(jnp.int32)
+    tokens_b = jnp.argmax(logprobs_bv, axis=-1)
+    if sampled:
+        vocab = logprobs_bv.shape[-1]
+        noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_b)
+        tokens_b = jnp.where(temperature_b <= 0, tokens_b, jnp.argmax(logprobs_bv + noise_bv, axis=-1))
+    tokens_b = tokens_b.astype(jnp.int32)
     logprob_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
     return tokens_b, logprob_b

@@ -135,11 +135,11 @@ def preflight(config: Config) -> Prepared:
         raise ConfigError("data.train_files", "the files hold no records")
     task_types = data.task_types or tuple(sorted({r.task_type for r in records}))
     if train.mode == "rl":
-        from qlx.rl.rewards import REWARDS
+        from qlx.rl.rewards import VERIFIERS
 
-        missing = [t for t in task_types if t not in REWARDS]
+        missing = [t for t in task_types if t not in VERIFIERS]
         if missing:
-            raise ConfigError("data.task_types", f"no reward verifier for {missing}; known: {sorted(REWARDS)}")
+            raise ConfigError("data.task_types", f"no reward verifier for {missing}; known: {sorted(VERIFIERS)}")
     builder = PromptBuilder(tokenizer, max_input_tokens=data.max_input_tokens, chat_mode=data.chat_mode)
     try:
         dataset = Dataset(records, folders, builder, task_types)

@@ -153,6 +153,15 @@ def train_step(
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
 
+@functools.partial(jax.jit, static_argnames=("policy", "temperature", "chunk"))
+def forward_logprobs(params, rest, micro_batches: dict, *, policy: Policy, temperature: float, chunk: int):
+    """Log-probs and entropy of the response tokens under ``params`` (no gradient): ([M, b, R], [M, b, R])."""
+    model = policy.model(params, rest)
+    return jax.lax.map(
+        lambda micro_batch: response_logprobs(model, micro_batch, temperature=temperature, chunk=chunk), micro_batches
+    )
+
+
 def nonfinite_reason(metrics: dict) -> str | None:
     """Why a step was skipped ("loss is nan", "gradient norm is inf", ...), or None when it was applied."""
     reasons = []

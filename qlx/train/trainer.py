@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import yaml
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from qlx.config import Config, to_dict
@@ -75,9 +76,20 @@ def _abstract_model(config: Config, mesh, rules):
     return policy, _with_shardings(params, state_shardings(params, mesh, rules)), rest
 
 
-def _abstract_opt_state(optimizer, params):
-    shardings = jax.jit(optimizer.init).lower(params).compile().output_shardings
-    return _with_shardings(jax.eval_shape(optimizer.init, params), shardings)
+def _replicated_elsewhere(shardings, mesh):
+    """Shardings with every leaf not already on ``mesh`` replicated over it (scalars like Adam's step count)."""
+
+    def one(sharding):
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return sharding
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, shardings)
+
+
+def _opt_state_shardings(optimizer, params, mesh):
+    """Where ``optimizer.init(params)`` puts its leaves, everything on the mesh (so every step compiles alike)."""
+    return _replicated_elsewhere(jax.jit(optimizer.init).lower(params).compile().output_shardings, mesh)
 
 
 def _initial_params(config: Config, mesh, rules, abstract_params):
@@ -163,10 +175,11 @@ def train(config: Config) -> TrainResult:
         run_dir / "checkpoints", keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing
     )
     job = _make_job(config, prepared.dataset, policy, rest, optimizer, layout, run_dir)
-    rng = jax.random.key_data(jax.random.key(config.seed))
+    rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), NamedSharding(mesh, PartitionSpec()))
+    opt_shardings = _opt_state_shardings(optimizer, abstract_params, mesh)
     targets = {
         "params": abstract_params,
-        "opt_state": _abstract_opt_state(optimizer, abstract_params),
+        "opt_state": _with_shardings(jax.eval_shape(optimizer.init, abstract_params), opt_shardings),
         "extra": {"rng": rng, **job.extra_state()},
     }
     restored = checkpointer.restore_latest(targets)
@@ -180,7 +193,7 @@ def train(config: Config) -> TrainResult:
     else:
         start, streak = 0, 0
         params = _initial_params(config, mesh, rules, abstract_params)
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
         job.begin(params)
     _write_config(config, run_dir)
     writer = MetricsWriter(run_dir, resume_step=start)

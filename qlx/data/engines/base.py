@@ -23,13 +23,10 @@ class Candidate:
     evidence: list[str | InlinePiece]
     paradigm: str
     options: list[str] | None = None
-    confusers: list[str] = dataclasses.field(default_factory=list)
-    store: str = "docs"
 
     def key(self) -> str:
-        """Deduplication key: the question (and options) with case, punctuation and spacing normalised."""
-        text = self.question + " " + " ".join(self.options or ())
-        return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", text.lower())).strip()
+        """Deduplication key: the question with case, punctuation and spacing normalised."""
+        return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", self.question.lower())).strip()
 
 
 def format_number(value: float, decimals: int | None = None) -> str:

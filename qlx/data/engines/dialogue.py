@@ -16,18 +16,112 @@ from qlx.data.engines.base import Candidate
 
 KINDS = ("poem", "limerick", "short story", "slogan", "haiku")
 POOL_TOPICS = tuple(
-    "rivers lanterns bicycles owls glaciers bakeries harbours violins comets orchards deserts trains libraries foxes "
-    "markets storms bridges gardens mountains kettles clocks ferries meadows beetles castles islands rain umbrellas "
-    "chess spices fountains kites wolves tides festivals mirrors candles bees quarries frost tunnels".split()
+    [
+        "rivers",
+        "lanterns",
+        "bicycles",
+        "owls",
+        "glaciers",
+        "bakeries",
+        "harbours",
+        "violins",
+        "comets",
+        "orchards",
+        "deserts",
+        "trains",
+        "libraries",
+        "foxes",
+        "markets",
+        "storms",
+        "bridges",
+        "gardens",
+        "mountains",
+        "kettles",
+        "clocks",
+        "ferries",
+        "meadows",
+        "beetles",
+        "castles",
+        "islands",
+        "rain",
+        "umbrellas",
+        "chess",
+        "spices",
+        "fountains",
+        "kites",
+        "wolves",
+        "tides",
+        "festivals",
+        "mirrors",
+        "candles",
+        "bees",
+        "quarries",
+        "frost",
+        "tunnels",
+    ]
 )
 NEEDLE_TOPICS = tuple(
-    "tapirs lighthouses narwhals typewriters sundials accordions pangolins zeppelins axolotls compasses "
-    "quokkas telescopes gondolas marmots hourglasses".split()
+    [
+        "tapirs",
+        "lighthouses",
+        "narwhals",
+        "typewriters",
+        "sundials",
+        "accordions",
+        "pangolins",
+        "zeppelins",
+        "axolotls",
+        "compasses",
+        "quokkas",
+        "telescopes",
+        "gondolas",
+        "marmots",
+        "hourglasses",
+    ]
 )
-_ADJ = "quiet golden restless ancient silver gentle hollow bright distant patient stubborn tender wild".split()
-_VERBS = "drifts waits sings turns glows wanders rests hums shivers remembers leans listens".split()
-_PREPS = "beneath beside beyond within across above".split()
-_NOUNS = "morning shadow river window harbour orchard evening meadow valley lantern doorway".split()
+_ADJ = [
+    "quiet",
+    "golden",
+    "restless",
+    "ancient",
+    "silver",
+    "gentle",
+    "hollow",
+    "bright",
+    "distant",
+    "patient",
+    "stubborn",
+    "tender",
+    "wild",
+]
+_VERBS = [
+    "drifts",
+    "waits",
+    "sings",
+    "turns",
+    "glows",
+    "wanders",
+    "rests",
+    "hums",
+    "shivers",
+    "remembers",
+    "leans",
+    "listens",
+]
+_PREPS = ["beneath", "beside", "beyond", "within", "across", "above"]
+_NOUNS = [
+    "morning",
+    "shadow",
+    "river",
+    "window",
+    "harbour",
+    "orchard",
+    "evening",
+    "meadow",
+    "valley",
+    "lantern",
+    "doorway",
+]
 _ADVICE_TOPICS = ("sleep better", "learn a language", "keep houseplants alive", "plan a trip", "save money")
 _ADVICE = (
     "Start small and keep a steady routine.",
@@ -56,8 +150,9 @@ def response(rng: random.Random, kind: str, topic: str) -> str:
 
 
 def _request(rng: random.Random, kind: str, topic: str) -> str:
-    return rng.choice(("Write a {k} about {t}.", "Could you write me a {k} about {t}?", "I'd love a {k} about {t}."))\
-        .format(k=kind, t=topic)
+    return rng.choice(
+        ("Write a {k} about {t}.", "Could you write me a {k} about {t}?", "I'd love a {k} about {t}.")
+    ).format(k=kind, t=topic)
 
 
 def dialogue_pool(seed: int, n: int) -> Iterator[tuple[str, str, tuple[str, ...]]]:

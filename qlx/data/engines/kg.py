@@ -194,7 +194,10 @@ class KGEngine:
         values = [self.kg.value(e, relation) for e in ends]
         if ends[0] == ends[1] or None in values or values[0] == values[1]:
             return None
-        texts = [self.chain_text(self.display(c[0][0]), c) if c else self.display(e) for c, e in zip(chains, ends)]
+        texts = [
+            self.chain_text(self.display(c[0][0]), c) if c else self.display(e)
+            for c, e in zip(chains, ends, strict=True)
+        ]
         pick = max if better == "max" else min
         answer = ends[values.index(pick(values, key=float))]
         question = f"Which {criterion}: {texts[0]} or {texts[1]}?"
@@ -220,7 +223,10 @@ class KGEngine:
             rels = ("sector", "founded_year", "headquartered_in")
         elif kind == "person" and v("born_in") and v("birth_year"):
             year = int(v("birth_year"))
-            text, key = f"the person born in {v('born_in')} in the {_period(year)}", ("person", v("born_in"), _period(year))
+            text, key = (
+                f"the person born in {v('born_in')} in the {_period(year)}",
+                ("person", v("born_in"), _period(year)),
+            )
             rels = ("born_in", "birth_year")
         elif kind == "city" and v("located_in") and v("population"):
             approx = _approx(int(v("population")))

@@ -98,7 +98,10 @@ class TableEngine:
         elif op == "mean":
             sql, args = "SELECT AVG(s) FROM sub", []
         elif op == "difference":
-            sql, args = "SELECT (SELECT s FROM sub WHERE g = ?) - (SELECT s FROM sub WHERE g = ?)", [groups[1], groups[0]]
+            sql, args = (
+                "SELECT (SELECT s FROM sub WHERE g = ?) - (SELECT s FROM sub WHERE g = ?)",
+                [groups[1], groups[0]],
+            )
         elif op == "growth":
             if values[groups[0]] == 0:
                 return None
@@ -118,6 +121,8 @@ class TableEngine:
         rows = self.sql.query(sub + sql, params + args)
         if op == "ranking":
             answer = ", ".join(str(r[0]) for r in rows)
+        elif isinstance(rows[0][0], str):
+            answer = rows[0][0]
         else:
             answer = format_number(rows[0][0], 2 if op in TWO_DECIMALS else None)
         facts = self._evidence(view, column, measure, filters, groups)
@@ -131,6 +136,7 @@ class TableEngine:
             "op": op,
             "axis": column,
             "groups": groups,
+            "filters": filters,
             "measure": measure,
             "threshold": threshold,
             "sql": sub + sql,

@@ -49,12 +49,13 @@ def token_f1(pred, gold):
 
 
 _LETTER_PAREN = re.compile(r"\(([A-Z])\)")
-_LETTER_LEAD = re.compile(r"[^A-Za-z0-9]{0,20}([A-Z])(?![A-Za-z])")
+_LETTER_LEAD = re.compile(r"[^A-Za-z0-9]{0,20}([A-Z])(?:[).:]|[*\s]*$)")
 
 
 def choice_letter(text):
     """The option letter of a multiple-choice answer: the first "(X)" among the first 1,000 characters, else a
-    capital letter standing alone at the start ("C", "**C**.", "C) Paris"), else None."""
+    capital letter at the start that is the whole answer or is followed by ")", "." or ":" ("C", "**C**",
+    "C) Paris", "C. Paris"), else None — so "I think B" has no letter."""
     head = text[:1000]
     hit = _LETTER_PAREN.search(head) or _LETTER_LEAD.match(head)
     return hit.group(1) if hit else None

@@ -1,0 +1,125 @@
+"""``qlx serve``: an OpenAI-compatible HTTP server over a checkpoint.
+
+  qlx serve --ckpt HF_DIR --port 8000                       a Hugging Face Qwen3 / Qwen3-MoE directory
+  qlx serve --ckpt runs/stage1 --port 8000 --tokenizer T    a qlx run folder (config.yaml + checkpoints/)
+
+The tokenizer is ``--tokenizer`` (a tokenizer.json, a sentencepiece .model, or a folder holding one); without it, the
+checkpoint folder's own tokenizer file, or for a qlx run folder its ``data.tokenizer``. Endpoints: ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (see ``qlx.rollout.protocol`` for the supported fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qlx.rollout.protocol import ServeLimits
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--ckpt", type=Path, required=True, help="Hugging Face directory or qlx run folder")
+    parser.add_argument("--port", type=int, required=True, help="TCP port (0: any free port, printed at start)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json / .model file or folder")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the checkpoint folder's name)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="HF weights' dtype")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + completion tokens per request")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows generated together (and per request)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill step")
+    parser.add_argument(
+        "--chat-mode", choices=("thinking", "instruct", "no_think"), default="thinking",
+        help="generation prompt of the chat template (see qlx.data.tokenizer)",
+    )
+
+
+def _is_run_folder(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+
+
+def load_model(path: Path, *, dtype: str = "float32"):
+    """A model from a Hugging Face directory (``config.json``) or a qlx run folder (``config.yaml`` with
+    ``checkpoints/``: the newest usable checkpoint's parameters)."""
+    import qlx
+
+    if (path / "config.json").is_file():
+        return qlx.load_hf(path, dtype=dtype)
+    if not _is_run_folder(path):
+        raise FileNotFoundError(f"--ckpt {path}: neither a Hugging Face directory (config.json) nor a qlx run folder "
+                                "(config.yaml + checkpoints/)")
+    from flax import nnx
+
+    from qlx.models import build_model
+    from qlx.train.checkpoint import Checkpointer
+
+    config = qlx.load_config(path / "config.yaml")
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(config.model)), nnx.Param, ...)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    restored = Checkpointer(folder, read_only=True).restore_latest({"params": params})
+    if restored is None:
+        raise FileNotFoundError(f"--ckpt {path}: no usable checkpoint in {folder}")
+    step, items, _ = restored
+    log.info("serving %s step %d", folder, step)
+    return nnx.merge(graphdef, items["params"], rest)
+
+
+def load_serving_tokenizer(ckpt: Path, tokenizer: Path | None):
+    """``--tokenizer``, else a tokenizer file in the checkpoint folder, else a run folder's ``data.tokenizer``."""
+    from qlx.data.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if _is_run_folder(ckpt):
+        import yaml
+
+        configured = ((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("data") or {}).get("tokenizer")
+        if configured:
+            return load_tokenizer(configured)
+    try:
+        return load_tokenizer(ckpt)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--ckpt {ckpt} holds no tokenizer.json or .model file; pass --tokenizer") from None
+
+
+def build_server(args: argparse.Namespace):
+    """The :class:`~qlx.rollout.server.OpenAIServer` the arguments describe (bound, worker running, not serving)."""
+    from qlx.rollout.server import OpenAIServer
+
+    limits = ServeLimits(max_model_len=args.max_model_len, max_rows=args.max_batch)
+    model = load_model(args.ckpt, dtype=args.dtype)
+    tokenizer = load_serving_tokenizer(args.ckpt, args.tokenizer)
+    return OpenAIServer(
+        model,
+        tokenizer,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name or args.ckpt.resolve().name,
+        limits=limits,
+        chat_mode=args.chat_mode,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        prefill_chunk=args.prefill_chunk,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = build_server(args)
+    except (OSError, ValueError) as error:
+        print(f"qlx serve: error: {error}", file=sys.stderr)
+        return 2
+    print(f"qlx serve: model {server.model_name!r} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.worker.stop()
+    return 0

@@ -1,0 +1,284 @@
+"""One RL step of the recipe (docs/recipe.md section 2; DESIGN.md "The flow of one RL step").
+
+    P prompts, an equal share per task type            (qlx.rl.TaskBalancedSampler)
+    -> G rollouts each, sampler log-probs discarded     (qlx.rollout.generate on the live parameters: no copy)
+    -> rewards r[P·G] from each task type's verifier    (qlx.rl.rewards; optional judge endpoint)
+    -> advantages A[P·G]                                (task-level std, GRPO or Dr.GRPO)
+    -> drop zero-variance groups (dynamic sampling, optional)
+    -> log-probs and entropy of the rollouts under the current parameters at the rollout temperature
+    -> AEPO: batch entropy updates the hysteresis state; while negatives are off, samples with A ≤ 0 or r ≤ 0 leave
+       the batch (and the token-mean denominator)
+    -> policy loss −Σ m·A·ρ / Σ m over the whole step, micro-batched; one optax AdamW step per batch (or
+       ``rl.updates_per_batch`` steps on equal mini-batches, with the PPO clip against the pre-update log-probs)
+
+The random stream of step s is ``(seed, s)``; the sampler and AEPO states are checkpointed, so the batches, rollouts
+and updates of a resumed run are those of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from qlx import rl
+from qlx.config import Config
+from qlx.models.sharding import Layout
+from qlx.rollout.engine import generate
+from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.inputs import Dataset
+from qlx.train.step import Policy, forward_logprobs, nonfinite_reason, stack_micro_batches, train_step
+
+log = logging.getLogger(__name__)
+
+REFILTER_FILE = "refilter.json"
+
+
+def rl_loss_sum(logp_br, entropy_br, batch, *, clip_low: float, clip_high: float):
+    """The policy loss as a token sum (``qlx.rl.policy_loss`` numerator) plus clip-fraction and entropy sums."""
+    mask_br = batch["mask_br"]
+    _, m = rl.policy_loss(
+        logp_br,
+        batch["old_logp_br"],
+        batch["advantages_b"],
+        mask_br,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        denominator=1.0,
+    )
+    tokens = m["token_count"]
+    return m["loss_numerator"], {
+        "clipfrac_sum": m["pg_clipfrac"] * tokens,
+        "clipfrac_lower_sum": m["pg_clipfrac_lower"] * tokens,
+        "entropy_sum": jnp.sum(entropy_br * mask_br),
+    }
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout seed of ``step``: a 32-bit value drawn from (seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def score(dataset: Dataset, index: int, response: str) -> float:
+    """Reward of ``response`` for record ``index`` from its task type's verifier (rule only)."""
+    record = dataset.records[index]
+    options = {}
+    if record.task_type == "dialogue":
+        options["prefix"] = record.evidence.get("program", {}).get("prefix", "")
+    return rl.rewards.reward(record.task_type, response, record.answer, question=record.question, **options)
+
+
+def zero_variance_groups(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
+    """bool [N]: True for the rollouts of groups whose G rewards are all equal."""
+    groups = rewards_n.reshape(-1, group_size)
+    flat = np.all(groups == groups[:, :1], axis=1)
+    return np.repeat(flat, group_size)
+
+
+class RLJob:
+    """The RL step of the recipe, with its checkpointed state (sampler, AEPO) and the optional difficulty re-filter."""
+
+    def __init__(self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout, *, run_dir):
+        self.config, self.full_dataset, self.policy, self.rest = config, dataset, policy, rest
+        self.optimizer, self.layout, self.run_dir = optimizer, layout, Path(run_dir)
+        self.tokenizer = dataset.builder.tokenizer
+        self.dataset = dataset
+        self.sampler: rl.TaskBalancedSampler | None = None
+        self.aepo = rl.AEPOState()
+        self.loss_sum = functools.partial(rl_loss_sum, clip_low=config.rl.clip_low, clip_high=config.rl.clip_high)
+
+    # -- state -----------------------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict:
+        return {"aepo": self.aepo}
+
+    def meta(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load(self, extra: dict, meta: dict) -> None:
+        self.aepo = extra["aepo"]
+        kept = self._load_refilter()
+        self._use(kept)
+        self.sampler.load_state_dict(meta["sampler"])
+
+    def begin(self, params) -> None:
+        kept = self._load_refilter()
+        if kept is None and self.config.data.refilter_k > 0:
+            kept = self._refilter(params)
+        self._use(kept)
+
+    def _use(self, kept: list[int] | None) -> None:
+        self.dataset = self.full_dataset if kept is None else self.full_dataset.subset(kept)
+        types = [self.dataset.task_types[t] for t in self.dataset.task_ids]
+        tasks = [t for t in self.dataset.task_types if t in set(types)]
+        self.sampler = rl.TaskBalancedSampler(types, self.config.train.batch_size, seed=self.config.seed, tasks=tasks)
+
+    # -- difficulty re-filter ----------------------------------------------------------------------------------------
+
+    def _load_refilter(self) -> list[int] | None:
+        path = self.run_dir / REFILTER_FILE
+        return json.loads(path.read_text())["kept"] if path.is_file() else None
+
+    def _refilter(self, params) -> list[int]:
+        """Keep records whose pass rate over ``refilter_k`` samples lies in [min_pass_rate, max_pass_rate]."""
+        data, k = self.config.data, self.config.data.refilter_k
+        model = self.policy.model(params, self.rest)
+        rates = []
+        batch = max(1, self.config.train.batch_size)
+        for start in range(0, len(self.full_dataset), batch):
+            indices = list(range(start, min(start + batch, len(self.full_dataset))))
+            texts = self._rollout(model, indices, k, seed=step_seed(self.config.seed, -1 - start))[1]
+            rewards = np.asarray(
+                [score(self.full_dataset, i, t) for i, t in zip(np.repeat(indices, k), texts, strict=True)]
+            )
+            rates.extend((rewards.reshape(-1, k) >= 1.0).mean(axis=1).tolist())
+        kept = [i for i, p in enumerate(rates) if data.min_pass_rate <= p <= data.max_pass_rate]
+        if not kept:
+            raise RuntimeError(
+                f"difficulty re-filter kept no record (pass rates over {k} samples: min {min(rates):.2f}, "
+                f"max {max(rates):.2f}; kept range [{data.min_pass_rate}, {data.max_pass_rate}])"
+            )
+        tmp = self.run_dir / (REFILTER_FILE + ".tmp")
+        tmp.write_text(json.dumps({"k": k, "pass_rates": rates, "kept": kept}))
+        tmp.replace(self.run_dir / REFILTER_FILE)
+        log.info("difficulty re-filter: kept %d of %d records", len(kept), len(rates))
+        return kept
+
+    # -- the step ----------------------------------------------------------------------------------------------------
+
+    def _rollout(self, model, indices, group_size: int, *, seed: int):
+        prompts = [self.dataset.prompt(i) for i in indices]
+        ro = self.config.rollout
+        result = generate(
+            model,
+            [p for p in prompts for _ in range(group_size)],
+            max_new_tokens=self.config.data.max_output_tokens,
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            top_k=ro.top_k,
+            stop_token_ids=[self.tokenizer.eos_id],
+            seed=seed,
+            return_logprobs=False,
+        )
+        responses = result.sequences()
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        return responses, texts, result
+
+    def step(self, step: int, params, opt_state):
+        cfg, g = self.config, self.config.rl.group_size
+        start = time.perf_counter()
+        indices = next(self.sampler)
+        model = self.policy.model(params, self.rest)
+        responses, texts, result = self._rollout(model, indices, g, seed=step_seed(cfg.seed, step))
+        rollout_time = time.perf_counter() - start
+        rows_idx = np.repeat(indices, g)
+        rewards_n = np.asarray([score(self.dataset, i, t) for i, t in zip(rows_idx, texts, strict=True)], np.float32)
+        task_n = np.asarray([self.dataset.task_ids[i] for i in rows_idx], np.int32)
+        group_n = np.repeat(np.arange(len(indices), dtype=np.int32), g)
+        if cfg.rl.advantage == "task":
+            adv_n = rl.task_advantages(rewards_n, group_n, task_n)
+        else:
+            adv_n = rl.group_advantages(rewards_n, group_n, scale="std" if cfg.rl.advantage == "group" else "none")
+        adv_n = np.asarray(adv_n, np.float32)
+        keep_n = np.ones(len(rows_idx), bool)
+        if cfg.rl.dynamic_sampling:
+            keep_n &= ~zero_variance_groups(rewards_n, g)
+
+        prompts = [self.dataset.prompt(i) for i in rows_idx]
+        rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
+        rows["mask_br"] *= keep_n[:, None]
+        rows["advantages_b"] = adv_n
+        micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
+        old_logp, entropy = forward_logprobs(
+            params,
+            self.rest,
+            put_micro_batches(micro, self.layout),
+            policy=self.policy,
+            temperature=cfg.rollout.temperature,
+            chunk=cfg.rl.logprob_chunk,
+        )
+        n = len(rows_idx)
+        old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
+        entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
+        h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
+        if cfg.rl.aepo:
+            self.aepo = rl.aepo_update(self.aepo, h_batch, h_low=cfg.rl.h_low, h_high=cfg.rl.h_high)
+            aepo_keep_n = np.asarray(rl.aepo_keep_mask(adv_n, rewards_n, self.aepo.negatives_on))
+        else:
+            aepo_keep_n = np.ones(n, bool)
+        rows["mask_br"] *= aepo_keep_n[:, None]
+        rows["old_logp_br"] = old_logp_br
+
+        update_start = time.perf_counter()
+        params, opt_state, out = self._update(rows, params, opt_state)
+        skipped = out.pop("skipped_reason", None)
+        now = time.perf_counter()
+        lengths = result.lengths
+        metrics = {
+            "reward/mean": float(rewards_n.mean()),
+            "accuracy/mean": float((rewards_n >= 1).mean()),
+            "entropy": h_batch,
+            "aepo/negatives_on": float(bool(self.aepo.negatives_on)),
+            "aepo/kept_fraction": float((aepo_keep_n & keep_n).sum() / max(keep_n.sum(), 1)),
+            "aepo/h_low": cfg.rl.h_low,
+            "aepo/h_high": cfg.rl.h_high,
+            "dynamic_sampling/kept_fraction": float(keep_n.mean()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/truncated_fraction": float(np.mean([r == "length" for r in result.finish_reasons])),
+            "tokens_per_s": float(sum(len(p) for p in prompts) + lengths.sum()) / (now - start),
+            "step_time_s": now - start,
+            "rollout_time_s": rollout_time,
+            "update_time_s": now - update_start,
+            **out,
+        }
+        for t, name in enumerate(self.dataset.task_types):
+            here = task_n == t
+            if here.any():
+                metrics[f"reward/{name}"] = float(rewards_n[here].mean())
+                metrics[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
+                metrics[f"response_length/{name}"] = float(lengths[here].mean())
+        return params, opt_state, metrics, skipped
+
+    def _update(self, rows: dict, params, opt_state):
+        """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics."""
+        cfg = self.config
+        n = len(rows["tokens_bt"])
+        size = n // cfg.rl.updates_per_batch
+        sums = {"loss": 0.0, "grad_norm": 0.0, "clip/fraction": 0.0, "clip/lower_fraction": 0.0}
+        reasons = []
+        tokens_total = float(rows["mask_br"].sum())
+        for u in range(cfg.rl.updates_per_batch):
+            part = {name: array[u * size : (u + 1) * size] for name, array in rows.items()}
+            denominator = np.float32(part["mask_br"].sum())
+            if denominator == 0:
+                continue
+            micro = stack_micro_batches(part, cfg.train.micro_batch_size, pad_row_values(part, self.tokenizer.pad_id))
+            params, opt_state, out = train_step(
+                params,
+                opt_state,
+                self.rest,
+                put_micro_batches(micro, self.layout),
+                denominator,
+                policy=self.policy,
+                optimizer=self.optimizer,
+                loss_sum=self.loss_sum,
+                temperature=cfg.rollout.temperature,
+                chunk=cfg.rl.logprob_chunk,
+            )
+            reason = nonfinite_reason(out)
+            if reason:
+                reasons.append(reason)
+            weight = float(denominator) / tokens_total
+            sums["loss"] += float(out["loss"]) * weight
+            sums["grad_norm"] += float(out["grad_norm"]) / cfg.rl.updates_per_batch
+            sums["clip/fraction"] += float(out["clipfrac_sum"]) / tokens_total
+            sums["clip/lower_fraction"] += float(out["clipfrac_lower_sum"]) / tokens_total
+        sums["update/tokens"] = tokens_total
+        if reasons:
+            sums["skipped_reason"] = "; ".join(reasons)
+        return params, opt_state, sums

@@ -1,0 +1,98 @@
+"""Model API: KV-cache prefill/decode vs the full forward, packed segments vs separate sequences,
+hidden_states / lm_head_weight, remat, and the attention dispatch."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qlx
+from qlx.models import build_model
+from qlx.models.attention import attention
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 11)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def moe_model():
+    return build_model(qlx.load_config(CONFIGS / "tiny-moe.yaml").model, seed=3)
+
+
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+
+@nnx.jit
+def cached_step(model, tokens, cache, positions):
+    return model(tokens, cache=cache, positions_bt=positions)
+
+
+def test_prefill_and_decode_with_cache_match_full_forward(moe_model):
+    """Rows of different prompt lengths (5 and 3, padded), chunked prefill, then decode one token per row."""
+    full = np.asarray(forward(moe_model, TOKENS))
+    lengths = [5, 3]
+    cache = moe_model.init_cache(2, 16)
+    for positions in (np.arange(0, 3), np.arange(3, 6)):
+        pos = np.stack([np.where(positions < n, positions, -1) for n in lengths])
+        chunk = TOKENS[:, positions[0] : positions[-1] + 1]
+        logits, cache = cached_step(moe_model, chunk, cache, jnp.asarray(pos, jnp.int32))
+        for row, n in enumerate(lengths):
+            valid = positions < n
+            np.testing.assert_allclose(logits[row][valid], full[row, positions[valid]], atol=1e-4)
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    for step in range(5):
+        next_tokens = jnp.stack([TOKENS[row, n + step] for row, n in enumerate(lengths)])[:, None]
+        logits, cache = cached_step(moe_model, next_tokens, cache, cache.default_positions(1))
+        for row, n in enumerate(lengths):
+            np.testing.assert_allclose(logits[row, 0], full[row, n + step], atol=1e-4)
+    np.testing.assert_array_equal(cache.lengths, [10, 8])
+
+
+def test_packed_segments_match_separate_sequences(moe_model):
+    """Two sequences (lengths 4 and 7) packed in one row with segment ids equal the rows of the plain forward."""
+    full = np.asarray(forward(moe_model, TOKENS))
+    packed = jnp.concatenate([TOKENS[0, :4], TOKENS[1, :7]])[None]
+    segments = jnp.asarray([[1] * 4 + [2] * 7])
+    positions = jnp.asarray([list(range(4)) + list(range(7))])
+    logits = nnx.jit(lambda m, t, s, p: m(t, segment_ids_bt=s, positions_bt=p))(moe_model, packed, segments, positions)
+    np.testing.assert_allclose(logits[0, :4], full[0, :4], atol=1e-5)
+    np.testing.assert_allclose(logits[0, 4:], full[1, :7], atol=1e-5)
+
+
+def test_hidden_states_and_lm_head_weight(moe_model):
+    hidden, w = nnx.jit(lambda m, t: (m.hidden_states(t), m.lm_head_weight()))(moe_model, TOKENS)
+    assert hidden.shape == (2, 11, moe_model.config.hidden_size) and w.shape == (64, 512)
+    np.testing.assert_allclose(hidden @ w, forward(moe_model, TOKENS), atol=1e-5)
+
+
+def test_tied_lm_head_and_remat_gradients():
+    """Tied models project with the embedding; remat=True gives the same gradients as remat=False."""
+    config = qlx.load_config(CONFIGS / "tiny-dense.yaml").model
+    model = build_model(config, seed=0)
+    np.testing.assert_array_equal(model.lm_head_weight(), model.embed[...].T)
+    graphdef, state = nnx.split(model)
+
+    def grads(remat):
+        twin = nnx.merge(graphdef, state)
+        twin.config = dataclasses.replace(config, remat=remat)
+        twin_graphdef, twin_state = nnx.split(twin)
+        loss = lambda s: jnp.mean(jax.nn.log_softmax(nnx.merge(twin_graphdef, s)(TOKENS))[..., 0])  # noqa: E731
+        return jax.jit(jax.grad(loss))(twin_state)
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_attention_backends_not_wired_yet_name_the_config_key():
+    q = jnp.ones((1, 4, 2, 8))
+    for backend in ("flash", "ring"):
+        with pytest.raises(NotImplementedError, match=f"model.attention='{backend}'"):
+            attention(q, q, q, backend=backend)
+    with pytest.raises(ValueError, match="model.attention.*'fast'"):
+        attention(q, q, q, backend="fast")

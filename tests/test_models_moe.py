@@ -1,0 +1,123 @@
+"""MoE: blocked and ragged expert compute (values and gradients) vs the plain reference, the blocked layout's
+invariants, routing, and the load-balancing loss vs transformers' load_balancing_loss_func."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+from qlx.models.moe import (
+    expert_outputs_reference,
+    experts,
+    load_balancing_loss,
+    resolve_backend,
+    route,
+    router_stats,
+)
+from qlx.models.moe_blocked import block_layout, blocked_expert_mlp, blocked_expert_mlp_reference, num_blocks
+
+T, K, E, D, I, BLOCK = 37, 2, 6, 16, 12, 8
+
+
+def random_problem(seed: int, skewed: bool):
+    """Inputs of a MoE layer; ``skewed`` routes most tokens to experts 0 and 1 and leaves experts 4, 5 empty."""
+    r = np.random.default_rng(seed)
+    x = jnp.asarray(r.normal(size=(T, D)), jnp.float32)
+    logits = r.normal(size=(T, E))
+    if skewed:
+        logits[:, :2] += 4.0
+        logits[:, 4:] -= 50.0
+    weights, experts_tk, _ = route(jnp.asarray(logits), K, normalize=True)
+    w = [jnp.asarray(r.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    return x, weights, experts_tk, w
+
+
+def reference_experts(x, weights, experts_tk, wg, wu, wd):
+    return jnp.einsum("tkd,tk->td", expert_outputs_reference(x, experts_tk, wg, wu, wd), weights)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_backends_match_reference_values_and_gradients(skewed):
+    x, weights, experts_tk, (wg, wu, wd) = random_problem(0, skewed)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(T, D)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, weights, wg, wu, wd: jnp.sum(fn(x, weights, experts_tk, wg, wu, wd) * cotangent)
+
+    args = (x, weights, wg, wu, wd)
+    want_value, want_grads = jax.value_and_grad(loss(reference_experts), argnums=range(5))(*args)
+    for backend in ("blocked", "ragged"):
+        fn = jax.jit(lambda *a, backend=backend: experts(*a, backend=backend, block_size=BLOCK))
+        value, grads = jax.jit(jax.value_and_grad(loss(fn), argnums=range(5)))(*args)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=backend)
+        for name, g, w in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, want_grads, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{backend} d{name}")
+
+
+def test_blocked_expert_mlp_custom_vjp_matches_reference_autodiff():
+    r = np.random.default_rng(2)
+    nb, used = 7, 5
+    x = jnp.asarray(r.normal(size=(nb, BLOCK, D)), jnp.float32)
+    w = [jnp.asarray(r.normal(size=s) / 4, jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    block_expert = jnp.asarray([0, 0, 2, 3, 5, 5, 5], jnp.int32)
+    dy = jnp.asarray(r.normal(size=(nb, BLOCK, D)), jnp.float32)
+    live = (jnp.arange(nb) < used)[:, None, None]
+
+    def kernel(x, *w):
+        return jnp.sum(blocked_expert_mlp(x, *w, block_expert, jnp.int32(used)) * dy)
+
+    def reference(x, *w):
+        return jnp.sum(jnp.where(live, blocked_expert_mlp_reference(x, *w, block_expert), 0.0) * dy)
+
+    got = jax.grad(kernel, argnums=range(4))(x, *w)
+    want = jax.grad(reference, argnums=range(4))(x, *w)
+    for g, ww in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, ww, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_layout_invariants(seed):
+    """Every assignment gets its own row in a block of its expert; nothing is dropped; padding rows are empty."""
+    _, _, experts_tk, _ = random_problem(seed, skewed=seed == 2)
+    layout = jax.tree.map(np.asarray, block_layout(experts_tk, E, BLOCK))
+    flat = np.asarray(experts_tk).reshape(-1)
+    assert layout.row_token_p.shape == (num_blocks(T * K, E, BLOCK) * BLOCK,)
+    assert len(set(layout.slot_a.tolist())) == T * K
+    np.testing.assert_array_equal(layout.row_token_p[layout.slot_a], np.arange(T * K) // K)
+    np.testing.assert_array_equal(layout.block_expert_n[layout.slot_a // BLOCK], flat)
+    padding = np.setdiff1d(np.arange(layout.row_token_p.size), layout.slot_a)
+    assert (layout.row_token_p[padding] == T).all()
+    counts = np.bincount(flat, minlength=E)
+    assert layout.num_used_blocks == sum(-(-c // BLOCK) for c in counts)
+    assert (layout.slot_a // BLOCK < layout.num_used_blocks).all()
+
+
+def test_route_top_k_and_renormalisation():
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(5, E)), jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    raw, idx, _ = route(logits, 3, normalize=False)
+    np.testing.assert_array_equal(idx, np.argsort(-np.asarray(probs), axis=-1)[:, :3])
+    np.testing.assert_allclose(raw, np.take_along_axis(np.asarray(probs), np.asarray(idx), axis=-1), rtol=1e-6)
+    renormed, _, _ = route(logits, 3, normalize=True)
+    np.testing.assert_allclose(renormed, raw / raw.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_load_balancing_loss_matches_transformers():
+    r = np.random.default_rng(4)
+    layer_logits = [r.normal(size=(T, E)).astype(np.float32) for _ in range(3)]
+    counts = prob_sums = 0
+    for logits in layer_logits:
+        _, experts_tk, probs = route(jnp.asarray(logits), K, normalize=False)
+        c, p = router_stats(experts_tk, probs)
+        counts, prob_sums = counts + c, prob_sums + p
+    ours = load_balancing_loss(counts, prob_sums, T * len(layer_logits), E)
+    theirs = load_balancing_loss_func(tuple(torch.from_numpy(x) for x in layer_logits), E, K)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+
+
+def test_backend_names():
+    assert resolve_backend("auto") == ("blocked" if jax.default_backend() == "cpu" else "ragged")
+    with pytest.raises(ValueError, match="model.moe_backend.*'dense'"):
+        resolve_backend("dense")

@@ -1,0 +1,229 @@
+"""The OpenAI-compatible server over a real localhost socket: the official openai client, raw HTTP, concurrent
+batching, error responses, and `qlx serve`'s loading of Hugging Face and qlx checkpoints."""
+
+import http.client
+import json
+import random
+import threading
+from urllib.parse import urlparse
+
+import numpy as np
+import openai
+import pytest
+from flax import nnx
+
+import qlx
+from qlx.config import ModelConfig
+from qlx.data.tokenizer import render_chat, train_bpe_tokenizer
+from qlx.models import build_model
+from qlx.rollout import OpenAIServer, generate, serve_in_thread
+from qlx.rollout.protocol import ServeLimits
+from qlx.rollout.serve_cli import build_server, load_model
+
+NAME = "tiny"
+LIMITS = ServeLimits(max_model_len=96, max_rows=8, max_body_bytes=4096)
+
+
+def _texts(n=200):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghiklmnoprstu") for _ in range(rng.randint(2, 7))) for _ in range(200)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 20))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(_texts(), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = ModelConfig(family="qwen3", vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64, initializer_range=0.2,
+                         max_position_embeddings=256)
+    return build_model(config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def url(model, tokenizer):
+    with serve_in_thread(model, tokenizer, model_name=NAME, limits=LIMITS) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _stops(tokenizer):
+    return [tokenizer.im_end_id, tokenizer.pad_id]
+
+
+def _expected(model, tokenizer, prompt_ids, max_tokens):
+    """Greedy continuation through generate(): (tokens without a final stop token, log-probs, finish reason)."""
+    result = generate(model, [prompt_ids], max_new_tokens=max_tokens, temperature=0.0,
+                      stop_token_ids=_stops(tokenizer))
+    tokens, logprobs = result.sequences()[0], result.logprobs[0, : result.lengths[0]]
+    if result.finish_reasons[0] == "stop":
+        tokens, logprobs = tokens[:-1], logprobs[:-1]
+    return tokens, logprobs, result.finish_reasons[0]
+
+
+def _post(url, path, body: bytes, headers=None):
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    return response.status, payload
+
+
+def test_models_and_completions_through_the_openai_client(client, model, tokenizer):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    prompt = "the quick brown fox"
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=0)
+    tokens, logprobs, finish = _expected(model, tokenizer, tokenizer.encode(prompt), 10)
+    choice = out.choices[0]
+    assert choice.text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert choice.finish_reason == finish
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, logprobs, atol=1e-5)
+    assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    # Token-id prompts, several prompts and n > 1 in one request: choices are prompt-major.
+    ids = [tokenizer.encode("abc de"), tokenizer.encode("fox")]
+    out = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, n=2)
+    assert len(out.choices) == 4 and [c.index for c in out.choices] == [0, 1, 2, 3]
+    for i, prompt_ids in enumerate(ids):
+        text = tokenizer.decode(_expected(model, tokenizer, prompt_ids, 6)[0], skip_special_tokens=True)
+        assert out.choices[2 * i].text == out.choices[2 * i + 1].text == text
+
+
+def test_chat_completions_streamed_and_not(client, model, tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abc de fox"}]
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, logprobs=True)
+    prompt_ids = tokenizer.encode(render_chat(messages, add_generation_prompt=True, mode="thinking"))
+    tokens, logprobs, finish = _expected(model, tokenizer, prompt_ids, 8)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert out.choices[0].finish_reason == finish
+    np.testing.assert_allclose([t.logprob for t in out.choices[0].logprobs.content], logprobs, atol=1e-5)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(client):
+    kwargs = dict(model=NAME, prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, n=2, seed=7)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text  # the n samples use different streams
+    text = first.choices[0].text
+    cut = text[len(text) // 2 : len(text) // 2 + 2]
+    out = client.completions.create(**{**kwargs, "n": 1, "stop": [cut]})
+    assert out.choices[0].text == text[: text.index(cut)] and out.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_are_batched_together(model, tokenizer):
+    server = OpenAIServer(model, tokenizer, model_name=NAME, limits=LIMITS, batch_wait_s=0.5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    prompts = ["abc", "fox de", "the quick brown", "de"]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=5, temperature=0).choices[0]
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+        thread.join()
+    assert len(server.worker.batches) < len(prompts) and sum(server.worker.batches) == len(prompts)
+    for prompt, choice in zip(prompts, results, strict=True):
+        tokens = _expected(model, tokenizer, tokenizer.encode(prompt), 5)[0]
+        assert choice.text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", b"{not json", 400, None),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "best_of": 2}).encode(), 400, "best_of"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 500}).encode(), 400, "max_tokens"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": [1, -3]}).encode(), 400, "prompt[1]"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "temperature": "hot"}).encode(), 400,
+         "temperature"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "n": 9}).encode(), 400, "n"),
+        ("/v1/completions", json.dumps({"model": "gpt-4", "prompt": "a"}).encode(), 404, "model"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "x" * 5000}).encode(), 413, None),
+        ("/v1/chat/completions", json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "a"}]}).encode(),
+         400, "messages[0].role"),
+        ("/v1/chat/completions", json.dumps({"model": NAME, "messages": []}).encode(), 400, "messages"),
+        ("/v1/embeddings", json.dumps({"model": NAME, "input": "a"}).encode(), 404, None),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client, path, body, status, param):
+    got, payload = _post(url, path, body)
+    assert got == status, payload
+    error = payload["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 96"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=200)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="other", prompt="a")
+
+
+def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer):
+    qlx.save_hf(model, tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    args = build_args(tmp_path / "hf")
+    server = build_server(args)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["hf"]
+        text = client.completions.create(model="hf", prompt="abc", max_tokens=4, temperature=0).choices[0].text
+    finally:
+        server.close()
+        thread.join()
+    tokens = _expected(model, tokenizer, tokenizer.encode("abc"), 4)[0]
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+    from qlx.config import to_dict
+    from qlx.train.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(json.dumps({"model": to_dict(model.config)}))
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(5, {"params": nnx.split(model, nnx.Param, ...)[1]}, {})
+    ckpt.close()
+    restored = load_model(run)
+    for a, b in zip(nnx.state(restored, nnx.Param).values(), nnx.state(model, nnx.Param).values(), strict=False):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
+        load_model(tmp_path)
+
+
+def build_args(ckpt):
+    import argparse
+
+    from qlx.rollout import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(["--ckpt", str(ckpt), "--port", "0", "--max-model-len", "64"])

@@ -1,0 +1,165 @@
+"""The optimizer step: exact token-mean across micro-batches, the non-finite guard, and an RL step that moves the
+policy toward rewarded outputs."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_train_toydata import make_toy_run
+
+import qlx
+from qlx.config import OptimizerConfig, config_from_dict
+from qlx.models import build_model
+from qlx.train import rl as rl_module
+from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.optim import make_optimizer
+from qlx.train.preflight import preflight
+from qlx.train.rl import RLJob, rl_loss_sum
+from qlx.train.step import Policy, nonfinite_reason, sft_loss_sum, stack_micro_batches, train_step
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+SGD = optax.sgd(1.0)  # updates linear in the gradient, so parameters compare as tightly as gradients do
+ADAMW = make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.01, grad_clip=1.0))
+RL_LOSS = rl_module.functools.partial(rl_loss_sum, clip_low=0.2, clip_high=0.2)
+
+
+def _tiny(optimizer, seed=0):
+    """(model, policy, params, rest, optimizer, opt_state) of a one-layer tiny MoE."""
+    config = qlx.load_config(CONFIGS / "models/tiny-moe.yaml", ["model.vocab_size=96", "model.num_layers=1"]).model
+    model = build_model(config, seed=seed)
+    policy, params, rest = Policy.split(model)
+    return model, policy, params, rest, optimizer, optimizer.init(params)
+
+
+def _random_rows(rng, n, vocab=96):
+    prompts = [rng.integers(3, vocab, rng.integers(4, 12)).tolist() for _ in range(n)]
+    responses = [rng.integers(3, vocab, rng.integers(1, 9)).tolist() for _ in range(n)]
+    rows = pack_rows(prompts, responses, pad_id=0)
+    rows["advantages_b"] = rng.normal(size=n).astype(np.float32)
+    rows["old_logp_br"] = rng.normal(-4.5, 0.1, rows["mask_br"].shape).astype(np.float32)
+    return rows
+
+
+def _step(rows, micro_batch_size, loss_sum, tiny, temperature=1.0):
+    model, policy, params, rest, optimizer, opt_state = tiny
+    micro = stack_micro_batches(rows, micro_batch_size, pad_row_values(rows, 0))
+    copy = jax.tree.map(jnp.copy, (params, opt_state))  # train_step donates its inputs
+    return train_step(
+        *copy,
+        rest,
+        put_micro_batches(micro, model.layout),
+        np.float32(rows["mask_br"].sum()),
+        policy=policy,
+        optimizer=optimizer,
+        loss_sum=loss_sum,
+        temperature=temperature,
+        chunk=16,
+    )
+
+
+def _reference_sft_loss(model, rows):
+    """−Σ mask · log softmax(full logits)[target] / Σ mask, straight from the model's logits."""
+    logq = jax.nn.log_softmax(model(jnp.asarray(rows["tokens_bt"])), axis=-1)
+    total, count = 0.0, 0.0
+    for i, start in enumerate(rows["start_b"]):
+        for r in range(int(rows["mask_br"][i].sum())):
+            total -= float(logq[i, start - 1 + r, rows["tokens_bt"][i, start + r]])
+            count += 1
+    return total / count
+
+
+def test_micro_batches_equal_one_batch():
+    """RL loss over 5 rows: one pass versus 3 micro-batches of 2 (the last padded with an empty row)."""
+    tiny = _tiny(SGD)
+    rows = _random_rows(np.random.default_rng(7), 5)
+    one = _step(rows, 0, RL_LOSS, tiny, temperature=0.7)
+    many = _step(rows, 2, RL_LOSS, tiny, temperature=0.7)
+    assert float(one[2]["clipfrac_sum"]) > 0  # old log-probs far from the policy's: the clip is active
+    np.testing.assert_allclose(float(many[2]["loss"]), float(one[2]["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(many[2]["grad_norm"]), float(one[2]["grad_norm"]), rtol=1e-5)
+    for a, b, p in zip(jax.tree.leaves(many[0]), jax.tree.leaves(one[0]), jax.tree.leaves(tiny[2]), strict=True):
+        np.testing.assert_allclose(np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p), rtol=2e-4, atol=1e-7)
+        assert not np.array_equal(np.asarray(b), np.asarray(p))
+
+
+def test_step_loss_is_the_token_mean_over_the_whole_step():
+    tiny = _tiny(ADAMW)
+    rows = _random_rows(np.random.default_rng(3), 4)
+    _, _, out = _step(rows, 2, sft_loss_sum, tiny)
+    reference = _reference_sft_loss(tiny[0], rows)
+    np.testing.assert_allclose(float(out["loss"]), reference, rtol=1e-5)
+    means = [_reference_sft_loss(tiny[0], {k: v[i : i + 2] for k, v in rows.items()}) for i in (0, 2)]
+    assert abs(np.mean(means) - reference) > 1e-3  # a mean of micro-batch means would differ
+
+
+def test_nonfinite_step_is_skipped():
+    model, policy, params, rest, optimizer, opt_state = _tiny(ADAMW)
+    scale = params["final_norm"]["scale"]
+    scale.set_value(scale.get_value().at[3].set(jnp.nan))
+    rows = _random_rows(np.random.default_rng(1), 4)
+    new_params, new_opt, out = _step(rows, 2, sft_loss_sum, (model, policy, params, rest, optimizer, opt_state))
+    assert nonfinite_reason(out) == "loss is nan; gradient norm is nan"
+    for a, b in zip(jax.tree.leaves((new_params, new_opt)), jax.tree.leaves((params, opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
+    """Reward 1 when the response starts with a chosen token: its probability must rise after one RL step."""
+    data = make_toy_run(tmp_path, n=8, task_types=("reading",))
+    config = config_from_dict(
+        data,
+        [
+            "train.mode=rl",
+            "train.batch_size=4",
+            "rl.group_size=8",
+            "rl.aepo=false",
+            "train.optimizer.learning_rate=3e-3",
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            "data.max_output_tokens=4",
+        ],
+    )
+    prepared = preflight(config)
+    tokenizer = prepared.tokenizer
+    model = build_model(config.model, seed=3)
+    policy, params, rest = Policy.split(model)
+    optimizer = make_optimizer(config.train.optimizer)
+    opt_state = optimizer.init(params)
+    job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path)
+    job.begin(params)
+
+    def first_token_probs(p):
+        prompts = [job.dataset.prompt(i) for i in range(len(job.dataset))]
+        rows = pack_rows(prompts, [[0]] * len(prompts), pad_id=tokenizer.pad_id)
+        logits = policy.model(p, rest)(jnp.asarray(rows["tokens_bt"]))
+        last = logits[jnp.arange(len(prompts)), rows["start_b"] - 1] / config.rollout.temperature
+        return np.asarray(jax.nn.softmax(last, axis=-1))
+
+    before = first_token_probs(params)
+    texts = [tokenizer.decode([t]) for t in range(tokenizer.vocab_size)]
+
+    def unambiguous(t):  # no other token's text is a prefix of it or starts with it
+        s = texts[t]
+        return len(s) >= 2 and not any(u != t and u_s and (u_s.startswith(s) or s.startswith(u_s))
+                                       for u, u_s in enumerate(texts))  # fmt: skip
+
+    order = np.argsort(-before.mean(axis=0))
+    target = next(int(t) for t in order[8:] if unambiguous(int(t)))  # sampled now and then, never most often
+    seen = []
+
+    def reward_first_token(dataset, index, response):
+        seen.append(response.startswith(texts[target]))
+        return float(seen[-1])
+
+    monkeypatch.setattr(rl_module, "score", reward_first_token)
+    params, opt_state, metrics, skipped = job.step(1, params, opt_state)
+    assert skipped is None and 0 < sum(seen) < len(seen)
+    assert metrics["reward/mean"] == pytest.approx(np.mean(seen))
+    after = first_token_probs(params)
+    assert (after[:, target] > before[:, target]).all()
+    assert after[:, target].mean() > 1.5 * before[:, target].mean()
