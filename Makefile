@@ -13,8 +13,9 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-test-nodeps.txt
 	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-deps -r requirements-test-nodeps.txt
 	touch $@
 
 install: $(VENV)/.runtime

@@ -99,7 +99,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16", help="dtype of hidden states and lm_head (logits are float32)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--vocab-chunk", type=int, default=16384)
+    p.add_argument("--vocab-chunk", type=int, default=4096)
     p.add_argument("--check-tokens", type=int, default=256, help="tokens of the executed equality check (0: skip)")
     args = p.parse_args()
 
@@ -121,6 +121,14 @@ def main():
             f"{impl:<6} {tokens:>7} {m['args'] / GIB:>9.3f} {m['out'] / GIB:>8.3f} {m['temp'] / GIB:>9.3f} "
             f"{m['peak'] / GIB:>9.3f} {ratio:>9}"
         )
+
+    first, largest = rows[1][2]["peak"] / naive_peak, rows[-1][2]["peak"] / GIB
+    verdict = {True: "met", False: "NOT met"}
+    print(
+        f"targets: peak <= 1/8 of naive at {args.tokens[0]} tokens: {first:.3f} ({verdict[first <= 0.125]}); "
+        f"{args.tokens[-1]} tokens under 3 GiB: {largest:.2f} GiB ({verdict[largest < 3]}); "
+        f"working memory (temp) vs naive: {rows[1][2]['temp'] / rows[0][2]['temp']:.3f}"
+    )
 
     if args.check_tokens:
         errs, t_naive, t_qlx = equality_check(args)

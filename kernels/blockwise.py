@@ -4,7 +4,8 @@ Forward: a scan over query blocks; for each, a loop over the kv blocks it can se
 (m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) v). Causal tiles above the diagonal
 are never visited (the loop bounds stop at the diagonal) and only the tiles straddling it build a causal mask.
 Backward (custom_vjp): a scan over kv blocks; for each, a loop over the query blocks that see it, recomputing
-P = exp(s - lse) tile by tile: dV += P^T dO, dS = P (dO V^T - delta), dK += dS^T Q, dQ[i] += dS K.
+P = exp(s - lse) tile by tile: dV += P^T dO, dS = P (dO V^T - delta), dK += dS^T Q, dQ[i] += dS K (dQ is the
+only O(seq) accumulator).
 Memory is O(seq x block): the largest live arrays are one [block_q, block_kv] tile per (batch, head) plus O(seq)
 accumulators. Grouped-query attention stacks the G query heads of a kv head into the rows of one tile, so K/V are
 never repeated.
@@ -65,20 +66,29 @@ def _seg_to_blocks(seg, block: int):
     return seg.reshape(b, t // block, block).transpose(1, 0, 2)
 
 
-def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool):
-    """Set invisible scores of tile (i, j) to MASK_VALUE. s [B, Hkv, G * bq, bk]; segments [B, bq], [B, bk]."""
+def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool, *, transposed: bool = False):
+    """Set invisible scores of tile (i, j) to MASK_VALUE. s [B, Hkv, G * bq, bk] (or [B, Hkv, bk, G * bq] when
+    transposed); segments [B, bq], [B, bk]."""
     if not causal_tile and q_seg_i is None:
         return s
-    b, hkv, rows, _ = s.shape
-    visible = jnp.ones((1, 1, 1, block_q, block_kv), bool)
+    b, hkv = s.shape[:2]
+    groups = (s.shape[3] if transposed else s.shape[2]) // block_q
+    # visibility over [B, 1, bq, bk] (query-major) or [B, 1, bk, bq] (key-major); the G axis is added below
+    q_axis, kv_axis = (1, 0) if transposed else (0, 1)
+    tile = (block_kv, block_q) if transposed else (block_q, block_kv)
+    visible = jnp.ones((1, 1, *tile), bool)
     if causal_tile:
-        q_pos = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 0)
-        kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 1)
+        q_pos = i * block_q + lax.broadcasted_iota(jnp.int32, tile, q_axis)
+        kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, tile, kv_axis)
         visible = visible & (q_pos >= kv_pos)
     if q_seg_i is not None:
-        visible = visible & (q_seg_i[:, None, None, :, None] == kv_seg_j[:, None, None, None, :])
-    s = s.reshape(b, hkv, rows // block_q, block_q, block_kv)
-    return jnp.where(visible, s, MASK_VALUE).reshape(b, hkv, rows, block_kv)
+        q_ids, kv_ids = q_seg_i[:, None, None, :], kv_seg_j[:, None, :, None]
+        visible = visible & (q_ids == kv_ids if transposed else jnp.swapaxes(q_ids == kv_ids, 2, 3))
+    if transposed:
+        s = s.reshape(b, hkv, block_kv, groups, block_q)
+        return jnp.where(visible[:, :, :, None, :], s, MASK_VALUE).reshape(b, hkv, block_kv, groups * block_q)
+    s = s.reshape(b, hkv, groups, block_q, block_kv)
+    return jnp.where(visible[:, :, None], s, MASK_VALUE).reshape(b, hkv, groups * block_q, block_kv)
 
 
 def _dot(a, b, spec: str):
@@ -135,57 +145,63 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
 
 
 def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
-    """(dq, dk, dv) in float32 from the row statistics lse and delta = sum(o * do) - dlse, tile by tile."""
+    """(dq, dk, dv) in float32 from the row statistics lse and delta = sum(o * do) - dlse, tile by tile.
+
+    Tiles are computed key-major (s^T = K Q^T, [bk, G * bq]) so that every matmul has its contraction on the last
+    axis of the left operand (dV += P^T dO and dK += dS^T Q become plain products; XLA:CPU runs transposed-left
+    products several times slower); dQ is accumulated transposed, dQ^T += K^T dS^T, and transposed once at the end."""
     bs = settings.block_sizes
     bq, bk = bs.q_bwd, bs.kv_bwd
     scale = settings.sm_scale
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     nq = t // bq
+    rows = (hq // hkv) * bq
     q_blocks, do_blocks = _rows_to_blocks(q, bq, hkv), _rows_to_blocks(do, bq, hkv)
-    lse_blocks = _rows_to_blocks(backward_lse(lse), bq, hkv)
-    delta_blocks = _rows_to_blocks(delta, bq, hkv)
+    lse_blocks = _rows_to_blocks(backward_lse(lse), bq, hkv)[:, :, :, None, :]
+    delta_blocks = _rows_to_blocks(delta, bq, hkv)[:, :, :, None, :]
     q_seg_blocks = _seg_to_blocks(q_seg, bq)
 
-    def kv_block(dq_acc, xs):
-        j, k_j, v_j, kv_seg_j = xs
+    def kv_block(dq_t, xs):
+        j, k_j, k_t_j, v_j, kv_seg_j = xs
 
         def q_step(causal_tile: bool):
             def body(i, carry):
-                dq_acc, dk, dv = carry
+                dq_t, dk, dv = carry
                 q_i, do_i = q_blocks[i], do_blocks[i]
                 q_seg_i = None if q_seg_blocks is None else q_seg_blocks[i]
-                s = _dot(q_i, k_j, "bhqd,bhkd->bhqk") * scale
-                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile)
-                p = jnp.exp(s - lse_blocks[i][..., None])
-                dv = dv + _dot(p.astype(do.dtype), do_i, "bhqk,bhqd->bhkd")
-                dp = _dot(do_i, v_j, "bhqd,bhkd->bhqk")
-                ds = (p * (dp - delta_blocks[i][..., None]) * scale).astype(q.dtype)
-                dk = dk + _dot(ds, q_i, "bhqk,bhqd->bhkd")
-                dq_acc = dq_acc.at[i].add(_dot(ds, k_j, "bhqk,bhkd->bhqd"))
-                return dq_acc, dk, dv
+                s_t = _dot(k_j, q_i, "bhkd,bhqd->bhkq") * scale
+                s_t = _mask(s_t, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, transposed=True)
+                p_t = jnp.exp(s_t - lse_blocks[i])
+                dv = dv + _dot(p_t.astype(do.dtype), do_i, "bhkq,bhqd->bhkd")
+                dp_t = _dot(v_j, do_i, "bhkd,bhqd->bhkq")
+                ds_t = (p_t * (dp_t - delta_blocks[i]) * scale).astype(q.dtype)
+                dk = dk + _dot(ds_t, q_i, "bhkq,bhqd->bhkd")
+                dq_t = dq_t.at[i].add(_dot(k_t_j, ds_t, "bhdk,bhkq->bhdq"))
+                return dq_t, dk, dv
 
             return body
 
         zeros = jnp.zeros((b, hkv, bk, d), jnp.float32)
-        carry = (dq_acc, zeros, zeros)
+        carry = (dq_t, zeros, zeros)
         if settings.causal:
             i_lo, i_full = q_range(j, bq, bk, nq)
             carry = lax.fori_loop(i_lo, i_full, q_step(True), carry)
             carry = lax.fori_loop(i_full, nq, q_step(False), carry)
         else:
             carry = lax.fori_loop(0, nq, q_step(False), carry)
-        dq_acc, dk, dv = carry
-        return dq_acc, (dk, dv)
+        dq_t, dk, dv = carry
+        return dq_t, (dk, dv)
 
-    dq_acc = jnp.zeros((nq, b, hkv, (hq // hkv) * bq, d), jnp.float32)
-    xs = (jnp.arange(k.shape[1] // bk), _kv_to_blocks(k, bk), _kv_to_blocks(v, bk), _seg_to_blocks(kv_seg, bk))
-    dq_acc, (dk_blocks, dv_blocks) = lax.scan(kv_block, dq_acc, xs)
+    k_blocks = _kv_to_blocks(k, bk)
+    xs = (jnp.arange(k.shape[1] // bk), k_blocks, jnp.swapaxes(k_blocks, 3, 4), _kv_to_blocks(v, bk))
+    xs = (*xs, _seg_to_blocks(kv_seg, bk))
+    dq_t, (dk_blocks, dv_blocks) = lax.scan(kv_block, jnp.zeros((nq, b, hkv, d, rows), jnp.float32), xs)
 
     def kv_rows(x):
         return x.transpose(1, 0, 3, 2, 4).reshape(k.shape)
 
-    return _blocks_to_rows(dq_acc, bq, hq), kv_rows(dk_blocks), kv_rows(dv_blocks)
+    return _blocks_to_rows(jnp.swapaxes(dq_t, 3, 4), bq, hq), kv_rows(dk_blocks), kv_rows(dv_blocks)
 
 
 attention = attention_with_vjp(forward, backward)

@@ -106,7 +106,7 @@ def test_corpus_tables_are_unified_and_answers_match_python(corpus_dir):
             "mean": f"{sum(v) / len(v):.2f}",
             "difference": str(v[1] - v[0]),
             "growth": f"{(v[1] - v[0]) * 100.0 / v[0]:.2f}",
-            "ranking": ", ".join(str(g) for _, g in sorted(zip(v, p["groups"]), reverse=True)),
+            "ranking": ", ".join(str(g) for _, g in sorted(zip(v, p["groups"], strict=True), reverse=True)),
             "count": str(sum(x > (p["threshold"] or 0) for x in v)),
             "argmax": str(p["groups"][v.index(max(v))]),
         }[p["op"]]

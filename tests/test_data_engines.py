@@ -64,7 +64,9 @@ def _kg_answer(world, p, facts):
     if p["op"] == "year_diff":
         a, b = (int(_follow(world, facts, chain)) for chain in p["chains"])
         return str(abs(a - b))
-    ends = [_follow(world, facts, ch) if ch else facts[v].subject for ch, v in zip(p["chains"], p["values"])]
+    ends = [
+        _follow(world, facts, ch) if ch else facts[v].subject for ch, v in zip(p["chains"], p["values"], strict=True)
+    ]
     relation = facts[p["values"][0]].relation
     values = [float(world.entities[e].attrs[relation]) for e in ends]
     return ends[values.index(max(values) if p["better"] == "max" else min(values))]
@@ -112,7 +114,7 @@ def _table_answer(world, p):
     if op == "growth":
         return "%.2f" % ((v[1] - v[0]) * 100.0 / v[0])
     if op == "ranking":
-        return ", ".join(g for _, g in sorted(zip(v, p["groups"]), reverse=True))
+        return ", ".join(g for _, g in sorted(zip(v, p["groups"], strict=True), reverse=True))
     if op == "count":
         return str(sum(x > p["threshold"] for x in v))
     return str(p["groups"][v.index(max(v))])

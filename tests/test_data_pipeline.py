@@ -90,11 +90,11 @@ def test_answer_extraction():
 
 
 def test_demo_dataset_is_small_balanced_and_disjoint(tok):
-    train, evaluation, demo_tok = make_demo_dataset(seed=1, n_train=20, n_eval=10, max_context_tokens=256, tokenizer=tok)
+    train, evaluation, demo_tok = make_demo_dataset(1, 20, 10, max_context_tokens=256, tokenizer=tok)
     assert demo_tok is tok and len(train) == 20 and len(evaluation) == 10
     assert {r.question for r in train}.isdisjoint(r.question for r in evaluation)
     assert Counter(r.task_type for r in train) == Counter({t: 4 for t in TASK_TYPES})
     for record in train + evaluation:
         assert 128 * 0.98 <= record.length_tokens <= 256 and record.context is not None and record.hops <= 4
-    only = make_demo_dataset(seed=1, n_train=4, n_eval=2, max_context_tokens=200, tokenizer=tok, task_types=("reading",))
+    only = make_demo_dataset(1, 4, 2, max_context_tokens=200, tokenizer=tok, task_types=("reading",))
     assert {r.task_type for r in only[0] + only[1]} == {"reading"}

@@ -92,16 +92,16 @@ def test_lengths_types_spans_and_table_answers(single_run, tok):
             values = defaultdict(int)
             for (org, year, segment, measure), value in financial.items():
                 row = {"org": org, "year": year, "segment": segment}
-                if measure == program["measure"] and all(row[k] == v for k, v in program["filters"].items()):
-                    if row[program["axis"]] in program["groups"]:
-                        values[row[program["axis"]]] += value
+                selected = all(row[k] == v for k, v in program["filters"].items())
+                if measure == program["measure"] and selected and row[program["axis"]] in program["groups"]:
+                    values[row[program["axis"]]] += value
             v = [values[g] for g in program["groups"]]
             want = {
                 "sum": str(sum(v)),
                 "mean": f"{sum(v) / len(v):.2f}",
                 "difference": str(v[-1] - v[0]),
                 "growth": f"{(v[-1] - v[0]) * 100.0 / v[0]:.2f}",
-                "ranking": ", ".join(str(g) for _, g in sorted(zip(v, program["groups"]), reverse=True)),
+                "ranking": ", ".join(str(g) for _, g in sorted(zip(v, program["groups"], strict=True), reverse=True)),
                 "count": str(sum(x > (program["threshold"] or 0) for x in v)),
                 "argmax": str(program["groups"][v.index(max(v))]),
             }[program["op"]]

@@ -12,7 +12,7 @@ from flax import nnx
 
 import qlx
 from qlx.models import build_model
-from qlx.models.attention import attention
+from qlx.models.attention import attention, attention_mask, chunk_bounds, reference_attention
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 11)), jnp.int32)
@@ -96,3 +96,14 @@ def test_attention_backends_not_wired_yet_name_the_config_key():
             attention(q, q, q, backend=backend)
     with pytest.raises(ValueError, match="model.attention.*'fast'"):
         attention(q, q, q, backend="fast")
+
+
+def test_chunked_causal_attention_equals_dense_reference():
+    r = np.random.default_rng(5)
+    q = jnp.asarray(r.normal(size=(2, 300, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(2, 300, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.sort(r.integers(0, 3, (2, 300)), axis=1))
+    assert len(chunk_bounds(300)) == 2
+    got = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids_bt=s))(q, k, v, segments)
+    want = reference_attention(q, k, v, attention_mask(300, 300, segment_ids_bt=segments), 8**-0.5)
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -41,7 +41,9 @@ VARIANTS = {
     "moe_mlp_only_normalised": (
         Qwen3MoeConfig,
         Qwen3MoeForCausalLM,
-        dict(MOE, mlp_only_layers=[0], norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        dict(
+            MOE, mlp_only_layers=[0], norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+        ),
     ),
 }
 TOKENS = np.random.default_rng(1).integers(0, COMMON["vocab_size"], (2, 20))
@@ -109,7 +111,9 @@ def test_save_hf_round_trip_through_transformers(checkpoints, tmp_path):
     ref_logits, _ = hf_outputs(tmp_path / "out")
     assert np.abs(ref_logits - logits).max() <= 1e-4
     reloaded = qlx.load_hf(tmp_path / "out")
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(reloaded))):
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(reloaded)), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
     with pytest.raises(CheckpointError, match="overwrite=True"):
         qlx.save_hf(model, tmp_path / "out")
@@ -162,8 +166,11 @@ def _rewrite(source, destination, edit):
 def test_checkpoint_errors_name_the_tensor(checkpoints, tmp_path):
     source = checkpoints["moe_sparse_step2_unnormalised"]
     missing = _rewrite(source, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight "
-                       r"\(expected shape \[16, 32\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensor model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight "
+        r"\(expected shape \[16, 32\]\)",
+    ):
         qlx.load_hf(missing)
     extra = _rewrite(source, tmp_path / "extra", lambda t: t.update({"model.layers.0.mlp.bias": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mlp\.bias"):

@@ -83,7 +83,7 @@ def test_build_model_creates_parameters_sharded(model):
     mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
     sharded = build_model(CONFIG, seed=0, mesh=mesh)
     want = state_shardings(nnx.state(sharded), mesh)
-    for (path, var), (_, sharding) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(want)):
+    for (path, var), (_, sharding) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(want), strict=True):
         assert var.get_value().sharding == sharding.get_value(), path
     gate = sharded.layers[1].mlp.gate[...]
     assert gate.addressable_shards[0].data.shape == (4, 32, 16)

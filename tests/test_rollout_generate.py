@@ -102,8 +102,9 @@ def test_greedy_matches_transformers_generate_token_for_token(variant, checkpoin
 def test_sampled_logprobs_equal_teacher_forced_pass(temperature, top_p, top_k, checkpoints, models):
     _, hf_model = checkpoints["moe"]
     prompts = _prompts(1)
-    result = generate(models["moe"], prompts, max_new_tokens=NEW, temperature=temperature, top_p=top_p, top_k=top_k,
-                      seed=5)
+    result = generate(
+        models["moe"], prompts, max_new_tokens=NEW, temperature=temperature, top_p=top_p, top_k=top_k, seed=5
+    )
     for i, prompt in enumerate(prompts):
         tokens = result.sequences()[i]
         expected = _hf_teacher_forced(hf_model, prompt, tokens, temperature, top_p, top_k)

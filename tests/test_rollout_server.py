@@ -7,9 +7,11 @@ import random
 import threading
 from urllib.parse import urlparse
 
+import jax
 import numpy as np
 import openai
 import pytest
+import yaml
 from flax import nnx
 
 import qlx
@@ -37,9 +39,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    config = ModelConfig(family="qwen3", vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, intermediate_size=64, initializer_range=0.2,
-                         max_position_embeddings=256)
+    config = ModelConfig(
+        family="qwen3",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        initializer_range=0.2,
+        max_position_embeddings=256,
+    )
     return build_model(config, seed=1)
 
 
@@ -60,8 +71,7 @@ def _stops(tokenizer):
 
 def _expected(model, tokenizer, prompt_ids, max_tokens):
     """Greedy continuation through generate(): (tokens without a final stop token, log-probs, finish reason)."""
-    result = generate(model, [prompt_ids], max_new_tokens=max_tokens, temperature=0.0,
-                      stop_token_ids=_stops(tokenizer))
+    result = generate(model, [prompt_ids], max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=_stops(tokenizer))
     tokens, logprobs = result.sequences()[0], result.logprobs[0, : result.lengths[0]]
     if result.finish_reasons[0] == "stop":
         tokens, logprobs = tokens[:-1], logprobs[:-1]
@@ -106,8 +116,9 @@ def test_chat_completions_streamed_and_not(client, model, tokenizer):
     assert out.choices[0].message.content == tokenizer.decode(tokens, skip_special_tokens=True)
     assert out.choices[0].finish_reason == finish
     np.testing.assert_allclose([t.logprob for t in out.choices[0].logprobs.content], logprobs, atol=1e-5)
-    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == out.choices[0].message.content
@@ -160,13 +171,21 @@ def test_concurrent_requests_are_batched_together(model, tokenizer):
         ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "best_of": 2}).encode(), 400, "best_of"),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 500}).encode(), 400, "max_tokens"),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": [1, -3]}).encode(), 400, "prompt[1]"),
-        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "temperature": "hot"}).encode(), 400,
-         "temperature"),
+        (
+            "/v1/completions",
+            json.dumps({"model": NAME, "prompt": "a", "temperature": "hot"}).encode(),
+            400,
+            "temperature",
+        ),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "n": 9}).encode(), 400, "n"),
         ("/v1/completions", json.dumps({"model": "gpt-4", "prompt": "a"}).encode(), 404, "model"),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": "x" * 5000}).encode(), 413, None),
-        ("/v1/chat/completions", json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "a"}]}).encode(),
-         400, "messages[0].role"),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "a"}]}).encode(),
+            400,
+            "messages[0].role",
+        ),
         ("/v1/chat/completions", json.dumps({"model": NAME, "messages": []}).encode(), 400, "messages"),
         ("/v1/embeddings", json.dumps({"model": NAME, "input": "a"}).encode(), 404, None),
     ],
@@ -208,12 +227,12 @@ def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer):
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(json.dumps({"model": to_dict(model.config)}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.config)}))
     ckpt = Checkpointer(run / "checkpoints", async_save=False)
     ckpt.save(5, {"params": nnx.split(model, nnx.Param, ...)[1]}, {})
     ckpt.close()
     restored = load_model(run)
-    for a, b in zip(nnx.state(restored, nnx.Param).values(), nnx.state(model, nnx.Param).values(), strict=False):
+    for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(model)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         load_model(tmp_path)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from test_train_toydata import make_toy_run
 
 import qlx
@@ -64,7 +65,8 @@ def _step(rows, micro_batch_size, loss_sum, tiny, temperature=1.0):
 
 def _reference_sft_loss(model, rows):
     """−Σ mask · log softmax(full logits)[target] / Σ mask, straight from the model's logits."""
-    logq = jax.nn.log_softmax(model(jnp.asarray(rows["tokens_bt"])), axis=-1)
+    logits = nnx.jit(lambda m, tokens: m(tokens))(model, jnp.asarray(rows["tokens_bt"]))
+    logq = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     total, count = 0.0, 0.0
     for i, start in enumerate(rows["start_b"]):
         for r in range(int(rows["mask_br"][i].sum())):
@@ -118,7 +120,7 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
             "train.batch_size=4",
             "rl.group_size=8",
             "rl.aepo=false",
-            "train.optimizer.learning_rate=3e-3",
+            "train.optimizer.learning_rate=0.01",
             "rollout.temperature=1.0",
             "rollout.top_p=1.0",
             "data.max_output_tokens=4",
@@ -142,24 +144,19 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
 
     before = first_token_probs(params)
     texts = [tokenizer.decode([t]) for t in range(tokenizer.vocab_size)]
-
-    def unambiguous(t):  # no other token's text is a prefix of it or starts with it
-        s = texts[t]
-        return len(s) >= 2 and not any(u != t and u_s and (u_s.startswith(s) or s.startswith(u_s))
-                                       for u, u_s in enumerate(texts))  # fmt: skip
-
-    order = np.argsort(-before.mean(axis=0))
-    target = next(int(t) for t in order[8:] if unambiguous(int(t)))  # sampled now and then, never most often
+    mass = {c: sum(before[:, t].mean() for t in range(len(texts)) if texts[t][:1] == c) for c in {t[:1] for t in texts}}
+    char = min((c for c in mass if c), key=lambda c: abs(mass[c] - 0.2))  # rewarded now and then
+    rewarded = np.asarray([text[:1] == char for text in texts] + [False] * (before.shape[1] - len(texts)))
     seen = []
 
-    def reward_first_token(dataset, index, response):
-        seen.append(response.startswith(texts[target]))
+    def reward_first_character(dataset, index, response):
+        seen.append(response[:1] == char)
         return float(seen[-1])
 
-    monkeypatch.setattr(rl_module, "score", reward_first_token)
+    monkeypatch.setattr(rl_module, "score", reward_first_character)
     params, opt_state, metrics, skipped = job.step(1, params, opt_state)
     assert skipped is None and 0 < sum(seen) < len(seen)
     assert metrics["reward/mean"] == pytest.approx(np.mean(seen))
     after = first_token_probs(params)
-    assert (after[:, target] > before[:, target]).all()
-    assert after[:, target].mean() > 1.5 * before[:, target].mean()
+    assert (after[:, rewarded].sum(axis=1) > before[:, rewarded].sum(axis=1)).all()
+    assert after[:, rewarded].sum(axis=1).mean() > 1.1 * before[:, rewarded].sum(axis=1).mean()

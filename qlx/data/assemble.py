@@ -113,7 +113,7 @@ def assemble_context(
     unused = np.flatnonzero(tail_counts != np.iinfo(np.int64).max)
     if remaining >= MIN_FILL_TOKENS and len(unused):
         filler = _fill_prefix(store, int(tail[unused[0]]), remaining)
-    elif remaining > 0.01 * target_tokens:
+    elif remaining > max(MIN_FILL_TOKENS, 0.01 * target_tokens):
         raise ValueError(f"the document pool ({store.total_tokens} tokens) is too small for {target_tokens} tokens")
     distractors: list = [int(i) for i in rng.permutation(np.asarray(chosen, dtype=np.int64))]
     if filler is not None:

@@ -73,13 +73,11 @@ class TextBuilder:
         self.add("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         spans = []
         for row in rows:
-            row_spans = []
-            self.add("|")
+            row_spans, pos = [], self.pos + 2
             for cell in row:
-                self.add(" ")
-                row_spans.append(self.add(cell))
-                self.add(" |")
-            self.add("\n")
+                row_spans.append((pos, pos + len(cell)))
+                pos += len(cell) + 3
+            self.add("| " + " | ".join(row) + " |\n")
             spans.append(row_spans)
         return Table(list(header), [list(r) for r in rows], spans, dict(context), unit)
 

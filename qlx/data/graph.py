@@ -26,7 +26,7 @@ class KnowledgeGraph:
             objects[(fact.subject, fact.relation)].add(fact.object)
         self.kinds = dict(kinds) if kinds is not None else {s: "entity" for s, _ in objects}
         self.out: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for (subject, relation), objs in sorted(objects.items()):
+        for (subject, relation), objs in objects.items():
             if len(objs) == 1:
                 self.out[subject].append((relation, next(iter(objs))))
         self.entities = sorted(self.out)

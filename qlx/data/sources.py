@@ -4,6 +4,7 @@ facts, and the SQL store of tables — from the built-in world generator or from
 import dataclasses
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qlx.data.corpus import load_corpus
@@ -17,7 +18,7 @@ from qlx.data.tables import SqlStore
 from qlx.data.tokenizer import Tokenizer
 from qlx.data.world import generate_world
 
-TOKENS_PER_ORG_GUESS = 1500
+TOKENS_PER_ORG_GUESS = 2000
 _BATCH = 512
 
 
@@ -36,28 +37,38 @@ class Source:
 
 
 def _fill_store(store: DocStore, docs: Iterable[Document]) -> tuple[list[Fact], list[Document], dict[str, list[str]]]:
-    """Add documents in batches; keep their facts, their tables (text dropped) and who they are about."""
+    """Add documents in batches; keep their facts, their tables (text dropped) and who they are about.
+
+    Each batch is tokenized and written on a worker thread (the tokenizer releases the GIL) while the next batch is
+    being produced, with at most one batch in flight."""
     facts: list[Fact] = []
     with_tables: list[Document] = []
     about: dict[str, list[str]] = {}
     batch: list[Document] = []
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
 
-    def flush():
-        store.add((d.doc_id, d.text, d.mentions) for d in batch)
-        for d in batch:
-            facts.extend(d.facts)
-            if d.tables:
-                with_tables.append(Document(d.doc_id, d.title, "", d.kind, tables=d.tables))
-            for name in d.mentions:
-                about.setdefault(name, []).append(d.doc_id)
-        batch.clear()
+        def flush():
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(store.add, [(d.doc_id, d.text, d.mentions) for d in batch])
+            for d in batch:
+                facts.extend(d.facts)
+                if d.tables:
+                    with_tables.append(Document(d.doc_id, d.title, "", d.kind, tables=d.tables))
+                for name in d.mentions:
+                    about.setdefault(name, []).append(d.doc_id)
+            batch.clear()
 
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == _BATCH:
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == _BATCH:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+        if pending is not None:
+            pending.result()
     store.close()
     return facts, with_tables, about
 
@@ -79,7 +90,7 @@ def world_source(
         facts, with_tables, about = _fill_store(store, render_world(world, brief=brief))
         if n_orgs is not None or store.total_tokens >= min_pool_tokens:
             break
-        n = math.ceil(n * 1.15 * min_pool_tokens / max(store.total_tokens, 1))
+        n = math.ceil(n * 1.1 * min_pool_tokens / max(store.total_tokens, 1))
     kg = KnowledgeGraph(facts, kinds={name: e.kind for name, e in world.entities.items()})
     origin = {"kind": "world", "seed": seed, "n_orgs": n, "brief": brief}
     places = [e.name for e in world.of_kind("city")]

@@ -157,13 +157,16 @@ class SqlStore:
         return store
 
     def _add_group(self, context_cols, columns, members) -> None:
-        numeric = [all(parse_number(r[i]) is not None for _, t in members for r in t.rows) for i in range(len(columns))]
-        name = "t_" + "_".join(columns)[:60]
+        parsed = [[[parse_number(c) for c in row] for row in t.rows] for _, t in members]
+        numeric = [all(r[i] is not None for rows in parsed for r in rows) for i in range(len(columns))]
         integral = [
-            is_num and all(isinstance(parse_number(r[i]), int) for _, t in members for r in t.rows)
-            for i, is_num in enumerate(numeric)
+            is_num and all(isinstance(r[i], int) for rows in parsed for r in rows) for i, is_num in enumerate(numeric)
         ]
-        types = ["INTEGER" if is_int else "REAL" if is_num else "TEXT" for is_num, is_int in zip(numeric, integral)]
+        name = "t_" + "_".join(columns)[:60]
+        types = [
+            "INTEGER" if is_int else "REAL" if is_num else "TEXT"
+            for is_num, is_int in zip(numeric, integral, strict=True)
+        ]
         context_types = [
             "INTEGER" if all(isinstance(t.context[c], int) for _, t in members) else "TEXT" for c in context_cols
         ]
@@ -172,20 +175,15 @@ class SqlStore:
         defs += [f"{c} {ty}" for c, ty in zip(columns, types, strict=True)]
         self.conn.execute(f"CREATE TABLE {name} ({', '.join(defs)})")
         marks = ", ".join("?" * (4 + len(context_cols) + len(columns)))
-        for doc, table in members:
-            for row, spans in zip(table.rows, table.cell_spans, strict=True):
-                cells = [parse_number(c) if is_num else c for c, is_num in zip(row, numeric, strict=True)]
+        values = []
+        for (doc, table), rows in zip(members, parsed, strict=True):
+            for row, numbers, spans in zip(table.rows, rows, table.cell_spans, strict=True):
+                cells = [n if is_num else c for c, n, is_num in zip(row, numbers, numeric, strict=True)]
                 span_json = json.dumps(dict(zip(columns, spans, strict=True)))
                 cell_json = json.dumps(dict(zip(columns, row, strict=True)))
-                values = [
-                    doc.doc_id,
-                    doc.title,
-                    span_json,
-                    cell_json,
-                    *(table.context[c] for c in context_cols),
-                    *cells,
-                ]
-                self.conn.execute(f"INSERT INTO {name} VALUES ({marks})", values)
+                context = [table.context[c] for c in context_cols]
+                values.append([doc.doc_id, doc.title, span_json, cell_json, *context, *cells])
+        self.conn.executemany(f"INSERT INTO {name} VALUES ({marks})", values)
         header = members[0][1].header
         measures = {c: h for c, h, is_num in zip(columns, header, numeric, strict=True) if is_num}
         period = next((c for c in context_cols if c == "year"), None)

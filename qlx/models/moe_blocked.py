@@ -4,9 +4,10 @@ Each of the T*k (token, expert) assignments is placed in a padded buffer where e
 belongs to a single expert (each expert's rows are padded up to a multiple of the block size). The number of blocks
 is static, ``ceil(T*k / block_size) + E`` (an upper bound), so shapes never depend on the routing; blocks past the
 used ones are skipped with ``lax.cond``. A scan over blocks runs the SwiGLU expert MLP with plain dense matmuls on
-that block's expert weights, which XLA's CPU backend executes near dense-matmul speed (``lax.ragged_dot`` runs
-about 50x slower there). The backward pass is a hand-written scan (``jax.custom_vjp``) that recomputes the block's
-activations and accumulates weight gradients in place, instead of differentiating the dynamic weight slices.
+that block's expert weights (gate and up fused into one [D, 2I] matmul), which XLA's CPU backend executes near
+dense-matmul speed (``lax.ragged_dot`` runs about 50x slower there). The backward pass is a hand-written scan
+(``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates weight gradients in place, instead of
+differentiating the dynamic weight slices (which would add a full [E, D, I] gradient per block).
 
 Pieces: :func:`block_layout` (routing -> padded layout), :func:`blocked_expert_mlp` (the scan, custom VJP),
 :func:`blocked_expert_mlp_reference` (the same maths on gathered per-block weights, for tests), and
@@ -69,89 +70,82 @@ def block_layout(experts_tk: jax.Array, num_experts: int, block_size: int) -> Bl
     )
 
 
-def _swiglu_block(x_bd, w_gate_di, w_up_di, w_down_id):
-    gate = x_bd @ w_gate_di
-    up = x_bd @ w_up_di
-    return (jax.nn.silu(gate) * up) @ w_down_id
+def blocked_expert_mlp_reference(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n):
+    """Plain reference of :func:`blocked_expert_mlp`: with [g | u] = x_n Wgu[e_n], y_n = (silu(g) * u) Wd[e_n].
 
-
-def blocked_expert_mlp_reference(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n):
-    """Plain reference of :func:`blocked_expert_mlp`: y_n = (silu(x_n Wg[e_n]) * (x_n Wu[e_n])) Wd[e_n] per block n.
-
-    Gathers one weight copy per block ([NB, D, I] each), so it is for tests only.
+    Gathers one weight copy per block ([NB, D, 2I]), so it is for tests only.
     """
-    gate = jnp.einsum("nbd,ndi->nbi", x_nbd, w_gate_edi[block_expert_n])
-    up = jnp.einsum("nbd,ndi->nbi", x_nbd, w_up_edi[block_expert_n])
+    gate, up = jnp.split(jnp.einsum("nbd,ndf->nbf", x_nbd, w_gate_up_edf[block_expert_n]), 2, axis=-1)
     return jnp.einsum("nbi,nid->nbd", jax.nn.silu(gate) * up, w_down_eid[block_expert_n])
 
 
 @jax.custom_vjp
-def blocked_expert_mlp(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks):
-    """SwiGLU expert MLP per block: x [NB, bs, D], w_gate/w_up [E, D, I], w_down [E, I, D] -> y [NB, bs, D].
+def blocked_expert_mlp(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks):
+    """SwiGLU expert MLP per block: x [NB, bs, D], w_gate_up [E, D, 2I] (gate | up), w_down [E, I, D] -> [NB, bs, D].
 
     Block n uses expert block_expert_n[n]; blocks n >= num_used_blocks return zeros without compute.
     """
-    return _forward(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks)
+    return _scan_forward(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, keep_activations=False)[0]
 
 
-def _forward(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks):
+def _scan_forward(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, *, keep_activations: bool):
+    """y [NB, bs, D] and, if ``keep_activations``, the pre-activations [g | u] [NB, bs, 2I] for the backward pass."""
+    f = w_gate_up_edf.shape[-1]
+
     def body(_, inputs):
         n, x_bd, e = inputs
-        y_bd = jax.lax.cond(
-            n < num_used_blocks,
-            lambda: _swiglu_block(x_bd, w_gate_edi[e], w_up_edi[e], w_down_eid[e]),
-            lambda: jnp.zeros_like(x_bd),
-        )
-        return None, y_bd
+
+        def compute():
+            gu_bf = x_bd @ w_gate_up_edf[e]
+            gate, up = jnp.split(gu_bf, 2, axis=-1)
+            return (jax.nn.silu(gate) * up) @ w_down_eid[e], gu_bf
+
+        def skip():
+            return jnp.zeros_like(x_bd), jnp.zeros((x_bd.shape[0], f), x_bd.dtype)
+
+        y_bd, gu_bf = jax.lax.cond(n < num_used_blocks, compute, skip)
+        return None, (y_bd, gu_bf) if keep_activations else (y_bd, None)
 
     steps = jnp.arange(x_nbd.shape[0], dtype=jnp.int32)
-    _, y_nbd = jax.lax.scan(body, None, (steps, x_nbd, block_expert_n))
-    return y_nbd
+    _, (y_nbd, gu_nbf) = jax.lax.scan(body, None, (steps, x_nbd, block_expert_n))
+    return y_nbd, gu_nbf
 
 
-def _fwd(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks):
-    y = _forward(x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks)
-    return y, (x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks)
+def _fwd(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks):
+    y_nbd, gu_nbf = _scan_forward(
+        x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, keep_activations=True
+    )
+    return y_nbd, (x_nbd, gu_nbf, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks)
 
 
 def _bwd(residuals, dy_nbd):
-    """Per used block: recompute gate/up, then dWd += h^T dy, dh = dy Wd^T, du = dh * silu(g), dg = dh * u * silu'(g),
-    dx = dg Wg^T + du Wu^T, dWg += x^T dg, dWu += x^T du (weight gradients accumulated in float32)."""
-    x_nbd, w_gate_edi, w_up_edi, w_down_eid, block_expert_n, num_used_blocks = residuals
+    """Per used block, from the saved [g | u]: h = silu(g) * u; dWd += h^T dy; dh = dy Wd^T;
+    [dg | du] = [dh * u * silu'(g) | dh * silu(g)]; dx = [dg | du] Wgu^T; dWgu += x^T [dg | du].
+    Weight gradients accumulate in float32 in place (scan carry)."""
+    x_nbd, gu_nbf, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks = residuals
 
     def body(grads, inputs):
-        n, x_bd, dy_bd, e = inputs
+        n, x_bd, gu_bf, dy_bd, e = inputs
 
         def compute(grads):
-            d_gate, d_up, d_down = grads
-            wg, wu, wd = w_gate_edi[e], w_up_edi[e], w_down_eid[e]
-            gate = x_bd @ wg
-            up = x_bd @ wu
+            d_gate_up, d_down = grads
+            gate, up = jnp.split(gu_bf, 2, axis=-1)
             sig = jax.nn.sigmoid(gate)
             act = gate * sig
-            dh = dy_bd @ wd.T
-            d_up_bi = dh * act
-            d_gate_bi = dh * up * (sig * (1 + gate * (1 - sig)))
-            dx_bd = d_gate_bi @ wg.T + d_up_bi @ wu.T
+            dh = dy_bd @ w_down_eid[e].T
+            dgu_bf = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * act], axis=-1)
+            dx_bd = dgu_bf @ w_gate_up_edf[e].T
             f32 = jnp.float32
             d_down = d_down.at[e].add(jnp.matmul((act * up).T, dy_bd, preferred_element_type=f32))
-            d_gate = d_gate.at[e].add(jnp.matmul(x_bd.T, d_gate_bi, preferred_element_type=f32))
-            d_up = d_up.at[e].add(jnp.matmul(x_bd.T, d_up_bi, preferred_element_type=f32))
-            return (d_gate, d_up, d_down), dx_bd
+            d_gate_up = d_gate_up.at[e].add(jnp.matmul(x_bd.T, dgu_bf, preferred_element_type=f32))
+            return (d_gate_up, d_down), dx_bd
 
         return jax.lax.cond(n < num_used_blocks, compute, lambda g: (g, jnp.zeros_like(x_bd)), grads)
 
-    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w_gate_edi, w_up_edi, w_down_eid))
+    zeros = (jnp.zeros(w_gate_up_edf.shape, jnp.float32), jnp.zeros(w_down_eid.shape, jnp.float32))
     steps = jnp.arange(x_nbd.shape[0], dtype=jnp.int32)
-    (d_gate, d_up, d_down), dx_nbd = jax.lax.scan(body, zeros, (steps, x_nbd, dy_nbd, block_expert_n))
-    return (
-        dx_nbd,
-        d_gate.astype(w_gate_edi.dtype),
-        d_up.astype(w_up_edi.dtype),
-        d_down.astype(w_down_eid.dtype),
-        None,
-        None,
-    )
+    (d_gate_up, d_down), dx_nbd = jax.lax.scan(body, zeros, (steps, x_nbd, gu_nbf, dy_nbd, block_expert_n))
+    return dx_nbd, d_gate_up.astype(w_gate_up_edf.dtype), d_down.astype(w_down_eid.dtype), None, None
 
 
 blocked_expert_mlp.defvjp(_fwd, _bwd)
@@ -164,5 +158,6 @@ def expert_outputs_blocked(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *
     layout = block_layout(experts_tk, w_gate_edi.shape[0], block_size)
     x_ext = jnp.concatenate([x_td, jnp.zeros((1, d), x_td.dtype)], axis=0)
     x_nbd = x_ext[layout.row_token_p].reshape(-1, block_size, d)
-    y_nbd = blocked_expert_mlp(x_nbd, w_gate_edi, w_up_edi, w_down_eid, layout.block_expert_n, layout.num_used_blocks)
+    w_gate_up_edf = jnp.concatenate([w_gate_edi, w_up_edi], axis=-1)
+    y_nbd = blocked_expert_mlp(x_nbd, w_gate_up_edf, w_down_eid, layout.block_expert_n, layout.num_used_blocks)
     return y_nbd.reshape(-1, d)[layout.slot_a].reshape(t, k, d)

@@ -15,17 +15,18 @@ VJP) recomputes each tile from the saved per-token lse and entropy:
 
 looping over vocabulary blocks outside and token blocks inside, so each block of ∂W is accumulated once in float32
 and written once. Live memory beyond the inputs and gradients is a few float32 tiles plus a float32 [N, D] buffer
-for ∂h. Ragged ends are handled by letting the last block overlap its predecessor and masking the overlap, so
-nothing is padded or copied.
+for ∂h (on the CPU backend with 16-bit inputs, also one 16-bit copy of W: see ``_bits``). Ragged ends are handled by
+letting the last block overlap its predecessor and masking the overlap, so nothing is padded.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 
-def token_logprobs_and_entropy(hidden, lm_head, targets, mask=None, *, temperature=1.0, chunk=1024, vocab_chunk=16384):
+def token_logprobs_and_entropy(hidden, lm_head, targets, mask=None, *, temperature=1.0, chunk=1024, vocab_chunk=4096):
     """Log-probability of each target token and the entropy of its full next-token distribution.
 
     Args:
@@ -36,7 +37,7 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, mask=None, *, temperatu
       mask: optional [...] bool/0-1 array; masked positions return 0 for both outputs and get no gradient.
       temperature: τ > 0; the distribution is softmax(h @ W / τ), as the sampler used it.
       chunk: tokens per tile. vocab_chunk: vocabulary columns per tile. A tile's logits are
-        chunk × vocab_chunk float32 values (64 MiB at the defaults).
+        chunk × vocab_chunk float32 values (16 MiB at the defaults).
 
     Returns:
       (logp [...], entropy [...]) float32, differentiable in ``hidden`` and ``lm_head``.
@@ -55,9 +56,7 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, mask=None, *, temperatu
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk < 1 or vocab_chunk < 1:
         raise ValueError(f"chunk and vocab_chunk must be >= 1, got {chunk} and {vocab_chunk}")
-    n = 1
-    for size in lead:
-        n *= size
+    n = math.prod(lead)
     if n == 0:
         empty = jnp.zeros(tuple(lead), jnp.float32)
         return empty, empty

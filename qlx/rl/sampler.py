@@ -105,7 +105,7 @@ class TaskBalancedSampler:
                 raise KeyError(f"sampler state lacks {key!r}")
         mine = self.state_dict()
         for key in ("seed", "tasks", "batch_size", "task_sizes"):
-            if list(np.atleast_1d(state[key])) != list(np.atleast_1d(mine[key])):
+            if state[key] != mine[key]:
                 raise ValueError(f"sampler state {key!r} is {state[key]!r} but this sampler has {mine[key]!r}")
         if len(state["epoch"]) != len(self.tasks) or len(state["pos"]) != len(self.tasks):
             raise ValueError(f"sampler state 'epoch'/'pos' must have {len(self.tasks)} entries")

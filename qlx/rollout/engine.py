@@ -66,10 +66,6 @@ class SamplingSpec:
             raise ValueError(f"top_k must be >= 0, 0 meaning off (got {self.top_k!r})")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
-    @property
-    def filtered(self) -> bool:
-        return self.temperature > 0 and (self.top_p < 1 or self.top_k > 0)
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
@@ -143,8 +139,9 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np
     for i, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must be a non-empty list of integer token ids (got shape {ids.shape}, "
-                             f"dtype {ids.dtype})")
+            raise ValueError(
+                f"prompts[{i}] must be a non-empty list of integer token ids (got shape {ids.shape}, dtype {ids.dtype})"
+            )
         bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
         if bad.size:
             raise ValueError(f"prompts[{i}][{bad[0]}] = {ids[bad[0]]} is outside the vocabulary [0, {vocab_size})")
@@ -189,7 +186,7 @@ def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, len
     return cache, jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len", "filtered", "sampled"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len",), donate_argnums=(2,))
 def _decode(
     graphdef,
     state,
@@ -204,8 +201,6 @@ def _decode(
     seeds_b2,
     *,
     out_len,
-    filtered,
-    sampled,
 ):
     """The decode loop: returns tokens [B, out_len], log-probs [B, out_len], counts [B], stopped-by-token [B] and
     the final cache (returned so that the donated cache buffers are updated in place)."""
@@ -216,9 +211,9 @@ def _decode(
 
     def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn):
         logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
-        logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b, filtered=filtered)
+        logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b)
         step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, j)
-        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b, sampled=sampled)
+        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b)
         live_b = ~done_b
         tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
         logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
@@ -227,28 +222,30 @@ def _decode(
         done_b = done_b | hit_b | (count_b >= max_new_b)
         return token_b, (done_b, stopped_b | hit_b, count_b, tokens_bn, logprobs_bn)
 
-    init = (
+    def cond(loop):
+        j, _, _, outs = loop
+        return (j < out_len) & ~jnp.all(outs[0])
+
+    def body(loop):
+        # Step j feeds token j - 1 at position L + j - 1 and draws token j. Step 0 draws from the prefill's last
+        # hidden state; its model call runs at position -1 (writes nothing, sees nothing), so the sampling code
+        # appears once in the compiled loop.
+        j, cache, previous_b, outs = loop
+        positions_b1 = jnp.where(j == 0, -1, lengths_b + j - 1)[:, None]
+        hidden_b1d, cache = model.hidden_states(previous_b[:, None], positions_bt=positions_b1, cache=cache)
+        hidden_bd = jnp.where(j == 0, last_hidden_bd, hidden_b1d[:, 0].astype(last_hidden_bd.dtype))
+        token_b, outs = emit(j, hidden_bd, *outs)
+        return j + 1, cache, token_b, outs
+
+    outs = (
         jnp.zeros(batch, bool),
         jnp.zeros(batch, bool),
         jnp.zeros(batch, jnp.int32),
         jnp.zeros((batch, out_len), jnp.int32),
         jnp.zeros((batch, out_len), jnp.float32),
     )
-    first_b, outs = emit(0, last_hidden_bd, *init)
-
-    def cond(loop):
-        j, _, _, outs = loop
-        return (j < out_len) & ~jnp.all(outs[0])
-
-    def body(loop):
-        j, cache, previous_b, outs = loop
-        positions_b1 = (lengths_b + j - 1)[:, None]
-        hidden_b1d, cache = model.hidden_states(previous_b[:, None], positions_bt=positions_b1, cache=cache)
-        token_b, outs = emit(j, hidden_b1d[:, 0], *outs)
-        return j + 1, cache, token_b, outs
-
     _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn) = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), cache, first_b, outs)
+        cond, body, (jnp.int32(0), cache, jnp.zeros(batch, jnp.int32), outs)
     )
     return tokens_bn, logprobs_bn, count_b, stopped_b, cache
 
@@ -294,7 +291,6 @@ def generate_rows(
         temperature_b[i], top_p_b[i], top_k_b[i] = spec.temperature, spec.top_p, spec.top_k
         stops_bs[i, : len(spec.stop_token_ids)] = spec.stop_token_ids
         seeds[i] = (spec.seed % 2**32, spec.stream % 2**32)
-    filtered = any(s.filtered for s in specs)
 
     graphdef, state = nnx.split(model)
     put = functools.partial(_put_batch, mesh=mesh, batch_axes=batch_axes)
@@ -318,8 +314,6 @@ def generate_rows(
         put(stops_bs),
         put(seeds),
         out_len=out_len,
-        filtered=filtered,
-        sampled=any(s.temperature > 0 for s in specs),
     )
     width = max(s.max_new_tokens for s in specs)
     out_lengths = np.asarray(out_lengths)[:n]

@@ -176,7 +176,9 @@ def _completion_prompts(body: dict, tokenizer, vocab_size: int) -> list[tuple[in
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         texts = prompt
     else:
-        raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt")
+        raise _bad(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt"
+        )
     prompts = []
     for i, text in enumerate(texts):
         ids = tuple(tokenizer.encode(text))
@@ -247,8 +249,12 @@ def parse_request(
     if not isinstance(model, str):
         raise _bad("'model' is required and must be a string", "model")
     if model != model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{model_name}'",
+            param="model",
+            code="model_not_found",
+        )
     for key in ("presence_penalty", "frequency_penalty"):
         if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise _bad(f"'{key}' is not supported (only 0)", key, "unsupported_parameter")
@@ -286,8 +292,10 @@ def parse_request(
         max_tokens.append(wanted)
     stop = body.get("stop")
     stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, list | tuple) or len(stop) > MAX_STOP_STRINGS or not all(
-        isinstance(s, str) and s for s in stop
+    if (
+        not isinstance(stop, list | tuple)
+        or len(stop) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and s for s in stop)
     ):
         raise _bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
     stop_token_ids = body.get("stop_token_ids") or []

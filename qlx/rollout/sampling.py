@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 FAST_CANDIDATES = 64  # nucleus / top-k searched among the top 64 tokens first; a bisection covers the rest
 
 
@@ -68,9 +67,7 @@ def _filter_threshold_b(z_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array)
         lambda: jnp.where(
             fast_k_b | (k_b == vocab),
             kth_fast_b,
-            _largest_passing_b(
-                keys_bv, lowest_b, highest_b, lambda t_b: jnp.sum(keys_bv >= t_b[:, None], -1) >= k_b
-            ),
+            _largest_passing_b(keys_bv, lowest_b, highest_b, lambda t_b: jnp.sum(keys_bv >= t_b[:, None], -1) >= k_b),
         ),
     )
 
@@ -101,56 +98,56 @@ def _filter_threshold_b(z_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array)
 
 
 def sampling_logprobs(
-    logits_bv: jax.Array,
-    temperature_b: jax.Array,
-    top_p_b: jax.Array,
-    top_k_b: jax.Array,
-    *,
-    filtered: bool = True,
+    logits_bv: jax.Array, temperature_b: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array
 ) -> jax.Array:
     """Log-probabilities of the distribution a token is sampled from (module docstring), float32 [B, V].
 
     Args:
       logits_bv: model logits [B, V].
       temperature_b: [B]; 0 means greedy (the row's log-probs are then log_softmax(logits), unfiltered).
-      top_p_b: [B] in (0, 1]; 1 turns the nucleus filter off.
+      top_p_b: [B] in [0, 1]; 1 turns the nucleus filter off.
       top_k_b: [B] int; 0 turns the top-k filter off.
-      filtered: static; False skips the sort when no row uses top-p or top-k (the result is then the same as with
-        every top_p == 1 and top_k == 0).
+
+    The filter search runs only when some row filters (a ``lax.cond``), so one compiled function serves every mix.
     """
     logits_bv = logits_bv.astype(jnp.float32)
     greedy_b = temperature_b <= 0
     z_bv = logits_bv / jnp.where(greedy_b, 1.0, temperature_b).astype(jnp.float32)[:, None]
-    if filtered:
-        top_p_b = jnp.where(greedy_b, 1.0, top_p_b).astype(jnp.float32)
-        top_k_b = jnp.where(greedy_b, 0, top_k_b).astype(jnp.int32)
+    top_p_b = jnp.where(greedy_b, 1.0, top_p_b).astype(jnp.float32)
+    top_k_b = jnp.where(greedy_b, 0, top_k_b).astype(jnp.int32)
+
+    def filtered(z_bv):
         keys_bv, threshold_b = _filter_threshold_b(z_bv, top_p_b, top_k_b)
-        z_bv = jnp.where(keys_bv >= threshold_b[:, None], z_bv, -jnp.inf)
+        return jnp.where(keys_bv >= threshold_b[:, None], z_bv, -jnp.inf)
+
+    z_bv = jax.lax.cond(jnp.any((top_p_b < 1) | (top_k_b > 0)), filtered, lambda z_bv: z_bv, z_bv)
     return jax.nn.log_softmax(z_bv, axis=-1)
 
 
-def sample_tokens(
-    logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.Array, *, sampled: bool = True
-) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from ``exp(logprobs_bv)``; greedy rows (temperature 0) take the argmax.
 
     The draw is the Gumbel-max trick, argmax(logprobs + Gumbel noise), with the noise of row b from ``keys_b[b]``
-    only (a row's draw never depends on the other rows).
+    only (a row's draw never depends on the other rows); no noise is drawn when every row is greedy.
 
     Args:
       logprobs_bv: output of :func:`sampling_logprobs`, [B, V].
       temperature_b: [B].
       keys_b: one typed PRNG key per row, [B].
-      sampled: static; False when every row is greedy (no noise is drawn).
 
     Returns:
       tokens_b int32 [B] and their log-probabilities logprob_b float32 [B] under ``logprobs_bv``.
     """
-    tokens_b = jnp.argmax(logprobs_bv, axis=-1)
-    if sampled:
-        vocab = logprobs_bv.shape[-1]
+    vocab = logprobs_bv.shape[-1]
+
+    def sampled(logprobs_bv):
         noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_b)
-        tokens_b = jnp.where(temperature_b <= 0, tokens_b, jnp.argmax(logprobs_bv + noise_bv, axis=-1))
-    tokens_b = tokens_b.astype(jnp.int32)
+        drawn_b = jnp.argmax(logprobs_bv + noise_bv, axis=-1)
+        return jnp.where(temperature_b <= 0, jnp.argmax(logprobs_bv, axis=-1), drawn_b).astype(jnp.int32)
+
+    def greedy(logprobs_bv):
+        return jnp.argmax(logprobs_bv, axis=-1).astype(jnp.int32)
+
+    tokens_b = jax.lax.cond(jnp.any(temperature_b > 0), sampled, greedy, logprobs_bv)
     logprob_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
     return tokens_b, logprob_b

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill step")
     parser.add_argument(
-        "--chat-mode", choices=("thinking", "instruct", "no_think"), default="thinking",
+        "--chat-mode",
+        choices=("thinking", "instruct", "no_think"),
+        default="thinking",
         help="generation prompt of the chat template (see qlx.data.tokenizer)",
     )
 
@@ -51,8 +53,10 @@ def load_model(path: Path, *, dtype: str = "float32"):
     if (path / "config.json").is_file():
         return qlx.load_hf(path, dtype=dtype)
     if not _is_run_folder(path):
-        raise FileNotFoundError(f"--ckpt {path}: neither a Hugging Face directory (config.json) nor a qlx run folder "
-                                "(config.yaml + checkpoints/)")
+        raise FileNotFoundError(
+            f"--ckpt {path}: neither a Hugging Face directory (config.json) nor a qlx run folder "
+            "(config.yaml + checkpoints/)"
+        )
     from flax import nnx
 
     from qlx.models import build_model

@@ -260,8 +260,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in _ENDPOINTS:
             self._send_error(APIError(405, f"{path} takes POST, not GET"))
         else:
-            self._send_error(APIError(404, f"unknown path {path!r}; this server serves /v1/models, "
-                                           "/v1/completions, /v1/chat/completions", code="not_found"))
+            self._send_error(
+                APIError(
+                    404,
+                    f"unknown path {path!r}; this server serves /v1/models, /v1/completions, /v1/chat/completions",
+                    code="not_found",
+                )
+            )
 
     def _read_body(self) -> bytes | None:
         """The request body, or None after answering with an error (missing length, oversized, bad encoding)."""
@@ -282,8 +287,11 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 remaining -= len(data)
             self._send_error(
-                APIError(413, f"request body of {length} bytes exceeds {self.server.limits.max_body_bytes} bytes",
-                         code="request_too_large"),
+                APIError(
+                    413,
+                    f"request body of {length} bytes exceeds {self.server.limits.max_body_bytes} bytes",
+                    code="request_too_large",
+                ),
                 close=True,
             )
             return None
@@ -296,8 +304,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path not in _ENDPOINTS:
             status = 405 if path.startswith("/v1/models") else 404
-            self._send_error(APIError(status, f"no POST endpoint at {path!r}; POST to /v1/completions or "
-                                              "/v1/chat/completions", code="not_found"))
+            self._send_error(
+                APIError(
+                    status,
+                    f"no POST endpoint at {path!r}; POST to /v1/completions or /v1/chat/completions",
+                    code="not_found",
+                )
+            )
             return
         try:
             payload = json.loads(body)

@@ -1,9 +1,8 @@
-"""Training inputs: records read from JSONL, turned into chat-template prompt ids (middle-truncated to the stage's
-limit) and, for SFT, answer ids.
+"""Training inputs: records read from JSONL, their prompt ids (``qlx.data.pipeline.encode_record``: the recipe's
+single-pass QA prompt in the chat template, context middle-truncated to the stage's limit) and, for SFT, the
+reference answer ids.
 
-The prompt is the recipe's single-pass QA template (docs/recipe.md section 1.5) as the user turn of the Qwen chat
-template, followed by the generation prompt. Tokenisation is lazy and cached per record, so a 14K-record set of
-120K-token contexts is only tokenised as batches draw it.
+Tokenisation is lazy and cached per record, so a large set of long contexts is only tokenised as batches draw it.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlx.data.records import Record, read_context, read_jsonl
-from qlx.data.tokenizer import Tokenizer, render_chat
-
-PROMPT_HEAD = "Please read the following text and answer the question below.\n\n<text>\n"
-PROMPT_TAIL = '\n</text>\n\n{question}{options}\n\nFormat your response as follows: "{answer_format}".'
-ANSWER_FORMAT = "Therefore, the answer is (insert answer here)"
-MC_ANSWER_FORMAT = "The correct answer is (insert answer letter here)"
+from qlx.data.pipeline import StageLimits, encode_record
+from qlx.data.records import Record, read_jsonl
+from qlx.data.tokenizer import Tokenizer
 
 
 def load_records(paths: Sequence[str | Path]) -> tuple[list[Record], list[Path]]:
@@ -35,62 +30,32 @@ def load_records(paths: Sequence[str | Path]) -> tuple[list[Record], list[Path]]
     return records, folders
 
 
-def question_text(record: Record) -> tuple[str, str]:
-    """(question, options block) as they appear in the prompt."""
-    if not record.options:
-        return record.question, ""
-    letters = "ABCD"
-    block = "\n" + "\n".join(f"({letters[i]}) {option}" for i, option in enumerate(record.options))
-    return record.question, block
-
-
 def target_text(record: Record) -> str:
-    """The reference response of SFT: the answer in the format the prompt asks for (and the verifiers parse)."""
+    """The reference response of SFT, in the form its task type's verifier scores highest: the option letter after
+    "The correct answer is" (mc), the reference itself (dialogue: reproduced verbatim), else the reference after
+    "Therefore, the answer is"."""
     if record.options:
         return f"The correct answer is ({record.answer})."
+    if record.task_type == "dialogue":
+        return record.answer
     return f"Therefore, the answer is {record.answer}."
 
 
-def middle_truncate(ids: list[int], budget: int) -> list[int]:
-    """Keep the first ceil(budget/2) and last floor(budget/2) ids when ``ids`` is longer than ``budget``."""
-    if len(ids) <= budget:
-        return ids
-    head = (budget + 1) // 2
-    return ids[:head] + ids[len(ids) - (budget - head) :] if budget > head else ids[:head]
-
-
 class PromptBuilder:
-    """Prompt ids of records: chat template around the recipe's QA prompt, context middle-truncated to fit.
+    """Prompt ids of records (``encode_record`` with truncation) and SFT target ids.
 
     Args:
       tokenizer: the run's tokenizer.
-      max_input_tokens: longest prompt (template included).
+      max_input_tokens: longest prompt (template included); longer contexts are middle-truncated.
       chat_mode: the generation prompt's thinking mode (``qlx.data.tokenizer.render_chat``).
     """
 
     def __init__(self, tokenizer: Tokenizer, *, max_input_tokens: int, chat_mode: str = "thinking"):
         self.tokenizer = tokenizer
-        self.max_input_tokens = max_input_tokens
-        self.chat_mode = chat_mode
-        marker = "\x00CONTEXT\x00"
-        text = render_chat([{"role": "user", "content": marker}], add_generation_prompt=True, mode=chat_mode)
-        self._before, self._after = text.split(marker)
+        self.limits = StageLimits(max_input_tokens=max_input_tokens, overflow="truncate", mode=chat_mode)
 
     def prompt_ids(self, record: Record, folder: Path) -> list[int]:
-        question, options = question_text(record)
-        answer_format = MC_ANSWER_FORMAT if record.options else ANSWER_FORMAT
-        head = self.tokenizer.encode(self._before + PROMPT_HEAD)
-        tail = self.tokenizer.encode(
-            PROMPT_TAIL.format(question=question, options=options, answer_format=answer_format) + self._after
-        )
-        budget = self.max_input_tokens - len(head) - len(tail)
-        if budget < 1:
-            raise ValueError(
-                f"record {record.id}: the question and template alone take {len(head) + len(tail)} tokens, more than "
-                f"data.max_input_tokens={self.max_input_tokens}"
-            )
-        context = self.tokenizer.encode(read_context(record, folder))
-        return head + middle_truncate(context, budget) + tail
+        return encode_record(record, self.tokenizer, self.limits, folder)["input_ids"].tolist()
 
     def target_ids(self, record: Record) -> list[int]:
         """Reference response ids for SFT, ending with the end-of-turn token."""

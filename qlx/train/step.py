@@ -143,7 +143,7 @@ def train_step(
     loss, grads, aux = accumulate_gradients(
         policy, params, rest, micro_batches, denominator, loss_sum, temperature=temperature, chunk=chunk
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite_loss, finite_grad = jnp.isfinite(loss), jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)

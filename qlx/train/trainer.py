@@ -111,6 +111,16 @@ def _initial_params(config: Config, mesh, rules, abstract_params):
     return items["params"]
 
 
+def load_model(config: Config, source: str | Path):
+    """The model of ``config`` with the parameters of ``source``: a qlx run or checkpoint folder (its newest good
+    checkpoint) or a Hugging Face folder, placed on the config's mesh."""
+    mesh = make_mesh(config.mesh)
+    rules = axis_rules(config.mesh.rules)
+    policy, abstract_params, rest = _abstract_model(config, mesh, rules)
+    params = _initial_params(dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source))), mesh, rules, abstract_params)
+    return policy.model(params, rest)
+
+
 def _write_config(config: Config, run_dir: Path) -> None:
     path = run_dir / "config.yaml"
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
