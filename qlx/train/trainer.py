@@ -117,7 +117,12 @@ def load_model(config: Config, source: str | Path):
     mesh = make_mesh(config.mesh)
     rules = axis_rules(config.mesh.rules)
     policy, abstract_params, rest = _abstract_model(config, mesh, rules)
-    params = _initial_params(dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source))), mesh, rules, abstract_params)
+    params = _initial_params(
+        dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source))),
+        mesh,
+        rules,
+        abstract_params,
+    )
     return policy.model(params, rest)
 
 
