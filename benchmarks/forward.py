@@ -6,8 +6,7 @@
 Both sides run float32 on the same machine in one process (torch and XLA each use all cores, one after the other).
 forward: logits [B, T, V] for a batch of random tokens. forward+backward: gradient of the mean next-token
 cross-entropy with respect to every parameter (transformers: ``model(ids, labels=ids).loss.backward()``; qlx: the
-loss from ``hidden_states`` and ``lm_head_weight`` in token chunks, as the RL loss computes it, so no [B, T, V]
-float32 logits array is kept for the backward pass).
+loss from ``hidden_states`` and ``lm_head_weight`` in token chunks, as the RL loss computes it).
 """
 
 from __future__ import annotations
@@ -30,26 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def next_token_loss(model, tokens_bt, chunk: int) -> jax.Array:
-    """Mean cross-entropy of tokens[:, 1:] given tokens[:, :-1], log-softmax computed ``chunk`` positions at a time."""
+    """Mean cross-entropy of tokens[:, 1:] given tokens[:, :-1], computed ``chunk`` positions at a time.
+
+    nll = logsumexp(h W) - h . W[:, y]: the target logit comes from a gathered column of W, so the backward pass
+    never scatters into a [tokens, V] array; only one chunk's logits exist at a time.
+    """
     hidden_btd = model.hidden_states(tokens_bt)[:, :-1]
-    targets_bt = tokens_bt[:, 1:]
     w_dv = model.lm_head_weight()
     b, t, d = hidden_btd.shape
     n = b * t
     pad = -n % chunk
     h_nd = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    y_n = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, chunk)
+    y_n = jnp.pad(tokens_bt[:, 1:].reshape(n), (0, pad)).reshape(-1, chunk)
     valid_n = (jnp.arange(n + pad) < n).reshape(-1, chunk)
 
-    @jax.checkpoint
-    def chunk_nll(h_cd, y_c, valid_c):
-        logits_cv = jnp.matmul(h_cd, w_dv, preferred_element_type=jnp.float32)
-        logz_c = jax.nn.logsumexp(logits_cv, axis=-1)
-        picked_c = jnp.take_along_axis(logits_cv, y_c[:, None], axis=-1)[:, 0]
+    def chunk_nll(args):
+        h_cd, y_c, valid_c = args
+        logz_c = jax.nn.logsumexp(jnp.matmul(h_cd, w_dv, preferred_element_type=jnp.float32), axis=-1)
+        picked_c = jnp.sum(h_cd * jnp.take(w_dv, y_c, axis=1).T, axis=-1)
         return jnp.sum(jnp.where(valid_c, logz_c - picked_c, 0.0))
 
-    total = jax.lax.map(lambda args: chunk_nll(*args), (h_nd, y_n, valid_n))
-    return jnp.sum(total) / n
+    return jnp.sum(jax.lax.map(chunk_nll, (h_nd, y_n, valid_n))) / n
 
 
 def time_calls(fn, reps: int, desc: str) -> float:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per log-softmax chunk in the loss")
+    parser.add_argument("--loss-chunk", type=int, default=512, help="tokens per log-softmax chunk in the loss")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args(argv)
 
@@ -119,22 +119,26 @@ def main(argv=None) -> int:
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq), dtype=np.int32)
     model = build_model(config, seed=0)
     n_tokens = args.batch * args.seq
-    print(f"config {args.config} ({config.family}, {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"{config.num_experts} experts top-{config.num_experts_per_tok}); batch {args.batch} x {args.seq} tokens; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, moe_backend {config.moe_backend}")
+    print(
+        f"config {args.config} ({config.family}, {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_experts} experts top-{config.num_experts_per_tok}); batch {args.batch} x {args.seq} tokens; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, moe_backend {config.moe_backend}"
+    )
     ours = bench_qlx(model, tokens, args.reps, args.loss_chunk)
     theirs = None
     if not args.skip_transformers:
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(model, tmp)
             theirs = bench_transformers(Path(tmp), tokens, args.reps)
-    print(f"\n| mode | qlx tokens/s | transformers tokens/s | qlx / transformers |\n|---|---:|---:|---:|")
+    print("\n| mode | qlx tokens/s | transformers tokens/s | qlx / transformers |\n|---|---:|---:|---:|")
     for mode, seconds in ours.items():
         if theirs is None:
             print(f"| {mode} | {n_tokens / seconds:,.0f} | - | - |")
         else:
-            print(f"| {mode} | {n_tokens / seconds:,.0f} | {n_tokens / theirs[mode]:,.0f} | "
-                  f"{theirs[mode] / seconds:.2f}x |")
+            print(
+                f"| {mode} | {n_tokens / seconds:,.0f} | {n_tokens / theirs[mode]:,.0f} | "
+                f"{theirs[mode] / seconds:.2f}x |"
+            )
     return 0
 
 

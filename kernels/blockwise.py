@@ -84,6 +84,8 @@ def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: 
     if q_seg_i is not None:
         q_ids, kv_ids = q_seg_i[:, None, None, :], kv_seg_j[:, None, :, None]
         visible = visible & (q_ids == kv_ids if transposed else jnp.swapaxes(q_ids == kv_ids, 2, 3))
+    if groups == 1:
+        return jnp.where(visible, s, MASK_VALUE)
     if transposed:
         s = s.reshape(b, hkv, block_kv, groups, block_q)
         return jnp.where(visible[:, :, :, None, :], s, MASK_VALUE).reshape(b, hkv, block_kv, groups * block_q)

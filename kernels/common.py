@@ -78,7 +78,7 @@ class BlockSizes:
         if self.valid(block, length):
             return block
         candidates = [b for b in range(block, 0, -1) if self.valid(b, length)]
-        floor = min(length, 64)
+        floor = min(length, 16)
         if strict or not candidates or candidates[0] < floor:
             options = [b for b in range(length, 0, -1) if self.valid(b, length)][:6]
             raise ValueError(

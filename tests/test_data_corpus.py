@@ -126,4 +126,16 @@ def test_synthesis_over_a_corpus_counts_its_problems(corpus_dir, tmp_path):
     assert card["dropped"]["source_problems"] == 5
     assert any(p.endswith("docs.jsonl:2: invalid JSON (Expecting value)") for p in card["problem_examples"])
     with pytest.raises(ValueError, match="knowledge graph"):
-        synthesize(SynthConfig(engine="kg", n=2, corpus=str(path)), tmp_path / "kg", tokenizer=tok, progress=False)
+        synthesize(
+            SynthConfig(engine="kg", n=2, min_tokens=200, max_tokens=400, corpus=str(path)),
+            tmp_path / "kg",
+            tokenizer=tok,
+            progress=False,
+        )
+
+
+def test_a_pool_smaller_than_the_longest_context_is_refused(corpus_dir, tmp_path):
+    path, _ = corpus_dir
+    tok = train_bpe_tokenizer([p.read_text() for p in path.glob("*.md")], vocab_size=300)
+    with pytest.raises(ValueError, match="fewer than --max-tokens 8192"):
+        synthesize(SynthConfig(engine="table", n=2, corpus=str(path)), tmp_path, tokenizer=tok, progress=False)

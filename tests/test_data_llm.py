@@ -195,3 +195,40 @@ def test_llm_fact_extraction_keeps_only_grounded_facts():
         assert fact.object in doc.text[fact.start : fact.end]
     assert len(problems) == 3
     assert any("quote not found" in p for p in problems) and any("not in its quote" in p for p in problems)
+
+
+def test_corpus_facts_from_the_llm_feed_the_multihop_engine(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Orvex Labs history\n\nOrvex Labs was founded by Mira Tollan in a garage.")
+    (corpus / "b.txt").write_text("Mira Tollan\n\nMira Tollan was born in Lorvik, a harbour town.")
+    (corpus / "c.txt").write_text("Lorvik\n\nLorvik lies in Kaldoria, on the northern coast.")
+    for i in range(8):
+        (corpus / f"note{i}.txt").write_text(f"Weather note {i}\n\n" + "Rain moved east over the hills today. " * 6)
+    facts = {
+        "Orvex": ("Orvex Labs", "founded_by", "Mira Tollan", "Orvex Labs was founded by Mira Tollan in a garage."),
+        "born": ("Mira Tollan", "born in", "Lorvik", "Mira Tollan was born in Lorvik, a harbour town."),
+        "lies": ("Lorvik", "located_in", "Kaldoria", "Lorvik lies in Kaldoria, on the northern coast."),
+    }
+
+    def respond(body, n):
+        text = body["messages"][-1]["content"]
+        keys = ("subject", "relation", "object", "quote")
+        found = [dict(zip(keys, f, strict=True)) for k, f in facts.items() if k in text]
+        return 200, _completion(json.dumps({"facts": found}))
+
+    tok = default_tokenizer(0)
+    with Stub(respond) as stub:
+        config = SynthConfig(engine="kg", n=4, min_tokens=100, max_tokens=200, seed=0, corpus=str(corpus))
+        synthesize(config, tmp_path / "out", tokenizer=tok, client=stub.client(), progress=False)
+    records = list(read_jsonl(tmp_path / "out" / "records.jsonl"))
+    multihop = [r for r in records if r.task_type == "multihop"]
+    assert multihop, [r.question for r in records]
+    expected = {
+        "What is the birthplace of the founder of Orvex Labs?": "Lorvik",
+        "What is the country in which the birthplace of Mira Tollan lies?": "Kaldoria",
+        "What is the country in which the birthplace of the founder of Orvex Labs lies?": "Kaldoria",
+    }
+    for record in multihop:
+        assert len({f["doc_id"] for f in record.evidence["facts"]}) == record.hops >= 2
+        assert expected[record.question] == record.answer

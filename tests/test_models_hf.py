@@ -12,11 +12,14 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 import qlx
 from qlx.cli import main as qlx_main
 from qlx.mesh import make_mesh
-from qlx.models.hf import CheckpointError
+from qlx.models.hf import CheckpointError, config_from_hf
+from qlx.models.rope import rope_frequencies
 
 COMMON = dict(
     vocab_size=96,
@@ -209,3 +212,32 @@ def test_pickle_and_unsupported_checkpoints_are_refused(checkpoints, tmp_path):
     )
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
         qlx.load_hf(broken_index)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32768,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "attention_factor": 1.3,
+        },
+    ],
+)
+def test_rope_frequencies_match_transformers(scaling):
+    params = {"rope_type": "default", "rope_theta": 1e6} if scaling is None else {**scaling, "rope_theta": 1e6}
+    hf = Qwen3Config(**{**COMMON, "head_dim": 64, "max_position_embeddings": 131072}, rope_parameters=params)
+    if scaling is None:
+        inv, want_scale = Qwen3RotaryEmbedding.compute_default_rope_parameters(hf)
+    else:
+        inv, want_scale = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    want = inv.numpy()
+    config = config_from_hf(hf.to_dict())
+    inv_freq, scale = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    np.testing.assert_allclose(inv_freq, want, rtol=1e-6)
+    assert scale == pytest.approx(want_scale, rel=1e-7)

@@ -179,5 +179,7 @@ def test_bad_inputs_name_the_problem(models):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p must be in"):
         generate(model, [[1]], max_new_tokens=2, top_p=1.5)
+    with pytest.raises(ValueError, match=r"prompts\[0\] has 250 tokens; with max_new_tokens=7 it passes"):
+        generate(model, [[1] * 250], max_new_tokens=7)
     with pytest.raises(ValueError, match="stop_token_ids: 999 is outside"):
         generate(model, [[1]], max_new_tokens=2, stop_token_ids=[999])

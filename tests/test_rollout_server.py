@@ -16,14 +16,16 @@ from flax import nnx
 
 import qlx
 from qlx.config import ModelConfig
+from qlx.data.llm import ChatClient, LLMConfig
 from qlx.data.tokenizer import render_chat, train_bpe_tokenizer
 from qlx.models import build_model
+from qlx.rl.rewards.judge import Judge, JudgeConfig
 from qlx.rollout import OpenAIServer, generate, serve_in_thread
 from qlx.rollout.protocol import ServeLimits
 from qlx.rollout.serve_cli import build_server, load_model
 
 NAME = "tiny"
-LIMITS = ServeLimits(max_model_len=96, max_rows=8, max_body_bytes=4096)
+LIMITS = ServeLimits(max_model_len=512, max_rows=8, max_body_bytes=4096)
 
 
 def _texts(n=200):
@@ -49,7 +51,7 @@ def model(tokenizer):
         head_dim=8,
         intermediate_size=64,
         initializer_range=0.2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
     )
     return build_model(config, seed=1)
 
@@ -138,6 +140,16 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(client):
     assert out.choices[0].text == text[: text.index(cut)] and out.choices[0].finish_reason == "stop"
 
 
+def test_the_projects_own_clients_talk_to_it(url, client):
+    """The synthesis engines' ChatClient and the reward judge speak to this server unchanged."""
+    messages = [{"role": "user", "content": "abc de fox"}]
+    expected = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    reply = ChatClient(LLMConfig(base_url=url, model=NAME, max_retries=0)).chat(messages, max_tokens=8)
+    assert reply == expected.choices[0].message.content
+    judge = Judge(JudgeConfig(base_url=url, model=NAME, max_tokens=8, retries=0))
+    assert judge.equivalent("What is 2 + 2?", "4", "four") in (True, False)  # None would mean the request failed
+
+
 def test_concurrent_requests_are_batched_together(model, tokenizer):
     server = OpenAIServer(model, tokenizer, model_name=NAME, limits=LIMITS, batch_wait_s=0.5)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -169,7 +181,7 @@ def test_concurrent_requests_are_batched_together(model, tokenizer):
     [
         ("/v1/completions", b"{not json", 400, None),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "best_of": 2}).encode(), 400, "best_of"),
-        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 500}).encode(), 400, "max_tokens"),
+        ("/v1/completions", json.dumps({"model": NAME, "prompt": "a", "max_tokens": 600}).encode(), 400, "max_tokens"),
         ("/v1/completions", json.dumps({"model": NAME, "prompt": [1, -3]}).encode(), 400, "prompt[1]"),
         (
             "/v1/completions",
@@ -199,8 +211,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client
 
 
 def test_openai_client_raises_typed_errors(client):
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 96"):
-        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=200)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=600)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="other", prompt="a")
 

@@ -100,7 +100,7 @@ def write_card(card: dict, out_dir: str | Path, stem: str = "card") -> list[Path
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_lengths.png"]
     paths[0].write_text(json.dumps(card, indent=2) + "\n")
     paths[1].write_text(format_card(card))
-    fig, (ax_len, ax_task) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_len, ax_task, ax_hops) = plt.subplots(1, 3, figsize=(15, 3.8))
     bins = card["length_histogram"]
     ax_len.bar(
         [f"{b['from'] // 1024}K" if b["from"] >= 1024 else str(b["from"]) for b in bins], [b["count"] for b in bins]
@@ -110,6 +110,9 @@ def write_card(card: dict, out_dir: str | Path, stem: str = "card") -> list[Path
     ax_len.set_title("context length")
     ax_task.bar(list(card["task_types"]), list(card["task_types"].values()), color="tab:orange")
     ax_task.set_title("task types")
+    ax_hops.bar(list(card["hops"]), list(card["hops"].values()), color="tab:green")
+    ax_hops.set_xlabel("hops")
+    ax_hops.set_title("hop counts")
     fig.tight_layout()
     fig.savefig(paths[2], dpi=100)
     plt.close(fig)

@@ -5,6 +5,7 @@ in tokens is the sum of its pieces' counts. For byte-level BPEs with the Qwen/GP
 separator ends a pre-token and every document starts with a non-space character.
 """
 
+import itertools
 import mmap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from qlx.data.tokenizer import Tokenizer
 
 SEPARATOR = "\n\n"
+BATCH = 1024
 
 
 class DocStore:
@@ -29,10 +31,17 @@ class DocStore:
         self._offsets, self._bytes, self._chars, self._tokens = [], [], [], []
         self._pos = 0
         self._mmap = None
+        self.added_tokens = 0
+        """tokens added so far (also before :meth:`close`)."""
 
     def add(self, items: Iterable[tuple[str, str, Sequence[str]]]) -> None:
-        """Append ``(doc_id, text, tags)`` items (tags: entity names or topic keys the document is about)."""
-        items = list(items)
+        """Append ``(doc_id, text, tags)`` items (tags: entity names or topic keys the document is about), tokenized
+        in batches of ``BATCH`` documents."""
+        items = iter(items)
+        while batch := list(itertools.islice(items, BATCH)):
+            self._add_batch(batch)
+
+    def _add_batch(self, items: list[tuple[str, str, Sequence[str]]]) -> None:
         for doc_id, text, _ in items:
             if not text or text != text.strip():
                 raise ValueError(f"document {doc_id!r}: text must be non-empty without surrounding whitespace")
@@ -51,6 +60,7 @@ class DocStore:
             self._chars.append(len(piece))
             self._tokens.append(int(count))
             self._pos += len(data)
+            self.added_tokens += int(count)
 
     def close(self) -> "DocStore":
         self._writer.close()

@@ -11,6 +11,7 @@ evidence (:mod:`qlx.data.derive`); otherwise the drop is counted in the card.
 
 import dataclasses
 import io
+import itertools
 import math
 import random
 from pathlib import Path
@@ -106,25 +107,34 @@ class Plan:
 
 
 class Synthesizer:
+    """The source (world or corpus), its document pools and the engines of one config; :meth:`plan` then
+    :meth:`materialize` per plan."""
+
     def __init__(
         self, config: SynthConfig, tokenizer: Tokenizer, workdir: str | Path, *, client: ChatClient | None = None
     ):
         self.config, self.tokenizer = config, tokenizer
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        pool = int(1.25 * config.max_tokens) + 20_000
         if config.corpus:
             self.source: Source = corpus_source(config.corpus, tokenizer, workdir, client=client)
         else:
-            pool = int(1.25 * config.max_tokens) + 20_000
             self.source = world_source(
                 config.seed, tokenizer, workdir, min_pool_tokens=pool, n_orgs=config.n_orgs, brief=config.brief
+            )
+        if self.source.docs.total_tokens < config.max_tokens:
+            raise ValueError(
+                f"the document pool has {self.source.docs.total_tokens} tokens, fewer than --max-tokens "
+                f"{config.max_tokens}: use a larger corpus or world (--n-orgs), or a smaller --max-tokens"
             )
         self.engines = self._engines(client)
         self.dialogue: DocStore | None = None
         if "dialogue" in config.tasks:
-            n_exchanges = max(200, math.ceil((config.max_tokens * 1.25 + 20_000) / 60))
             self.dialogue = DocStore(workdir / f"dialogue-{config.seed}.docs", tokenizer)
-            self.dialogue.add(dialogue_pool(config.seed, n_exchanges))
+            exchanges = dialogue_pool(config.seed)
+            while self.dialogue.added_tokens < pool:
+                self.dialogue.add(itertools.islice(exchanges, 2048))
             self.dialogue.close()
 
     def _engines(self, client) -> dict:
@@ -329,8 +339,9 @@ def synthesize(
     stem = shard_stem("records", config)
     try:
         synth = Synthesizer(config, tokenizer, workdir, client=client)
-        card.problems += synth.source.problems
-        card.dropped["source_problems"] = len(synth.source.problems)
+        if synth.source.problems:
+            card.problems += synth.source.problems
+            card.dropped["source_problems"] = len(synth.source.problems)
         plans = [p for p in synth.plan() if p.index % config.shard_count == config.shard_index]
         writers = [open(out / f"{stem}.jsonl", "w", encoding="utf-8")]  # noqa: SIM115
         array_writer = None

@@ -146,6 +146,10 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._encode_fast(list(texts), add_special_tokens=False)]
 
+    def count_batch(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self._encode_fast(list(texts), add_special_tokens=False)
+        return np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(texts))
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and their character spans ``(start, end)`` in ``text``."""
         encoding = self.backend.encode(text, add_special_tokens=False)

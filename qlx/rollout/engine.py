@@ -43,8 +43,9 @@ class SamplingSpec:
     temperature: 0 is greedy; otherwise logits are divided by it before the filters (``qlx.rollout.sampling``).
     top_p: nucleus mass in [0, 1]; 1 is off. top_k: keep the k most likely tokens; 0 is off.
     stop_token_ids: generation stops after emitting any of these (the stop token is returned, as its log-prob).
-    seed, stream: the sequence's random stream is ``fold_in(key(seed), stream)``; token j uses
-        ``fold_in(that, j)``, so a sequence's samples depend only on its own seed, stream, prompt and the model.
+    seed, stream: the sequence's random stream is ``fold_in(fold_in(key(seed mod 2^32), seed >> 32 mod 2^32),
+        stream)``; token j uses ``fold_in(that, j)``, so a sequence's samples depend only on its own seed, stream,
+        prompt and the model (not on the other sequences of the batch).
     """
 
     max_new_tokens: int
@@ -109,7 +110,7 @@ def generate(
 ) -> GenerateResult:
     """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
 
-    Sequence i uses the random stream ``fold_in(key(seed), i)`` (see :class:`SamplingSpec`); ``temperature=0`` is
+    Sequence i uses random stream i of ``seed`` (see :class:`SamplingSpec`); ``temperature=0`` is
     greedy decoding. ``return_logprobs=False`` returns zeros in ``logprobs`` (the values are computed either way; the
     flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt positions processed
     per prefill step. Returns a :class:`GenerateResult`.
@@ -198,7 +199,7 @@ def _decode(
     top_p_b,
     top_k_b,
     stops_bs,
-    seeds_b2,
+    seeds_b3,
     *,
     out_len,
 ):
@@ -206,7 +207,7 @@ def _decode(
     the final cache (returned so that the donated cache buffers are updated in place)."""
     model = nnx.merge(graphdef, state)
     w_dv = model.lm_head_weight()
-    keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s[0]), s[1]))(seeds_b2)
+    keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
 
     def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn):
@@ -233,7 +234,7 @@ def _decode(
         j, cache, previous_b, outs = loop
         positions_b1 = jnp.where(j == 0, -1, lengths_b + j - 1)[:, None]
         hidden_b1d, cache = model.hidden_states(previous_b[:, None], positions_bt=positions_b1, cache=cache)
-        hidden_bd = jnp.where(j == 0, last_hidden_bd, hidden_b1d[:, 0].astype(last_hidden_bd.dtype))
+        hidden_bd = jnp.where(j == 0, last_hidden_bd, hidden_b1d[:, 0])
         token_b, outs = emit(j, hidden_bd, *outs)
         return j + 1, cache, token_b, outs
 
@@ -265,6 +266,14 @@ def generate_rows(
         if bad:
             raise ValueError(f"specs[{i}].stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
+    limit = model.config.max_position_embeddings
+    for i, (ids, spec) in enumerate(zip(arrays, specs, strict=True)):
+        if ids.size + spec.max_new_tokens > limit:
+            raise ValueError(
+                f"prompts[{i}] has {ids.size} tokens; with max_new_tokens={spec.max_new_tokens} it passes the model's "
+                f"max_position_embeddings ({limit})"
+            )
+
     n = len(arrays)
     mesh = model.layout.mesh
     batch_axes = _batch_axes(model)
@@ -283,19 +292,19 @@ def generate_rows(
     top_p_b = np.ones(batch, np.float32)
     top_k_b = np.zeros(batch, np.int32)
     stops_bs = np.full((batch, n_stops), -1, np.int32)
-    seeds = np.zeros((batch, 2), np.uint32)
+    seeds = np.zeros((batch, 3), np.uint32)
     for i, (ids, spec) in enumerate(zip(arrays, specs, strict=True)):
         tokens_bp[i, : ids.size] = ids
         lengths_b[i] = ids.size
         max_new_b[i] = spec.max_new_tokens
         temperature_b[i], top_p_b[i], top_k_b[i] = spec.temperature, spec.top_p, spec.top_k
         stops_bs[i, : len(spec.stop_token_ids)] = spec.stop_token_ids
-        seeds[i] = (spec.seed % 2**32, spec.stream % 2**32)
+        seeds[i] = (spec.seed % 2**32, (spec.seed >> 32) % 2**32, spec.stream % 2**32)
 
     graphdef, state = nnx.split(model)
     put = functools.partial(_put_batch, mesh=mesh, batch_axes=batch_axes)
     cache = _init_cache(graphdef, state, batch, cache_len)
-    last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), np.float32))
+    last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype)))
     lengths_dev = put(lengths_b)
     for start in range(0, prompt_len, chunk):
         cache, last_hidden_bd = _prefill_chunk(

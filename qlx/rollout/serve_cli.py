@@ -29,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json / .model file or folder")
     parser.add_argument("--model-name", help="the model id clients pass (default: the checkpoint folder's name)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="HF weights' dtype")
-    parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + completion tokens per request")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="prompt + completion tokens per request (default: 4096, or less if the "
+        "model's max_position_embeddings is smaller)",
+    )
     parser.add_argument("--max-batch", type=int, default=16, help="rows generated together (and per request)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill step")
@@ -95,8 +100,9 @@ def build_server(args: argparse.Namespace):
     """The :class:`~qlx.rollout.server.OpenAIServer` the arguments describe (bound, worker running, not serving)."""
     from qlx.rollout.server import OpenAIServer
 
-    limits = ServeLimits(max_model_len=args.max_model_len, max_rows=args.max_batch)
     model = load_model(args.ckpt, dtype=args.dtype)
+    max_model_len = args.max_model_len or min(4096, model.config.max_position_embeddings)
+    limits = ServeLimits(max_model_len=max_model_len, max_rows=args.max_batch)
     tokenizer = load_serving_tokenizer(args.ckpt, args.tokenizer)
     return OpenAIServer(
         model,

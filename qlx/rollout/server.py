@@ -150,6 +150,16 @@ class OpenAIServer(ThreadingHTTPServer):
         self.chat_mode = chat_mode
         self.created = int(time.time())
         self.vocab_size = model.config.vocab_size
+        if tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {self.vocab_size}; "
+                "serve the model with its own tokenizer"
+            )
+        if self.limits.max_model_len > model.config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.limits.max_model_len} exceeds the model's max_position_embeddings "
+                f"({model.config.max_position_embeddings})"
+            )
         self.stop_token_ids = tuple(
             i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")) if i is not None
         )

@@ -6,6 +6,7 @@ placed in order; the question asks to prepend a random string to the n-th of the
 an access code for a place's archive among similar statements about other places; the question asks for it.
 """
 
+import itertools
 import random
 import string
 from collections.abc import Iterator
@@ -155,9 +156,9 @@ def _request(rng: random.Random, kind: str, topic: str) -> str:
     ).format(k=kind, t=topic)
 
 
-def dialogue_pool(seed: int, n: int) -> Iterator[tuple[str, str, tuple[str, ...]]]:
-    """``n`` haystack exchanges ``(doc_id, text, tags)``; each depends only on (seed, its index)."""
-    for i in range(n):
+def dialogue_pool(seed: int) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """Endless haystack exchanges ``(doc_id, text, tags)``; each depends only on (seed, its index)."""
+    for i in itertools.count():
         rng = random.Random(f"qlx-dialogue-{seed}-{i}")
         if rng.random() < 0.2:
             topic = rng.choice(_ADVICE_TOPICS)
