@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 
 def chunk_order(ring_size: int) -> np.ndarray:
@@ -31,7 +32,18 @@ def _permute_chunks(x, order: np.ndarray, axis: int, name: str):
         )
     shape = x.shape
     x = x.reshape(*shape[:axis], chunks, n // chunks, *shape[axis + 1 :])
-    return jnp.take(x, jnp.asarray(order), axis=axis).reshape(shape)
+    index = (slice(None),) * axis + (jnp.asarray(order),)
+    return x.at[index].get(out_sharding=_explicit_sharding(x), unique_indices=True).reshape(shape)
+
+
+def _explicit_sharding(x):
+    """x's sharding when it lives on a mesh with Explicit axes (a gather there needs its output sharding spelled out:
+    the chunks keep the input's sharding), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return sharding
 
 
 def balance_tokens(x: jax.Array, ring_size: int, axis: int = 1) -> jax.Array:

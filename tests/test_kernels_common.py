@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from qlx.kernels import blockwise, common, pallas_gpu, pallas_tpu
 
 from qlx import kernels
-from qlx.kernels import blockwise, common, pallas_gpu, pallas_tpu
 
 FWD_TOL = 2e-5
 GRAD_TOL = 1e-4
@@ -38,13 +38,25 @@ def assert_close(actual, expected, tol: float, what: str):
     assert np.isfinite(err) and err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x max |reference| {scale:.3g}"
 
 
+def value_and_vjp(attention, q, k, v, do):
+    """(attention(q, k, v), its (q, k, v) cotangents for `do`), compiled as one program."""
+
+    def f(q, k, v, do):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(do)
+
+    return jax.jit(f)(q, k, v, do)
+
+
 def check_against_dense(attention, q, k, v, do, *, causal: bool, segment_ids=None):
     """attention(q, k, v) -> o must match jax.nn.dot_product_attention in value and in (q, k, v) gradients."""
-    out, vjp = jax.vjp(jax.jit(attention), q, k, v)
-    ref, ref_vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, causal=causal, segment_ids=segment_ids), q, k, v)
+    out, grads = value_and_vjp(attention, q, k, v, do)
+    ref, ref_grads = value_and_vjp(
+        lambda q, k, v: dense_attention(q, k, v, causal=causal, segment_ids=segment_ids), q, k, v, do
+    )
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert_close(out, ref, FWD_TOL, "output")
-    for name, grad, ref_grad in zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do), strict=True):
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         assert grad.shape == ref_grad.shape
         assert_close(grad, ref_grad, GRAD_TOL, name)
 
@@ -77,12 +89,10 @@ def test_block_size_errors_name_the_tensor_and_valid_sizes():
 
 def test_merge_partials_over_disjoint_keys_equals_full_attention():
     q, k, v, _, _ = random_inputs(11, 2, 32, 4, 2, 16)
-    halves = [
-        kernels.flash_attention(q, k[:, s], v[:, s], causal=False, return_lse=True)
-        for s in (slice(0, 12), slice(12, 32))
-    ]
+    attention = jax.jit(lambda q, k, v: kernels.flash_attention(q, k, v, causal=False, return_lse=True))
+    halves = [attention(q, k[:, s], v[:, s]) for s in (slice(0, 12), slice(12, 32))]
     o, lse = kernels.merge_partials(*halves[0], *halves[1])
-    full_o, full_lse = kernels.flash_attention(q, k, v, causal=False, return_lse=True)
+    full_o, full_lse = attention(q, k, v)
     assert_close(o, dense_attention(q, k, v, causal=False), FWD_TOL, "merged output")
     assert_close(lse, full_lse, FWD_TOL, "merged lse")
     # an empty side (lse = -inf) leaves the other side unchanged, and two empty sides stay empty without nan
@@ -111,6 +121,7 @@ def test_zigzag_layout_helpers():
 
 
 def test_softmax_delta_folds_the_lse_cotangent():
-    o, do, dlse = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 5, 3, 4), (2, 5, 3, 4), (2, 5, 3)]))
+    shapes = [(2, 5, 3, 4), (2, 5, 3, 4), (2, 5, 3)]
+    o, do, dlse = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes))
     expected = jnp.einsum("btkd,btkd->btk", o, do) - dlse
     assert_close(common.softmax_delta(o, do, dlse), expected, 1e-6, "delta")

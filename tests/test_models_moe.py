@@ -16,7 +16,7 @@ from qlx.models.moe import (
     route,
     router_stats,
 )
-from qlx.models.moe_blocked import block_layout, blocked_expert_mlp, blocked_expert_mlp_reference, num_blocks
+from qlx.models.moe_blocked import block_layout, blocked_moe, blocked_moe_reference, num_blocks
 
 T, K, E, D, I, BLOCK = 37, 2, 6, 16, 12, 8
 
@@ -56,24 +56,25 @@ def test_backends_match_reference_values_and_gradients(skewed):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{backend} d{name}")
 
 
-def test_blocked_expert_mlp_custom_vjp_matches_reference_autodiff():
-    r = np.random.default_rng(2)
-    nb, used = 7, 5
-    x = jnp.asarray(r.normal(size=(nb, BLOCK, D)), jnp.float32)
+def test_blocked_moe_custom_vjp_matches_reference_autodiff():
+    """Gradients of the scan (custom VJP) wrt x, row weights and expert weights equal autodiff of the reference."""
+    x, weights, experts_tk, _ = random_problem(2, skewed=True)
+    r = np.random.default_rng(3)
     w = [jnp.asarray(r.normal(size=s) / 4, jnp.float32) for s in ((E, D, 2 * I), (E, I, D))]
-    block_expert = jnp.asarray([0, 0, 2, 3, 5, 5, 5], jnp.int32)
-    dy = jnp.asarray(r.normal(size=(nb, BLOCK, D)), jnp.float32)
-    live = (jnp.arange(nb) < used)[:, None, None]
+    layout = block_layout(experts_tk, E, BLOCK)
+    row_weight = jnp.zeros(layout.row_token_p.shape).at[layout.slot_a].set(weights.reshape(-1))
+    dy = jnp.asarray(r.normal(size=(T, D)), jnp.float32)
+    static = (layout.row_token_p, layout.block_expert_n)
 
-    def kernel(x, *w):
-        return jnp.sum(blocked_expert_mlp(x, *w, block_expert, jnp.int32(used)) * dy)
+    def kernel(x, row_weight, *w):
+        return jnp.sum(blocked_moe(x, row_weight, *w, *static, layout.num_used_blocks) * dy)
 
-    def reference(x, *w):
-        return jnp.sum(jnp.where(live, blocked_expert_mlp_reference(x, *w, block_expert), 0.0) * dy)
+    def reference(x, row_weight, *w):
+        return jnp.sum(blocked_moe_reference(x, row_weight, *w, *static) * dy)
 
-    got = jax.jit(jax.grad(kernel, argnums=range(3)))(x, *w)
-    want = jax.jit(jax.grad(reference, argnums=range(3)))(x, *w)
-    for g, ww in zip(got, want, strict=True):
+    got = jax.jit(jax.value_and_grad(kernel, argnums=range(4)))(x, row_weight, *w)
+    want = jax.jit(jax.value_and_grad(reference, argnums=range(4)))(x, row_weight, *w)
+    for g, ww in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, ww, atol=1e-5, rtol=1e-5)
 
 

@@ -48,18 +48,20 @@ def attention_mask(
 def reference_attention(
     q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array, sm_scale: float
 ) -> jax.Array:
-    """softmax(q k^T * sm_scale, masked) v per kv group; scores and softmax in float32. Returns [B, T, H, D].
+    """softmax(q k^T * sm_scale, masked) v per kv group, in float32. Returns [B, T, H, D].
 
-    Fully masked rows (padding queries) get a uniform average instead of NaN.
+    Computed as (exp(s - max s) v) / sum exp(s - max s): the normalisation divides the [.., D] output rather than
+    the [.., S] probabilities. Fully masked rows (padding queries) get a uniform average instead of NaN.
     """
     b, t, h, d = q_bthd.shape
     kv = k_bskd.shape[2]
-    q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bktgs", q_btkgd, k_bskd, preferred_element_type=jnp.float32) * sm_scale
+    q_btkgd = (q_bthd * sm_scale).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bktgs", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
     scores = jnp.where(mask_bts[:, None, :, None, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-    out = jnp.einsum("bktgs,bskd->btkgd", probs, v_bskd)
-    return out.reshape(b, t, h, d)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    out = jnp.einsum("bktgs,bskd->bktgd", weights.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(weights, axis=-1)[..., None]
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, h, d).astype(v_bskd.dtype)
 
 
 def chunk_bounds(t: int, *, min_chunk: int = 128, max_chunks: int = 8) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qlx.models.moe_blocked import expert_outputs_blocked
+from qlx.models.moe_blocked import experts_blocked
 
 MOE_BACKENDS = ("auto", "ragged", "blocked")
 
@@ -88,9 +88,7 @@ def experts(
 
     x [T, D]; weights [T, k]; experts [T, k] (int); w_gate / w_up [E, D, I]; w_down [E, I, D].
     """
-    backend = resolve_backend(backend)
-    if backend == "ragged":
-        out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid)
-    else:
-        out_tkd = expert_outputs_blocked(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid, block_size=block_size)
+    if resolve_backend(backend) == "blocked":
+        return experts_blocked(x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, block_size=block_size)
+    out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid)
     return jnp.einsum("tkd,tk->td", out_tkd, weights_tk.astype(out_tkd.dtype))

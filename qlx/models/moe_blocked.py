@@ -3,15 +3,17 @@
 Each of the T*k (token, expert) assignments is placed in a padded buffer where every block of ``block_size`` rows
 belongs to a single expert (each expert's rows are padded up to a multiple of the block size). The number of blocks
 is static, ``ceil(T*k / block_size) + E`` (an upper bound), so shapes never depend on the routing; blocks past the
-used ones are skipped with ``lax.cond``. A scan over blocks runs the SwiGLU expert MLP with plain dense matmuls on
-that block's expert weights (gate and up fused into one [D, 2I] matmul), which XLA's CPU backend executes near
-dense-matmul speed (``lax.ragged_dot`` runs about 50x slower there). The backward pass is a hand-written scan
-(``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates weight gradients in place, instead of
-differentiating the dynamic weight slices (which would add a full [E, D, I] gradient per block).
+used ones are skipped with ``lax.cond``. A scan over blocks gathers the block's token rows, runs the SwiGLU
+expert MLP with plain dense matmuls on that block's expert weights (gate and up fused into one [D, 2I] matmul) and
+scatter-adds the routing-weighted rows into the output, which XLA's CPU backend executes near dense-matmul speed
+(``lax.ragged_dot`` runs about 50x slower there) without materialising the padded [NB * bs, D] buffers. The
+backward pass is a hand-written scan (``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates
+weight gradients in place, instead of differentiating the dynamic weight slices (which would add a full [E, D, I]
+gradient per block).
 
-Pieces: :func:`block_layout` (routing -> padded layout), :func:`blocked_expert_mlp` (the scan, custom VJP),
-:func:`blocked_expert_mlp_reference` (the same maths on gathered per-block weights, for tests), and
-:func:`expert_outputs_blocked` (per-assignment outputs [T, k, D]).
+Pieces: :func:`block_layout` (routing -> padded layout), :func:`blocked_moe` (the scan, custom VJP),
+:func:`blocked_moe_reference` (the same maths on gathered per-block weights, for tests), and
+:func:`experts_blocked` (routing weights and experts -> combined output [T, D]).
 """
 
 from __future__ import annotations
@@ -70,94 +72,132 @@ def block_layout(experts_tk: jax.Array, num_experts: int, block_size: int) -> Bl
     )
 
 
-def blocked_expert_mlp_reference(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n):
-    """Plain reference of :func:`blocked_expert_mlp`: with [g | u] = x_n Wgu[e_n], y_n = (silu(g) * u) Wd[e_n].
-
-    Gathers one weight copy per block ([NB, D, 2I]), so it is for tests only.
-    """
+def blocked_moe_reference(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n):
+    """Plain reference of :func:`blocked_moe`, on gathered per-block weights ([NB, D, 2I]); for tests only."""
+    t, d = x_td.shape
+    nb = block_expert_n.shape[0]
+    x_nbd = jnp.concatenate([x_td, jnp.zeros((1, d), x_td.dtype)])[row_token_p].reshape(nb, -1, d)
     gate, up = jnp.split(jnp.einsum("nbd,ndf->nbf", x_nbd, w_gate_up_edf[block_expert_n]), 2, axis=-1)
-    return jnp.einsum("nbi,nid->nbd", jax.nn.silu(gate) * up, w_down_eid[block_expert_n])
+    y_nbd = jnp.einsum("nbi,nid->nbd", jax.nn.silu(gate) * up, w_down_eid[block_expert_n])
+    y_pd = y_nbd.reshape(-1, d) * row_weight_p[:, None]
+    return jax.ops.segment_sum(y_pd, row_token_p, num_segments=t + 1)[:t]
 
 
 @jax.custom_vjp
-def blocked_expert_mlp(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks):
-    """SwiGLU expert MLP per block: x [NB, bs, D], w_gate_up [E, D, 2I] (gate | up), w_down [E, I, D] -> [NB, bs, D].
+def blocked_moe(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+    """y[t] = sum over padded rows p with row_token[p] = t of row_weight[p] * SwiGLU_{e(p)}(x[t]). Returns [T, D].
 
-    Block n uses expert block_expert_n[n]; blocks n >= num_used_blocks return zeros without compute.
+    x [T, D]; row_weight [NB * bs] (0 on padding rows); w_gate_up [E, D, 2I] (gate | up); w_down [E, I, D];
+    row_token [NB * bs] (T on padding rows); e(p) = block_expert[p // bs]. A scan over the NB blocks gathers the
+    block's rows, runs the expert MLP with dense matmuls and scatter-adds the weighted rows into y; blocks
+    n >= num_used_blocks are skipped.
     """
-    return _scan_forward(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, keep_activations=False)[0]
+    return _scan_forward(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks)[0]
 
 
-def _scan_forward(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, *, keep_activations: bool):
-    """y [NB, bs, D] and, if ``keep_activations``, the pre-activations [g | u] [NB, bs, 2I] for the backward pass."""
+def _blocks(x_td, row_token_p, row_weight_p, block_expert_n):
+    nb = block_expert_n.shape[0]
+    x_ext = jnp.concatenate([x_td, jnp.zeros((1, x_td.shape[1]), x_td.dtype)])
+    return x_ext, row_token_p.reshape(nb, -1), row_weight_p.reshape(nb, -1), jnp.arange(nb, dtype=jnp.int32)
+
+
+def _scan_forward(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+    """(y [T, D], per-block [g | u] [NB, bs, 2I] and unweighted outputs [NB, bs, D], kept for the backward pass)."""
+    t, d = x_td.shape
     f = w_gate_up_edf.shape[-1]
+    x_ext, rows_nb, weights_nb, steps = _blocks(x_td, row_token_p, row_weight_p, block_expert_n)
+    bs = rows_nb.shape[1]
 
-    def body(_, inputs):
-        n, x_bd, e = inputs
+    def body(y_td, inputs):
+        n, rows_b, weights_b, e = inputs
 
-        def compute():
-            gu_bf = x_bd @ w_gate_up_edf[e]
+        def compute(y_td):
+            gu_bf = x_ext[rows_b] @ w_gate_up_edf[e]
             gate, up = jnp.split(gu_bf, 2, axis=-1)
-            return (jax.nn.silu(gate) * up) @ w_down_eid[e], gu_bf
+            out_bd = (jax.nn.silu(gate) * up) @ w_down_eid[e]
+            return y_td.at[rows_b].add(weights_b[:, None] * out_bd), (gu_bf, out_bd)
 
-        def skip():
-            return jnp.zeros_like(x_bd), jnp.zeros((x_bd.shape[0], f), x_bd.dtype)
+        def skip(y_td):
+            return y_td, (jnp.zeros((bs, f), x_td.dtype), jnp.zeros((bs, d), x_td.dtype))
 
-        y_bd, gu_bf = jax.lax.cond(n < num_used_blocks, compute, skip)
-        return None, (y_bd, gu_bf) if keep_activations else (y_bd, None)
+        return jax.lax.cond(n < num_used_blocks, compute, skip, y_td)
 
-    steps = jnp.arange(x_nbd.shape[0], dtype=jnp.int32)
-    _, (y_nbd, gu_nbf) = jax.lax.scan(body, None, (steps, x_nbd, block_expert_n))
-    return y_nbd, gu_nbf
+    y_td, saved = jax.lax.scan(body, jnp.zeros((t + 1, d), x_td.dtype), (steps, rows_nb, weights_nb, block_expert_n))
+    return y_td[:t], saved
 
 
-def _fwd(x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks):
-    y_nbd, gu_nbf = _scan_forward(
-        x_nbd, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks, keep_activations=True
+def _fwd(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+    y_td, (gu_nbf, out_nbd) = _scan_forward(
+        x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks
     )
-    return y_nbd, (x_nbd, gu_nbf, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks)
+    residuals = (x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks)
+    return y_td, (*residuals, gu_nbf, out_nbd)
 
 
-def _bwd(residuals, dy_nbd):
-    """Per used block, from the saved [g | u]: h = silu(g) * u; dWd += h^T dy; dh = dy Wd^T;
-    [dg | du] = [dh * u * silu'(g) | dh * silu(g)]; dx = [dg | du] Wgu^T; dWgu += x^T [dg | du].
-    Weight gradients accumulate in float32 in place (scan carry)."""
-    x_nbd, gu_nbf, w_gate_up_edf, w_down_eid, block_expert_n, num_used_blocks = residuals
+def _bwd(residuals, dy_td):
+    """Per used block, from the saved [g | u] and outputs o: d_weight = o . dy[rows]; do = weight * dy[rows];
+    h = silu(g) * u; dWd += h^T do; dh = do Wd^T; [dg | du] = [dh * u * silu'(g) | dh * silu(g)];
+    dx[rows] += [dg | du] Wgu^T; dWgu += x[rows]^T [dg | du]. Weight gradients accumulate in float32 in place."""
+    x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks, gu_nbf, out_nbd = (
+        residuals
+    )
+    t, d = x_td.shape
+    x_ext, rows_nb, weights_nb, steps = _blocks(x_td, row_token_p, row_weight_p, block_expert_n)
+    dy_ext = jnp.concatenate([dy_td, jnp.zeros((1, d), dy_td.dtype)])
+    f32 = jnp.float32
 
     def body(grads, inputs):
-        n, x_bd, gu_bf, dy_bd, e = inputs
+        n, rows_b, weights_b, e, gu_bf, out_bd = inputs
 
         def compute(grads):
-            d_gate_up, d_down = grads
+            dx_td, d_gate_up, d_down = grads
+            dy_bd = dy_ext[rows_b]
+            d_weights_b = jnp.sum(out_bd * dy_bd, axis=-1)
+            dout_bd = weights_b[:, None] * dy_bd
             gate, up = jnp.split(gu_bf, 2, axis=-1)
             sig = jax.nn.sigmoid(gate)
             act = gate * sig
-            dh = dy_bd @ w_down_eid[e].T
+            dh = dout_bd @ w_down_eid[e].T
             dgu_bf = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * act], axis=-1)
-            dx_bd = dgu_bf @ w_gate_up_edf[e].T
-            f32 = jnp.float32
-            d_down = d_down.at[e].add(jnp.matmul((act * up).T, dy_bd, preferred_element_type=f32))
-            d_gate_up = d_gate_up.at[e].add(jnp.matmul(x_bd.T, dgu_bf, preferred_element_type=f32))
-            return (d_gate_up, d_down), dx_bd
+            dx_td = dx_td.at[rows_b].add(dgu_bf @ w_gate_up_edf[e].T)
+            d_down = d_down.at[e].add(jnp.matmul((act * up).T, dout_bd, preferred_element_type=f32))
+            d_gate_up = d_gate_up.at[e].add(jnp.matmul(x_ext[rows_b].T, dgu_bf, preferred_element_type=f32))
+            return (dx_td, d_gate_up, d_down), d_weights_b
 
-        return jax.lax.cond(n < num_used_blocks, compute, lambda g: (g, jnp.zeros_like(x_bd)), grads)
+        def skip(grads):
+            return grads, jnp.zeros(rows_b.shape, row_weight_p.dtype)
 
-    zeros = (jnp.zeros(w_gate_up_edf.shape, jnp.float32), jnp.zeros(w_down_eid.shape, jnp.float32))
-    steps = jnp.arange(x_nbd.shape[0], dtype=jnp.int32)
-    (d_gate_up, d_down), dx_nbd = jax.lax.scan(body, zeros, (steps, x_nbd, gu_nbf, dy_nbd, block_expert_n))
-    return dx_nbd, d_gate_up.astype(w_gate_up_edf.dtype), d_down.astype(w_down_eid.dtype), None, None
+        return jax.lax.cond(n < num_used_blocks, compute, skip, grads)
+
+    init = (
+        jnp.zeros((t + 1, d), x_td.dtype),
+        jnp.zeros(w_gate_up_edf.shape, f32),
+        jnp.zeros(w_down_eid.shape, f32),
+    )
+    (dx_td, d_gate_up, d_down), d_weights_nb = jax.lax.scan(
+        body, init, (steps, rows_nb, weights_nb, block_expert_n, gu_nbf, out_nbd)
+    )
+    return (
+        dx_td[:t],
+        d_weights_nb.reshape(-1),
+        d_gate_up.astype(w_gate_up_edf.dtype),
+        d_down.astype(w_down_eid.dtype),
+        None,
+        None,
+        None,
+    )
 
 
-blocked_expert_mlp.defvjp(_fwd, _bwd)
+blocked_moe.defvjp(_fwd, _bwd)
 
 
-def expert_outputs_blocked(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *, block_size: int):
-    """Each assignment's expert output [T, k, D]: out[t, j] = SwiGLU_{experts[t, j]}(x[t]), via the blocked scan."""
-    t, k = experts_tk.shape
-    d = x_td.shape[-1]
+def experts_blocked(x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *, block_size: int):
+    """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) via the blocked scan. Returns [T, D]."""
     layout = block_layout(experts_tk, w_gate_edi.shape[0], block_size)
-    x_ext = jnp.concatenate([x_td, jnp.zeros((1, d), x_td.dtype)], axis=0)
-    x_nbd = x_ext[layout.row_token_p].reshape(-1, block_size, d)
+    row_weight_p = (
+        jnp.zeros(layout.row_token_p.shape, x_td.dtype).at[layout.slot_a].set(weights_tk.reshape(-1).astype(x_td.dtype))
+    )
     w_gate_up_edf = jnp.concatenate([w_gate_edi, w_up_edi], axis=-1)
-    y_nbd = blocked_expert_mlp(x_nbd, w_gate_up_edf, w_down_eid, layout.block_expert_n, layout.num_used_blocks)
-    return y_nbd.reshape(-1, d)[layout.slot_a].reshape(t, k, d)
+    return blocked_moe(
+        x_td, row_weight_p, w_gate_up_edf, w_down_eid, layout.row_token_p, layout.block_expert_n, layout.num_used_blocks
+    )
