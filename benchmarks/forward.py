@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/forward.py --reps 5 --batch 2
 
 Both sides run float32 on the same machine in one process (torch and XLA each use all cores, one after the other).
+Besides wall-clock tokens/s the table gives tokens per process CPU-second, which is steadier when other jobs share
+the machine.
 forward: logits [B, T, V] for a batch of random tokens. forward+backward: gradient of the mean next-token
 cross-entropy with respect to every parameter (transformers: ``model(ids, labels=ids).loss.backward()``; qlx: the
 loss from ``hidden_states`` and ``lm_head_weight`` in token chunks, as the RL loss computes it).
@@ -52,18 +54,19 @@ def next_token_loss(model, tokens_bt, chunk: int) -> jax.Array:
     return jnp.sum(jax.lax.map(chunk_nll, (h_nd, y_n, valid_n))) / n
 
 
-def time_calls(fn, reps: int, desc: str) -> float:
-    """Median seconds per call of ``fn`` over ``reps`` calls after one warm-up (compile) call."""
+def time_calls(fn, reps: int, desc: str) -> tuple[float, float]:
+    """Median wall seconds and median process CPU seconds per call of ``fn`` over ``reps`` calls after a warm-up."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in tqdm(range(reps), desc=desc, leave=False):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
-def bench_qlx(model, tokens: np.ndarray, reps: int, chunk: int) -> dict[str, float]:
+def bench_qlx(model, tokens: np.ndarray, reps: int, chunk: int) -> dict[str, tuple[float, float]]:
     graphdef, state = nnx.split(model)
     tokens_j = jnp.asarray(tokens)
 
@@ -83,7 +86,7 @@ def bench_qlx(model, tokens: np.ndarray, reps: int, chunk: int) -> dict[str, flo
     }
 
 
-def bench_transformers(path: Path, tokens: np.ndarray, reps: int) -> dict[str, float]:
+def bench_transformers(path: Path, tokens: np.ndarray, reps: int) -> dict[str, tuple[float, float]]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -130,15 +133,16 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(model, tmp)
             theirs = bench_transformers(Path(tmp), tokens, args.reps)
-    print("\n| mode | qlx tokens/s | transformers tokens/s | qlx / transformers |\n|---|---:|---:|---:|")
-    for mode, seconds in ours.items():
-        if theirs is None:
-            print(f"| {mode} | {n_tokens / seconds:,.0f} | - | - |")
-        else:
-            print(
-                f"| {mode} | {n_tokens / seconds:,.0f} | {n_tokens / theirs[mode]:,.0f} | "
-                f"{theirs[mode] / seconds:.2f}x |"
-            )
+    print(
+        "\n| mode | qlx tokens/s | transformers tokens/s | ratio | qlx tokens/CPU-s | transformers tokens/CPU-s "
+        "| ratio (CPU) |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for mode, (wall, cpu) in ours.items():
+        ref_wall, ref_cpu = theirs[mode] if theirs else (float("nan"), float("nan"))
+        print(
+            f"| {mode} | {n_tokens / wall:,.0f} | {n_tokens / ref_wall:,.0f} | {ref_wall / wall:.2f}x "
+            f"| {n_tokens / cpu:,.0f} | {n_tokens / ref_cpu:,.0f} | {ref_cpu / cpu:.2f}x |"
+        )
     return 0
 
 

@@ -66,8 +66,8 @@ def _seg_to_blocks(seg, block: int):
     return seg.reshape(b, t // block, block).transpose(1, 0, 2)
 
 
-def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool, *, transposed: bool = False):
-    """Set invisible scores of tile (i, j) to MASK_VALUE. s [B, Hkv, G * bq, bk] (or [B, Hkv, bk, G * bq] when
+def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool, *, fill, transposed=False):
+    """Set invisible scores of tile (i, j) to `fill`. s [B, Hkv, G * bq, bk] (or [B, Hkv, bk, G * bq] when
     transposed); segments [B, bq], [B, bk]."""
     if not causal_tile and q_seg_i is None:
         return s
@@ -85,12 +85,12 @@ def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: 
         q_ids, kv_ids = q_seg_i[:, None, None, :], kv_seg_j[:, None, :, None]
         visible = visible & (q_ids == kv_ids if transposed else jnp.swapaxes(q_ids == kv_ids, 2, 3))
     if groups == 1:
-        return jnp.where(visible, s, MASK_VALUE)
+        return jnp.where(visible, s, fill)
     if transposed:
         s = s.reshape(b, hkv, block_kv, groups, block_q)
-        return jnp.where(visible[:, :, :, None, :], s, MASK_VALUE).reshape(b, hkv, block_kv, groups * block_q)
+        return jnp.where(visible[:, :, :, None, :], s, fill).reshape(b, hkv, block_kv, groups * block_q)
     s = s.reshape(b, hkv, groups, block_q, block_kv)
-    return jnp.where(visible[:, :, None], s, MASK_VALUE).reshape(b, hkv, groups * block_q, block_kv)
+    return jnp.where(visible[:, :, None], s, fill).reshape(b, hkv, groups * block_q, block_kv)
 
 
 def _dot(a, b, spec: str):
@@ -101,6 +101,7 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
     """(o [B, T, Hq, D], lse [B, T, Hq] float32) of softmax(scale * q k^T + mask) v, tile by tile."""
     bs = settings.block_sizes
     bq, bk = bs.block_q, bs.block_kv
+    scale, raw_mask = settings.sm_scale, MASK_VALUE / settings.sm_scale
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     nk = k.shape[1] // bk
@@ -115,11 +116,11 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
             def body(j, carry):
                 m, l, acc = carry
                 kv_seg_j = None if kv_seg_blocks is None else kv_seg_blocks[j]
-                s = _dot(q_i, k_blocks[j], "bhqd,bhkd->bhqk") * settings.sm_scale
-                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                s = _dot(q_i, k_blocks[j], "bhqd,bhkd->bhqk")
+                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask)
+                m_new = jnp.maximum(m, scale * jnp.max(s, axis=-1))
                 alpha = jnp.exp(m - m_new)
-                p = jnp.exp(s - m_new[..., None])
+                p = jnp.exp(s * scale - m_new[..., None])
                 l = alpha * l + jnp.sum(p, axis=-1)
                 acc = alpha[..., None] * acc + _dot(p.astype(v.dtype), v_blocks[j], "bhqk,bhkd->bhqd")
                 return m_new, l, acc
@@ -154,7 +155,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
     products several times slower); dQ is accumulated transposed, dQ^T += K^T dS^T, and transposed once at the end."""
     bs = settings.block_sizes
     bq, bk = bs.q_bwd, bs.kv_bwd
-    scale = settings.sm_scale
+    scale, raw_mask = settings.sm_scale, MASK_VALUE / settings.sm_scale
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     nq = t // bq
@@ -172,9 +173,9 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
                 dq_t, dk, dv = carry
                 q_i, do_i = q_blocks[i], do_blocks[i]
                 q_seg_i = None if q_seg_blocks is None else q_seg_blocks[i]
-                s_t = _dot(k_j, q_i, "bhkd,bhqd->bhkq") * scale
-                s_t = _mask(s_t, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, transposed=True)
-                p_t = jnp.exp(s_t - lse_blocks[i])
+                s_t = _dot(k_j, q_i, "bhkd,bhqd->bhkq")
+                s_t = _mask(s_t, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask, transposed=True)
+                p_t = jnp.exp(s_t * scale - lse_blocks[i])
                 dv = dv + _dot(p_t.astype(do.dtype), do_i, "bhkq,bhqd->bhkd")
                 dp_t = _dot(v_j, do_i, "bhkd,bhqd->bhkq")
                 ds_t = (p_t * (dp_t - delta_blocks[i]) * scale).astype(q.dtype)

@@ -134,6 +134,14 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> None
         )
 
 
+def check_scale(head_dim: int, sm_scale: float | None) -> float:
+    """sm_scale as a positive float (default 1 / sqrt(head_dim))."""
+    scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
+    if not scale > 0:
+        raise ValueError(f"sm_scale must be positive, got {sm_scale!r}")
+    return scale
+
+
 def check_segment_ids(segment_ids: jax.Array | None, batch: int, length: int, name: str = "segment_ids") -> None:
     if segment_ids is None:
         return

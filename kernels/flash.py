@@ -8,7 +8,7 @@ import warnings
 import jax
 
 from . import blockwise, pallas_gpu, pallas_tpu
-from .common import BlockSizes, Settings, check_qkv, check_segment_ids
+from .common import BlockSizes, Settings, check_qkv, check_scale, check_segment_ids
 from .reference import mha_reference
 
 BACKENDS = {"xla": blockwise, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
@@ -117,7 +117,7 @@ def flash_attention(
     if segment_ids is not None and t != s_len:
         raise ValueError(f"segment_ids needs equal q and k/v lengths, got q seq {t} and k/v seq {s_len}")
     check_segment_ids(segment_ids, b, t)
-    sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
+    sm_scale = check_scale(d, sm_scale)
     if backend == "reference":
         o, lse = mha_reference(q, k, v, segment_ids, segment_ids, causal=causal, sm_scale=sm_scale)
     else:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from .common import BlockSizes, Settings, check_qkv, check_segment_ids, merge_partials, softmax_delta
+from .common import BlockSizes, Settings, check_qkv, check_scale, check_segment_ids, merge_partials, softmax_delta
 from .flash import make_settings, resolve_backend
 
 
@@ -234,7 +234,8 @@ def ring_attention(
       causal: causal masking by natural token position.
       segment_ids: [B, T] int, packed-sequence ids (in the same layout as q).
       layout: "natural": q, k, v, segment_ids and the output are in natural token order; for causal attention the
-        tokens are permuted to the zig-zag layout and back internally (two all-to-alls). "balanced": they are already
+        tokens are permuted to the zig-zag layout and back inside the shard_map (each half-shard moves with one
+        ppermute, for q, k, v, segment_ids and the output). "balanced": they are already
         in the zig-zag layout of `balance_tokens(x, R)` and the output is too (no permutation; the model permutes
         tokens once at the input and gives RoPE `balanced_positions(T, R)`). Non-causal attention ignores layout.
       batch_axes: mesh axes the batch dimension is sharded over (e.g. ("data", "fsdp")); None: batch replicated.
@@ -280,7 +281,7 @@ def ring_attention(
             k, v = jnp.repeat(k, heads // hkv, axis=2), jnp.repeat(v, heads // hkv, axis=2)
 
     length = t // size
-    sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
+    sm_scale = check_scale(d, sm_scale)
     module = resolve_backend(backend, d, length // 2 if causal and size > 1 else length, length, block_sizes)
 
     def settings(q_len, kv_len, step_causal):
@@ -295,15 +296,22 @@ def ring_attention(
         )
 
     half = causal and size > 1
-    ring = _Ring(
-        axis=axis,
-        size=size,
-        causal=causal,
-        backend=module,
-        diag=settings(length, length, causal),
-        lower=settings(length, length // 2, False) if half else None,
-        upper=settings(length // 2, length, False) if half else None,
-    )
+    try:
+        ring = _Ring(
+            axis=axis,
+            size=size,
+            causal=causal,
+            backend=module,
+            diag=settings(length, length, causal),
+            lower=settings(length, length // 2, False) if half else None,
+            upper=settings(length // 2, length, False) if half else None,
+        )
+    except ValueError as err:
+        halves = f" and half blocks of {length // 2} (T / 2R)" if half else ""
+        raise ValueError(
+            f"ring_attention over the {size} devices of {axis!r}: each device attends blocks of {length} tokens "
+            f"(T / R){halves}, which the block sizes must tile: {err}"
+        ) from err
     permute = causal and layout == "natural" and size > 1
     batch = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
     spec = PartitionSpec(batch, axis, head_axis, None)

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
+from qlx.kernels import pallas_gpu, pallas_tpu
+from qlx.kernels.common import Settings
 from test_kernels_common import check_against_dense, random_inputs
 
 from qlx import kernels
-from qlx.kernels import pallas_gpu, pallas_tpu
-from qlx.kernels.common import Settings
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,13 @@ def test_ring2_with_the_pallas_gpu_kernel_interpreted():
         ((2, 64, 6, 8), 3, {"head_axis": "data"}, r"kv heads 3 \(k.shape\[2\]\) must divide or be a multiple"),
         ((2, 64, 4, 8), 2, {"layout": "striped"}, "layout must be 'natural' or 'balanced'"),
         ((2, 64, 6, 8), 4, {}, r"query heads \(6, q.shape\[2\]\) must be a multiple of kv heads"),
+        (
+            (2, 192, 4, 8),
+            2,
+            {"block_sizes": kernels.BlockSizes(16, 16)},
+            r"devices of 'seq': each device attends blocks of 48 tokens \(T / R\) and half blocks of 24 .* "
+            r"sequence length 24 cannot be tiled by block_kv=16",
+        ),
     ],
 )
 def test_errors_name_the_problem(q_shape, kv_heads, kwargs, message):

@@ -3,6 +3,7 @@ the save_hf round trip, sharded loading, `qlx convert`, and checkpoint errors.""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,17 @@ def test_rope_frequencies_match_transformers(scaling):
     inv_freq, scale = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     np.testing.assert_allclose(inv_freq, want, rtol=1e-6)
     assert scale == pytest.approx(want_scale, rel=1e-7)
+
+
+def test_convert_cli_from_qlx_config(tmp_path):
+    """`qlx convert --config` writes a freshly initialised checkpoint that transformers loads with the same weights."""
+    config_path = Path(__file__).resolve().parents[1] / "configs/models/tiny-dense.yaml"
+    args = ["convert", "--config", str(config_path), "--set", "model.num_layers=1", "--seed", "7"]
+    assert qlx_main([*args, "--out-hf", str(tmp_path)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.num_hidden_layers == 1 and model.config.tie_word_embeddings
+    ours = qlx.load_hf(tmp_path)
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), np.asarray(ours.embed[...]))
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(q, np.asarray(ours.layers[0].attn.q[...]).reshape(64, -1).T)
+    assert qlx_main([*args, "--out-hf", str(tmp_path)]) == 2

@@ -19,7 +19,7 @@ from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
 from qlx.train.optim import make_optimizer
 from qlx.train.preflight import preflight
 from qlx.train.rl import RLJob, rl_loss_sum
-from qlx.train.step import Policy, nonfinite_reason, sft_loss_sum, stack_micro_batches, train_step
+from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum, stack_micro_batches
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,18 +49,9 @@ def _random_rows(rng, n, vocab=96):
 def _step(rows, micro_batch_size, loss_sum, tiny, temperature=1.0):
     model, policy, params, rest, optimizer, opt_state = tiny
     micro = stack_micro_batches(rows, micro_batch_size, pad_row_values(rows, 0))
-    copy = jax.tree.map(jnp.copy, (params, opt_state))  # train_step donates its inputs
-    return train_step(
-        *copy,
-        rest,
-        put_micro_batches(micro, model.layout),
-        np.float32(rows["mask_br"].sum()),
-        policy=policy,
-        optimizer=optimizer,
-        loss_sum=loss_sum,
-        temperature=temperature,
-        chunk=16,
-    )
+    copy = jax.tree.map(jnp.copy, (params, opt_state))  # the step donates its inputs
+    step = make_train_step(policy, optimizer, loss_sum, temperature=temperature, chunk=16)
+    return step(*copy, rest, put_micro_batches(micro, model.layout), np.float32(rows["mask_br"].sum()))
 
 
 def _reference_sft_loss(model, rows):

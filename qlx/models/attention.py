@@ -10,6 +10,7 @@ Backends (``ModelConfig.attention``):
   of the masked upper triangle (about (n + 1) / 2n of the dense work for n chunks) with the same dense maths.
 - ``"flash"`` / ``"ring"``: ``qlx.kernels.flash_attention`` / ``qlx.kernels.ring_attention`` (same [B, T, H, D]
   layout); they are wired in here by the kernels work and raise NotImplementedError until then.
+Attention over a KV cache (``q_positions_bt``: decode, chunked prefill) always takes the dense reference path.
 """
 
 from __future__ import annotations
@@ -103,23 +104,22 @@ def attention(
 
     q [B, T, H, D]; k, v [B, S, KV, D]; sm_scale defaults to D ** -0.5. Give either ``causal``/``segment_ids_bt``
     (self-attention over the same T tokens) or ``q_positions_bt`` (queries at those positions over a KV cache of S
-    slots).
+    slots). Attention over a KV cache (decode, chunked prefill) uses the dense reference for every backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"model.attention: unknown backend {backend!r}; valid values: {', '.join(BACKENDS)}")
-    if q_positions_bt is not None and segment_ids_bt is not None:
-        raise ValueError("attention over a KV cache (q_positions_bt) does not take segment_ids_bt")
     sm_scale = q_bthd.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    if backend == "reference":
-        if causal and q_positions_bt is None:
-            return causal_chunked_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale)
-        mask = attention_mask(
-            q_bthd.shape[1],
-            k_bskd.shape[1],
-            causal=causal,
-            segment_ids_bt=segment_ids_bt,
-            q_positions_bt=q_positions_bt,
+    t, s = q_bthd.shape[1], k_bskd.shape[1]
+    if q_positions_bt is not None:
+        if segment_ids_bt is not None:
+            raise ValueError("attention over a KV cache (q_positions_bt) does not take segment_ids_bt")
+        return reference_attention(
+            q_bthd, k_bskd, v_bskd, attention_mask(t, s, q_positions_bt=q_positions_bt), sm_scale
         )
+    if backend == "reference":
+        if causal:
+            return causal_chunked_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale)
+        mask = attention_mask(t, s, causal=False, segment_ids_bt=segment_ids_bt)
         return reference_attention(q_bthd, k_bskd, v_bskd, mask, sm_scale)
     raise NotImplementedError(
         f"model.attention={backend!r}: qlx.kernels.{backend}_attention is not wired into qlx.models.attention yet; "

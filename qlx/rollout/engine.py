@@ -2,9 +2,11 @@
 
 For N prompts of different lengths L_i (right-padded into one [B, P] array):
 
-    prefill   for each chunk c of C prompt positions (a Python loop over P / C chunks, one compiled function):
-                  h, cache = model.hidden_states(tokens[:, cC:(c+1)C], positions, cache)
+    prefill   for each chunk c of C prompt positions (a Python loop over P / C chunks):
+                  h, cache = model.hidden_states(tokens[:, cC:(c+1)C], positions, cache[:, :span])
                   keep h at position L_i − 1 of each row
+              where span, the cache prefix the chunk attends over, is (c+1)C rounded up to a power of two (one
+              compiled function per span: log2(P / C) + 1 of them), so attention work stays within 2x of causal.
     decode    one lax.while_loop (no Python per token): token j of row i is drawn from the row's sampling
               distribution at position L_i + j − 1, then fed back at position L_i + j; a row stops at its first stop
               token or after its max_new_tokens; the loop ends when every row has stopped.
@@ -171,16 +173,26 @@ def _init_cache(graphdef, state, batch: int, max_len: int):
     return nnx.merge(graphdef, state).init_cache(batch, max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, lengths_b):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(2, 3))
+def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
     """Write one chunk of prompt positions [start, start + C) into the cache; keep each row's hidden state at its
     last prompt position (L_b − 1) when that position falls in this chunk. Positions past a row's prompt are
-    padding (position −1: not written, attends to nothing)."""
+    padding (position −1: not written, attends to nothing).
+
+    The chunk runs on the first ``span`` cache slots only (span >= start + C): the slots after them hold nothing
+    its queries may see, so attention over the prefix gives the same result for less work.
+    """
     model = nnx.merge(graphdef, state)
     chunk = tokens_bc.shape[1]
     positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
-    hidden_bcd, cache = model.hidden_states(tokens_bc, positions_bt=positions_bc, cache=cache)
+    prefix = dataclasses.replace(cache, k=tuple(k[:, :span] for k in cache.k), v=tuple(v[:, :span] for v in cache.v))
+    hidden_bcd, prefix = model.hidden_states(tokens_bc, positions_bt=positions_bc, cache=prefix)
+    cache = dataclasses.replace(
+        prefix,
+        k=tuple(jax.lax.dynamic_update_slice_in_dim(k, p, 0, 1) for k, p in zip(cache.k, prefix.k, strict=True)),
+        v=tuple(jax.lax.dynamic_update_slice_in_dim(v, p, 0, 1) for v, p in zip(cache.v, prefix.v, strict=True)),
+    )
     offset_b = lengths_b - 1 - start
     inside_b = (offset_b >= 0) & (offset_b < chunk)
     picked_bd = jnp.take_along_axis(hidden_bcd, jnp.clip(offset_b, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -307,8 +319,16 @@ def generate_rows(
     last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype)))
     lengths_dev = put(lengths_b)
     for start in range(0, prompt_len, chunk):
+        span = min(cache_len, 1 << (start + chunk - 1).bit_length())
         cache, last_hidden_bd = _prefill_chunk(
-            graphdef, state, cache, last_hidden_bd, put(tokens_bp[:, start : start + chunk]), start, lengths_dev
+            graphdef,
+            state,
+            cache,
+            last_hidden_bd,
+            put(tokens_bp[:, start : start + chunk]),
+            start,
+            lengths_dev,
+            span=span,
         )
     out_tokens, out_logprobs, out_lengths, stopped, _ = _decode(
         graphdef,

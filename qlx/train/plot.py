@@ -91,3 +91,25 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _plot_family(records, out, "loss.png", "loss", "loss", "loss", "loss"),
     ]
     return [path for path in written if path is not None]
+
+
+def plot_accuracy(before, after, path: str | Path) -> Path:
+    """Bars of held-out accuracy per task type (and overall) before and after RL, with 95% interval whiskers.
+
+    ``before`` and ``after`` are :class:`qlx.train.evaluate.EvalResult` of the same questions.
+    """
+    groups = [*before.by_task(), "all"]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    width = 0.38
+    for shift, (label, result, color) in zip(
+        (-width / 2, width / 2), (("before RL", before, "tab:gray"), ("after RL", after, "tab:blue")), strict=True
+    ):
+        intervals = [*result.by_task().values(), result.overall()]
+        means = [100 * i.mean for i in intervals]
+        errors = [[100 * (i.mean - i.low) for i in intervals], [100 * (i.high - i.mean) for i in intervals]]
+        ax.bar([x + shift for x in range(len(groups))], means, width, yerr=errors, capsize=3, color=color, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("accuracy per task type, 95% intervals")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, ax, Path(path))

@@ -32,7 +32,7 @@ from qlx.models.sharding import Layout
 from qlx.rollout.engine import generate
 from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
 from qlx.train.inputs import Dataset
-from qlx.train.step import Policy, forward_logprobs, nonfinite_reason, stack_micro_batches, train_step
+from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason, stack_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,33 @@ def zero_variance_groups(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
 class RLJob:
     """The RL step of the recipe, with its checkpointed state (sampler, AEPO) and the optional difficulty re-filter."""
 
-    def __init__(self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout, *, run_dir):
+    def __init__(
+        self,
+        config: Config,
+        dataset: Dataset,
+        policy: Policy,
+        rest,
+        optimizer,
+        layout: Layout,
+        *,
+        run_dir,
+        shardings=None,
+    ):
         self.config, self.full_dataset, self.policy, self.rest = config, dataset, policy, rest
-        self.optimizer, self.layout, self.run_dir = optimizer, layout, Path(run_dir)
+        self.layout, self.run_dir = layout, Path(run_dir)
         self.tokenizer = dataset.builder.tokenizer
         self.dataset = dataset
         self.sampler: rl.TaskBalancedSampler | None = None
         self.aepo = rl.AEPOState()
-        self.loss_sum = functools.partial(rl_loss_sum, clip_low=config.rl.clip_low, clip_high=config.rl.clip_high)
+        loss_sum = functools.partial(rl_loss_sum, clip_low=config.rl.clip_low, clip_high=config.rl.clip_high)
+        self.train_step = make_train_step(
+            policy,
+            optimizer,
+            loss_sum,
+            temperature=config.rollout.temperature,
+            chunk=config.rl.logprob_chunk,
+            shardings=shardings,
+        )
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -258,17 +277,8 @@ class RLJob:
             if denominator == 0:
                 continue
             micro = stack_micro_batches(part, cfg.train.micro_batch_size, pad_row_values(part, self.tokenizer.pad_id))
-            params, opt_state, out = train_step(
-                params,
-                opt_state,
-                self.rest,
-                put_micro_batches(micro, self.layout),
-                denominator,
-                policy=self.policy,
-                optimizer=self.optimizer,
-                loss_sum=self.loss_sum,
-                temperature=cfg.rollout.temperature,
-                chunk=cfg.rl.logprob_chunk,
+            params, opt_state, out = self.train_step(
+                params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
             )
             reason = nonfinite_reason(out)
             if reason:

@@ -15,7 +15,7 @@ from qlx.config import Config
 from qlx.models.sharding import Layout
 from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
 from qlx.train.inputs import Dataset
-from qlx.train.step import Policy, nonfinite_reason, sft_loss_sum, stack_micro_batches, train_step
+from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum, stack_micro_batches
 
 
 class EpochIterator:
@@ -49,10 +49,14 @@ class EpochIterator:
 class SFTJob:
     """One SFT step per call: next batch of records -> packed rows -> one optimizer step."""
 
-    def __init__(self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout):
-        self.config, self.dataset, self.policy, self.rest = config, dataset, policy, rest
-        self.optimizer, self.layout = optimizer, layout
+    def __init__(
+        self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout, *, shardings=None
+    ):
+        self.config, self.dataset, self.rest, self.layout = config, dataset, rest, layout
         self.pad_id = dataset.builder.tokenizer.pad_id
+        self.train_step = make_train_step(
+            policy, optimizer, sft_loss_sum, temperature=1.0, chunk=config.rl.logprob_chunk, shardings=shardings
+        )
         self.iterator = EpochIterator(len(dataset), config.train.batch_size, config.seed)
 
     def extra_state(self) -> dict:
@@ -76,17 +80,8 @@ class SFTJob:
         rows = pack_rows(prompts, targets, pad_id=self.pad_id)
         denominator = np.float32(rows["mask_br"].sum())
         micro = stack_micro_batches(rows, self.config.train.micro_batch_size, pad_row_values(rows, self.pad_id))
-        params, opt_state, out = train_step(
-            params,
-            opt_state,
-            self.rest,
-            put_micro_batches(micro, self.layout),
-            denominator,
-            policy=self.policy,
-            optimizer=self.optimizer,
-            loss_sum=sft_loss_sum,
-            temperature=1.0,
-            chunk=self.config.rl.logprob_chunk,
+        params, opt_state, out = self.train_step(
+            params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
         )
         skipped = nonfinite_reason(out)
         elapsed = time.perf_counter() - start

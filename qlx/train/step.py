@@ -119,38 +119,40 @@ def accumulate_gradients(
     return num * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), aux
 
 
-@functools.partial(
-    jax.jit, static_argnames=("policy", "optimizer", "loss_sum", "temperature", "chunk"), donate_argnums=(0, 1)
-)
-def train_step(
-    params,
-    opt_state,
-    rest,
-    micro_batches: dict,
-    denominator,
-    *,
+def make_train_step(
     policy: Policy,
     optimizer: optax.GradientTransformation,
     loss_sum: LossSum,
+    *,
     temperature: float,
     chunk: int,
+    shardings: tuple | None = None,
 ):
-    """One optimizer step; returns (params, opt_state, metrics). Non-finite loss or gradients skip the update.
+    """The compiled step ``(params, opt_state, rest, micro_batches, denominator) -> (params, opt_state, metrics)``.
 
-    ``params`` and ``opt_state`` are donated (their buffers are reused for the results). metrics: loss, grad_norm
+    A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged.
+    ``params`` and ``opt_state`` are donated (their buffers are reused for the results). ``shardings`` =
+    (param shardings, optimizer-state shardings, replicated) pins the outputs to the layout the inputs have, so
+    every step (first, later, or right after a restore) runs the same compiled program. metrics: loss, grad_norm
     (before clipping), finite_loss, finite_grad (booleans), and the loss's aux sums.
     """
-    loss, grads, aux = accumulate_gradients(
-        policy, params, rest, micro_batches, denominator, loss_sum, temperature=temperature, chunk=chunk
-    )
-    grad_norm = optax.tree.norm(grads)
-    finite_loss, finite_grad = jnp.isfinite(loss), jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    ok = finite_loss & finite_grad
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite_loss": finite_loss, "finite_grad": finite_grad, **aux}
-    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    def step(params, opt_state, rest, micro_batches: dict, denominator):
+        loss, grads, aux = accumulate_gradients(
+            policy, params, rest, micro_batches, denominator, loss_sum, temperature=temperature, chunk=chunk
+        )
+        grad_norm = optax.tree.norm(grads)
+        finite_loss, finite_grad = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = finite_loss & finite_grad
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite_loss": finite_loss, "finite_grad": finite_grad, **aux}
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "temperature", "chunk"))

@@ -163,17 +163,17 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _make_job(config: Config, dataset, policy: Policy, rest, optimizer, layout: Layout, run_dir: Path):
+def _make_job(config: Config, dataset, policy: Policy, rest, optimizer, layout: Layout, run_dir: Path, shardings):
     """The mode's step logic. A job has ``extra_state()`` (arrays to checkpoint), ``meta()`` (JSON state),
     ``load(extra, meta)``, ``begin(params)`` (once, on a fresh start) and ``step(step, params, opt_state)`` ->
     (params, opt_state, metrics, skipped reason or None)."""
     if config.train.mode == "sft":
         from qlx.train.sft import SFTJob
 
-        return SFTJob(config, dataset, policy, rest, optimizer, layout)
+        return SFTJob(config, dataset, policy, rest, optimizer, layout, shardings=shardings)
     from qlx.train.rl import RLJob
 
-    return RLJob(config, dataset, policy, rest, optimizer, layout, run_dir=run_dir)
+    return RLJob(config, dataset, policy, rest, optimizer, layout, run_dir=run_dir, shardings=shardings)
 
 
 def train(config: Config) -> TrainResult:
@@ -189,9 +189,12 @@ def train(config: Config) -> TrainResult:
     checkpointer = Checkpointer(
         run_dir / "checkpoints", keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing
     )
-    job = _make_job(config, prepared.dataset, policy, rest, optimizer, layout, run_dir)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), NamedSharding(mesh, PartitionSpec()))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
     opt_shardings = _opt_state_shardings(optimizer, abstract_params, mesh)
+    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    shardings = (param_shardings, opt_shardings, replicated)
+    job = _make_job(config, prepared.dataset, policy, rest, optimizer, layout, run_dir, shardings)
     targets = {
         "params": abstract_params,
         "opt_state": _with_shardings(jax.eval_shape(optimizer.init, abstract_params), opt_shardings),

@@ -1,0 +1,174 @@
+"""``qlx demo`` (what ``make demo`` runs): the whole recipe, small, on a CPU.
+
+1. synthesise a small task set of the five task types (``qlx.data.demo_data``) and its tokenizer;
+2. build a tiny Qwen3-MoE and warm-start it with SFT (``configs/demo/sft.yaml``);
+3. evaluate it on the held-out questions;
+4. train it with AEPO RL (``configs/demo.yaml``);
+5. evaluate again and print accuracy per task type before and after RL with 95% intervals, and the paired change;
+6. write the plots (reward, entropy, length curves; accuracy before/after) and ``results.json``.
+
+Every stage resumes: run it again after an interruption and it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """How much data, training and evaluation the demo runs.
+
+    n_train, n_eval: training and held-out questions. context_tokens: largest context of a question.
+    sft_steps, rl_steps: optimizer steps of the warm start and of RL. eval_samples: answers sampled per held-out
+    question (accuracy is their mean). rl_batch: prompts per RL step.
+    """
+
+    n_train: int = 1500
+    n_eval: int = 250
+    context_tokens: int = 384
+    sft_steps: int = 300
+    rl_steps: int = 60
+    eval_samples: int = 4
+    rl_batch: int = 15
+
+
+FULL = DemoSize()
+QUICK = DemoSize(n_train=40, n_eval=10, sft_steps=3, rl_steps=2, eval_samples=1, rl_batch=5)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (data, runs, plots, results.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task set, the model and the sampling")
+    parser.add_argument("--quick", action="store_true", help="a few steps on a few questions (a smoke test)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of both training configs, e.g. --set model.num_layers=1",
+    )
+
+
+def _write_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Path, Path]:
+    from qlx.data.demo_data import make_demo_dataset
+    from qlx.data.records import write_jsonl
+
+    folder = out / "data"
+    train_path, eval_path, tok_path = folder / "train.jsonl", folder / "eval.jsonl", folder / "tokenizer.json"
+    stamp = folder / "size.json"
+    wanted = json.dumps({**dataclasses.asdict(size), "seed": seed})
+    if stamp.is_file() and stamp.read_text() == wanted and all(p.is_file() for p in (train_path, eval_path, tok_path)):
+        return train_path, eval_path, tok_path
+    folder.mkdir(parents=True, exist_ok=True)
+    train, held_out, tokenizer = make_demo_dataset(
+        seed=seed, n_train=size.n_train, n_eval=size.n_eval, max_context_tokens=size.context_tokens
+    )
+    write_jsonl(train, train_path)
+    write_jsonl(held_out, eval_path)
+    tokenizer.save(folder)
+    stamp.write_text(wanted)
+    return train_path, eval_path, tok_path
+
+
+def _evaluate(config, run_dir: Path, eval_config, size: DemoSize, seed: int):
+    from qlx.train.evaluate import evaluate
+    from qlx.train.preflight import preflight
+    from qlx.train.trainer import load_model
+
+    dataset = preflight(eval_config).dataset
+    model = load_model(config, run_dir)
+    return evaluate(
+        model,
+        dataset,
+        samples=size.eval_samples,
+        max_new_tokens=config.data.max_output_tokens,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        seed=seed,
+    )
+
+
+def run(args) -> int:
+    from qlx.config import ConfigError, load_config
+    from qlx.train.evaluate import format_table, paired_change
+    from qlx.train.plot import plot_accuracy, plot_run
+    from qlx.train.trainer import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    size = QUICK if args.quick else FULL
+    out = Path(args.out)
+    start = time.perf_counter()
+    print(f"qlx demo: task set ({size.n_train} training, {size.n_eval} held-out questions) -> {out / 'data'}")
+    train_path, eval_path, tok_path = _write_data(out, size, args.seed)
+    paths = [f"data.train_files=[{train_path}]", f"data.tokenizer={tok_path}", f"seed={args.seed}"]
+    try:
+        sft = load_config(
+            CONFIGS / "demo/sft.yaml",
+            [*paths, f"train.run_dir={out / 'sft'}", f"train.steps={size.sft_steps}", *args.overrides],
+        )
+        rl = load_config(
+            CONFIGS / "demo.yaml",
+            [
+                *paths,
+                f"train.run_dir={out / 'rl'}",
+                f"train.init_from={out / 'sft'}",
+                f"train.steps={size.rl_steps}",
+                f"train.batch_size={size.rl_batch}",
+                *args.overrides,
+            ],
+        )
+        held_out = load_config(CONFIGS / "demo/sft.yaml", [*paths, f"data.train_files=[{eval_path}]", *args.overrides])
+    except ConfigError as e:
+        print(f"qlx demo: config error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"qlx demo: SFT warm start of a tiny Qwen3-MoE, {size.sft_steps} steps -> {out / 'sft'}")
+    train(sft)
+    print(f"qlx demo: evaluating the warm start on {size.n_eval} held-out questions")
+    before = _evaluate(sft, out / "sft", held_out, size, args.seed + 1)
+    print(f"qlx demo: AEPO RL, {size.rl_steps} steps -> {out / 'rl'}")
+    train(rl)
+    print("qlx demo: evaluating after RL")
+    after = _evaluate(rl, out / "rl", held_out, size, args.seed + 1)
+
+    table = format_table(before, after)
+    change = paired_change(before, after)
+    lifted = change.low > 0
+    plots = [*plot_run(out / "rl"), *plot_run(out / "sft"), plot_accuracy(before, after, out / "accuracy.png")]
+    elapsed = time.perf_counter() - start
+    results = {
+        "size": dataclasses.asdict(size),
+        "seed": args.seed,
+        "before": {k: dataclasses.asdict(v) for k, v in before.by_task().items()}
+        | {"all": dataclasses.asdict(before.overall())},
+        "after": {k: dataclasses.asdict(v) for k, v in after.by_task().items()}
+        | {"all": dataclasses.asdict(after.overall())},
+        "change": dataclasses.asdict(change),
+        "rl_lifts_accuracy": lifted,
+        "seconds": elapsed,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print()
+    print(
+        f"Held-out accuracy (%), exact match, mean of {size.eval_samples} samples per question at temperature "
+        f"{rl.rollout.temperature}, top-p {rl.rollout.top_p}; [95% interval]"
+    )
+    print(table)
+    print()
+    verdict = "lifts" if lifted else "does NOT lift"
+    print(
+        f"RL {verdict} held-out accuracy beyond the 95% interval: change {100 * change.mean:+.1f} points "
+        f"[{100 * change.low:+.1f}, {100 * change.high:+.1f}] (paired over {change.n} questions)."
+    )
+    print("plots: " + ", ".join(str(p) for p in plots))
+    print(f"results: {out / 'results.json'}; {elapsed / 60:.1f} minutes")
+    return 0
