@@ -11,14 +11,15 @@ import jax
 import numpy as np
 import openai
 import pytest
+import torch
 import yaml
 from flax import nnx
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import qlx
-from qlx.config import ModelConfig
+from qlx.cli import main as qlx_main
 from qlx.data.llm import ChatClient, LLMConfig
 from qlx.data.tokenizer import render_chat, train_bpe_tokenizer
-from qlx.models import build_model
 from qlx.rl.rewards.judge import Judge, JudgeConfig
 from qlx.rollout import OpenAIServer, generate, serve_in_thread
 from qlx.rollout.protocol import ServeLimits
@@ -40,20 +41,23 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    config = ModelConfig(
-        family="qwen3",
+def model(tokenizer, tmp_path_factory):
+    """A tiny random Qwen3 with the tokenizer's vocabulary (made by transformers, loaded with qlx.load_hf)."""
+    torch.manual_seed(1)
+    config = Qwen3Config(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
         intermediate_size=64,
-        initializer_range=0.2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=1024,
+        initializer_range=0.2,
     )
-    return build_model(config, seed=1)
+    path = tmp_path_factory.mktemp("served")
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return qlx.load_hf(path)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +221,7 @@ def test_openai_client_raises_typed_errors(client):
         client.completions.create(model="other", prompt="a")
 
 
-def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer):
+def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer, capsys):
     qlx.save_hf(model, tmp_path / "hf")
     tokenizer.save(tmp_path / "hf")
     args = build_args(tmp_path / "hf")
@@ -248,6 +252,8 @@ def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         load_model(tmp_path)
+    assert qlx_main(["serve", "--ckpt", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "neither a Hugging Face directory" in capsys.readouterr().err
 
 
 def build_args(ckpt):
