@@ -8,7 +8,8 @@ Both sides run float32 on the same machine in one process, one after the other. 
 - generate: end to end (prefill of 8 x 128 tokens, then 64 new tokens per row), new tokens / seconds.
 - decode: new tokens past the first / (time for 64 new tokens - time for 1 new token): the decode loop alone.
 - greedy (temperature 0) and sampled (the recipe's temperature 0.7, top-p 0.95, top-k off).
-- prefill N: one prompt of N tokens, 1 new token: N / seconds. transformers computes only the last position's logits
+- prefill N: one prompt of N tokens, 1 new token: N / seconds (N is capped at max_position_embeddings - 1, so
+  "32K" is 32,767 tokens on mid-moe). transformers computes only the last position's logits
   in ``generate`` too. Its 32K prefill is left out by default (--transformers-prefill-32k adds it) because its
   attention may materialise 32K x 32K scores per head.
 """
@@ -87,6 +88,11 @@ def generation_rows(run, batch: int, new_tokens: int, reps: int, name: str) -> d
         first = median_seconds(lambda s=sampling: run(1, s), reps, f"{name} {label} 1 new")
         rows[f"generate, {label}"] = batch * new_tokens / full
         rows[f"decode, {label}"] = batch * (new_tokens - 1) / max(full - first, 1e-9)
+        print(
+            f"{name} {label}: generate {rows[f'generate, {label}']:,.0f}, decode {rows[f'decode, {label}']:,.0f} "
+            "tokens/s",
+            flush=True,
+        )
     return rows
 
 
@@ -115,10 +121,13 @@ def main(argv=None) -> int:
         f"{jax.devices()[0].platform}, prefill chunk {args.prefill_chunk}"
     )
     ours = generation_rows(qlx_runner(model, prompts, args.prefill_chunk), args.batch, args.new, args.reps, "qlx")
-    long_prompts = {n: rng.integers(0, config.vocab_size, (1, n), dtype=np.int32) for n in args.prefill}
+    # A prompt must leave room for the one new token inside max_position_embeddings (32,768 on mid-moe).
+    lengths = [min(n, config.max_position_embeddings - 1) for n in args.prefill]
+    long_prompts = {n: rng.integers(0, config.vocab_size, (1, n), dtype=np.int32) for n in lengths}
     for n, prompt in long_prompts.items():
         seconds = median_seconds(lambda p=prompt: qlx_runner(model, p, args.prefill_chunk)(1, {}), 1, f"qlx {n}")
         ours[f"prefill {n} tokens"] = n / seconds
+        print(f"qlx prefill {n} tokens: {n / seconds:,.0f} tokens/s", flush=True)
     theirs: dict[str, float] = {}
     if not args.skip_transformers:
         import torch
@@ -133,6 +142,7 @@ def main(argv=None) -> int:
                 continue
             seconds = median_seconds(lambda p=prompt: transformers_runner(hf_model, p)(1, {}), 1, f"hf {n}")
             theirs[f"prefill {n} tokens"] = n / seconds
+            print(f"transformers prefill {n} tokens: {n / seconds:,.0f} tokens/s", flush=True)
     print("\n| mode | qlx tokens/s | transformers tokens/s | qlx / transformers |\n|---|---:|---:|---:|")
     for mode, rate in ours.items():
         if mode in theirs:

@@ -243,6 +243,9 @@ class TrainConfig:
     max_nonfinite_steps: stop the run when this many steps in a row had a non-finite loss or gradient (each is
         skipped with its reason logged).
     progress: show a progress bar with ETA on stderr.
+    sft_prompt_weight: sft mode: weight of the next-token loss on the prompt's tokens relative to the answer's
+        (0: answer tokens only). A model trained from random weights learns to read and copy from its context much
+        sooner with language-model loss on the context too.
     """
 
     mode: Literal["sft", "rl"] = "rl"
@@ -257,6 +260,7 @@ class TrainConfig:
     async_checkpointing: bool = True
     max_nonfinite_steps: int = 3
     progress: bool = True
+    sft_prompt_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
@@ -266,6 +270,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        _check(self.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0 (0: answer tokens only)")
 
 
 @dataclasses.dataclass(frozen=True)

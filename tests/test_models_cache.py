@@ -73,7 +73,7 @@ def test_hidden_states_and_lm_head_weight(moe_model):
 
 def test_tied_lm_head_and_remat_gradients():
     """Tied models project with the embedding; remat=True gives the same gradients as remat=False."""
-    config = qlx.load_config(CONFIGS / "tiny-dense.yaml").model
+    config = qlx.load_config(CONFIGS / "tiny-dense.yaml", overrides=["model.num_layers=1"]).model
     model = build_model(config, seed=0)
     np.testing.assert_array_equal(model.lm_head_weight(), model.embed[...].T)
     graphdef, state = nnx.split(model)

@@ -77,7 +77,14 @@ class SFTJob:
         limit = self.config.data.max_output_tokens
         prompts = [self.dataset.prompt(i) for i in indices]
         targets = [self.dataset.target(i)[:limit] for i in indices]
-        rows = pack_rows(prompts, targets, pad_id=self.pad_id)
+        weight = self.config.train.sft_prompt_weight
+        if weight > 0:  # the loss window starts at the second prompt token; prompt tokens count with `weight`
+            rows = pack_rows([p[:1] for p in prompts], [p[1:] + t for p, t in zip(prompts, targets, strict=True)],
+                             pad_id=self.pad_id)  # fmt: skip
+            for i, p in enumerate(prompts):
+                rows["mask_br"][i, : len(p) - 1] *= weight
+        else:
+            rows = pack_rows(prompts, targets, pad_id=self.pad_id)
         denominator = np.float32(rows["mask_br"].sum())
         micro = stack_micro_batches(rows, self.config.train.micro_batch_size, pad_row_values(rows, self.pad_id))
         params, opt_state, out = self.train_step(

@@ -1,0 +1,25 @@
+"""`qlx demo --quick`: the main job end to end on a few questions (the full demo is `make demo`, not a test)."""
+
+import json
+
+from qlx.cli import main
+from qlx.train.metrics import read_metrics
+
+
+def test_quick_demo_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--set", "model.num_layers=1"]) == 0
+    printed = capsys.readouterr().out
+    for task in ("mc", "multihop", "reading", "dialogue", "numerical", "all"):
+        assert f"\n{task} " in printed
+    assert "held-out accuracy beyond the 95% interval" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["before"]["all"]["n"] == results["after"]["all"]["n"] == 10
+    assert isinstance(results["rl_lifts_accuracy"], bool)
+    sft, rl = read_metrics(out / "sft"), read_metrics(out / "rl")
+    assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in rl] == [1, 2]
+    assert {"reward/mean", "entropy", "aepo/negatives_on", "response_length/mean", "grad_norm"} <= set(rl[0])
+    for name in ("reward.png", "entropy.png", "length.png"):
+        assert (out / "rl" / "plots" / name).stat().st_size > 5000
+    assert (out / "accuracy.png").stat().st_size > 5000
+    assert json.loads((out / "rl" / "status.json").read_text())["status"] == "done"
