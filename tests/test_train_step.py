@@ -1,6 +1,7 @@
 """The optimizer step: exact token-mean across micro-batches, the non-finite guard, and an RL step that moves the
 policy toward rewarded outputs."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -151,3 +152,34 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
     after = first_token_probs(params)
     assert (after[:, rewarded].sum(axis=1) > before[:, rewarded].sum(axis=1)).all()
     assert after[:, rewarded].sum(axis=1).mean() > 1.1 * before[:, rewarded].sum(axis=1).mean()
+
+
+def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):
+    """Pass rates 1, 1/2 and 0 by record; the band [0.25, 0.75] keeps the middle records only, and a restart
+    reuses the saved selection instead of sampling again."""
+    data = make_toy_run(tmp_path, n=9, task_types=("reading",))
+    config = config_from_dict(
+        data,
+        ["train.mode=rl", "train.batch_size=3", "data.refilter_k=4", "data.min_pass_rate=0.25",
+         "data.max_pass_rate=0.75", "data.max_output_tokens=2"],
+    )  # fmt: skip
+    prepared = preflight(config)
+    model = build_model(config.model, seed=0)
+    policy, params, rest = Policy.split(model)
+    optimizer = make_optimizer(config.train.optimizer)
+    calls = []
+
+    def alternating(dataset, index, response):  # record i: always right (i % 3 == 0), half the time, never
+        calls.append(index)
+        return float(index % 3 == 0 or (index % 3 == 1 and calls.count(index) % 2 == 0))
+
+    monkeypatch.setattr(rl_module, "score", alternating)
+    job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path)
+    job.begin(params)
+    assert [r.id for r in job.dataset.records] == [prepared.dataset.records[i].id for i in (1, 4, 7)]
+    assert len(calls) == 9 * 4
+    saved = json.loads((tmp_path / "refilter.json").read_text())
+    assert saved["pass_rates"] == [1.0, 0.5, 0.0] * 3 and saved["kept"] == [1, 4, 7]
+    again = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path)
+    again.begin(params)
+    assert len(calls) == 9 * 4 and [r.id for r in again.dataset.records] == [r.id for r in job.dataset.records]

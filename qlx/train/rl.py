@@ -59,9 +59,9 @@ def rl_loss_sum(logp_br, entropy_br, batch, *, clip_low: float, clip_high: float
     }
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The rollout seed of ``step``: a 32-bit value drawn from (seed, step)."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The rollout seed of ``step``: a 32-bit value drawn from (seed, stream, step); stream 1 is the re-filter's."""
+    return int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
 
 
 def score(dataset: Dataset, index: int, response: str) -> float:
@@ -151,7 +151,7 @@ class RLJob:
         batch = max(1, self.config.train.batch_size)
         for start in range(0, len(self.full_dataset), batch):
             indices = list(range(start, min(start + batch, len(self.full_dataset))))
-            texts = self._rollout(model, indices, k, seed=step_seed(self.config.seed, -1 - start))[1]
+            texts = self._rollout(model, indices, k, seed=step_seed(self.config.seed, start, stream=1))[1]
             rewards = np.asarray(
                 [score(self.full_dataset, i, t) for i, t in zip(np.repeat(indices, k), texts, strict=True)]
             )
