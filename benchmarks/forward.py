@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/forward.py                       # mid-moe config, batch 4 x 1,024 tokens
     .venv/bin/python benchmarks/forward.py --reps 5 --batch 2
+    taskset -c 1 .venv/bin/python benchmarks/forward.py          # one core each (torch follows the affinity)
 
 Both sides run float32 on the same machine in one process (torch and XLA each use all cores, one after the other).
 Besides wall-clock tokens/s the table gives tokens per process CPU-second, which is steadier when other jobs share
@@ -34,7 +35,7 @@ def next_token_loss(model, tokens_bt, chunk: int) -> jax.Array:
     """Mean cross-entropy of tokens[:, 1:] given tokens[:, :-1], computed ``chunk`` positions at a time.
 
     nll = logsumexp(h W) - h . W[:, y]: the target logit comes from a gathered column of W, so the backward pass
-    never scatters into a [tokens, V] array; only one chunk's logits exist at a time.
+    never scatters into a [tokens, V] array.
     """
     hidden_btd = model.hidden_states(tokens_bt)[:, :-1]
     w_dv = model.lm_head_weight()
