@@ -288,6 +288,9 @@ class RLConfig:
     updates_per_batch: optimizer steps taken on each rollout batch (1: strictly on-policy, the recipe); the batch is
         split into this many equal mini-batches.
     logprob_chunk: vocabulary chunk of the log-prob/entropy computation (no [tokens, vocab] array is formed).
+    reward: "recipe" scores rollouts with each task type's verifier (qlx.rl.rewards: sub-EM containment for QA,
+        1% numeric tolerance, SequenceMatcher ratio for dialogue); "exact" with exact match only (the held-out
+        scoring of qlx.train.evaluate), which a policy cannot game with answer fragments that sub-EM accepts.
     """
 
     group_size: int = 8
@@ -300,6 +303,7 @@ class RLConfig:
     clip_high: float = 0.2
     updates_per_batch: int = 1
     logprob_chunk: int = 8192
+    reward: Literal["recipe", "exact"] = "recipe"
 
     def __post_init__(self):
         _check(self.group_size >= 2, "group_size", f"must be >= 2 to estimate advantages (got {self.group_size})")

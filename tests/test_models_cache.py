@@ -89,11 +89,10 @@ def test_tied_lm_head_and_remat_gradients():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_attention_backends_not_wired_yet_name_the_config_key():
-    q = jnp.ones((1, 4, 2, 8))
-    for backend in ("flash", "ring"):
-        with pytest.raises(NotImplementedError, match=f"model.attention='{backend}'"):
-            attention(q, q, q, backend=backend)
+def test_attention_dispatch_errors_name_the_config_key():
+    q = jnp.asarray(np.random.default_rng(5).normal(size=(1, 16, 2, 8)), jnp.float32)
+    with pytest.raises(ValueError, match="model.attention='ring'.*no mesh"):
+        attention(q, q, q, backend="ring")
     with pytest.raises(ValueError, match="model.attention.*'fast'"):
         attention(q, q, q, backend="fast")
 

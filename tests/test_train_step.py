@@ -141,7 +141,7 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
     rewarded = np.asarray([text[:1] == char for text in texts] + [False] * (before.shape[1] - len(texts)))
     seen = []
 
-    def reward_first_character(dataset, index, response):
+    def reward_first_character(dataset, index, response, rule):
         seen.append(response[:1] == char)
         return float(seen[-1])
 
@@ -169,7 +169,7 @@ def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):
     optimizer = make_optimizer(config.train.optimizer)
     calls = []
 
-    def alternating(dataset, index, response):  # record i: always right (i % 3 == 0), half the time, never
+    def alternating(dataset, index, response, rule):  # record i: always right (i % 3 == 0), half the time, never
         calls.append(index)
         return float(index % 3 == 0 or (index % 3 == 1 and calls.count(index) % 2 == 0))
 

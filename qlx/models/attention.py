@@ -8,8 +8,12 @@ Backends (``ModelConfig.attention``):
   cache, "key slot s is visible to query (b, t) iff s <= q_positions[b, t]". Long causal self-attention is split
   into query chunks that each attend only to their key prefix (:func:`causal_chunked_attention`), which skips most
   of the masked upper triangle (about (n + 1) / 2n of the dense work for n chunks) with the same dense maths.
-- ``"flash"`` / ``"ring"``: ``qlx.kernels.flash_attention`` / ``qlx.kernels.ring_attention`` (same [B, T, H, D]
-  layout); they are wired in here by the kernels work and raise NotImplementedError until then.
+- ``"flash"``: ``qlx.kernels.flash_attention`` (Pallas on TPU / GPU, XLA blockwise on CPU; O(T x block) memory).
+- ``"ring"``: ``qlx.kernels.ring_attention`` over the mesh axis ``"seq"`` of ``layout.mesh`` (which must exist and
+  have ``seq`` > 1, else a ValueError). Causal inputs must already be in the zig-zag layout of
+  ``qlx.kernels.balance_tokens(x, mesh.shape["seq"])``: the model permutes tokens once at its input
+  (``Qwen3ForCausalLM.hidden_states``). Batch / head mesh axes are those the logical-axis rules give
+  ("batch", "heads"), so activations constrained by the model enter the ring without communication.
 Attention over a KV cache (``q_positions_bt``: decode, chunked prefill) always takes the dense reference path.
 """
 
@@ -18,7 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qlx.kernels import flash_attention, ring_attention
+from qlx.models.sharding import Layout, spec_for
+
 BACKENDS = ("reference", "flash", "ring")
+RING_AXIS = "seq"
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -89,6 +97,58 @@ def causal_chunked_attention(
     return jnp.concatenate(outputs, axis=1)
 
 
+def ring_size(layout: Layout | None) -> int:
+    """Devices on the ring axis ``"seq"`` of the layout's mesh; ValueError when there is no mesh or seq is 1."""
+    mesh = None if layout is None else layout.mesh
+    size = 1 if mesh is None or RING_AXIS not in mesh.axis_names else mesh.shape[RING_AXIS]
+    if size < 2:
+        where = "the model has no mesh" if mesh is None else f"its mesh has {RING_AXIS}={size}"
+        raise ValueError(
+            f"model.attention='ring' needs a mesh whose {RING_AXIS!r} axis has more than one device, but {where}; "
+            "set mesh.seq > 1 or use model.attention='flash'"
+        )
+    return size
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def ring_self_attention(
+    q_bthd: jax.Array,
+    k_btkd: jax.Array,
+    v_btkd: jax.Array,
+    *,
+    layout: Layout | None,
+    causal: bool,
+    segment_ids_bt: jax.Array | None,
+    sm_scale: float,
+) -> jax.Array:
+    """Ring attention on the layout's mesh (causal inputs in the balanced layout). Returns [B, T, H, D].
+
+    batch_axes / head_axis are the mesh axes the rules give q's "batch" / "heads" dimensions (after dropping axes
+    that do not divide them), the sharding the model constrains q to.
+    """
+    ring_size(layout)
+    spec = spec_for(q_bthd.shape, ("batch", "length", "heads", None), layout.mesh, dict(layout.rules))
+    heads = _mesh_axes(spec[2])
+    if len(heads) > 1:
+        raise ValueError(f"model.attention='ring' shards heads over one mesh axis, but the rules give 'heads' {heads}")
+    return ring_attention(
+        q_bthd,
+        k_btkd,
+        v_btkd,
+        mesh=layout.mesh,
+        axis=RING_AXIS,
+        causal=causal,
+        segment_ids=segment_ids_bt,
+        layout="balanced",
+        sm_scale=sm_scale,
+        batch_axes=_mesh_axes(spec[0]),
+        head_axis=heads[0] if heads else None,
+    )
+
+
 def attention(
     q_bthd: jax.Array,
     k_bskd: jax.Array,
@@ -99,12 +159,14 @@ def attention(
     segment_ids_bt: jax.Array | None = None,
     q_positions_bt: jax.Array | None = None,
     sm_scale: float | None = None,
+    layout: Layout | None = None,
 ) -> jax.Array:
     """Grouped-query attention through the backend named by ``model.attention``. Returns [B, T, H, D].
 
     q [B, T, H, D]; k, v [B, S, KV, D]; sm_scale defaults to D ** -0.5. Give either ``causal``/``segment_ids_bt``
     (self-attention over the same T tokens) or ``q_positions_bt`` (queries at those positions over a KV cache of S
     slots). Attention over a KV cache (decode, chunked prefill) uses the dense reference for every backend.
+    ``layout`` (the model's mesh and rules) is needed by ``"ring"`` only; its causal inputs are in the balanced layout.
     """
     if backend not in BACKENDS:
         raise ValueError(f"model.attention: unknown backend {backend!r}; valid values: {', '.join(BACKENDS)}")
@@ -121,7 +183,8 @@ def attention(
             return causal_chunked_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale)
         mask = attention_mask(t, s, causal=False, segment_ids_bt=segment_ids_bt)
         return reference_attention(q_bthd, k_bskd, v_bskd, mask, sm_scale)
-    raise NotImplementedError(
-        f"model.attention={backend!r}: qlx.kernels.{backend}_attention is not wired into qlx.models.attention yet; "
-        "set model.attention='reference'"
+    if backend == "flash":
+        return flash_attention(q_bthd, k_bskd, v_bskd, causal=causal, segment_ids=segment_ids_bt, sm_scale=sm_scale)
+    return ring_self_attention(
+        q_bthd, k_bskd, v_bskd, layout=layout, causal=causal, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale
     )

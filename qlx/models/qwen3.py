@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qlx.config import ModelConfig
-from qlx.models.attention import attention
+from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
+from qlx.models.attention import attention, ring_size
 from qlx.models.cache import KVCache, write_kv
 from qlx.models.layers import RMSNorm, normal_param
 from qlx.models.moe import experts, load_balancing_loss, route, router_stats
@@ -57,7 +58,7 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_norm(k), cos_btk, sin_btk)
         backend = self.config.attention
         if kv is None:
-            out = attention(q, k, v, backend=backend, causal=True, segment_ids_bt=segment_ids_bt)
+            out = attention(q, k, v, backend=backend, causal=True, segment_ids_bt=segment_ids_bt, layout=layout)
             new_kv = None
         else:
             new_kv = (write_kv(kv[0], k, positions_bt), write_kv(kv[1], v, positions_bt))
@@ -154,6 +155,11 @@ class Qwen3ForCausalLM(nnx.Module):
     ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied). aux is
     {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models)}.
     Segment ids restrict attention to equal ids (packing); they do not combine with a cache.
+    With ``model.attention="ring"`` (no cache) the forward runs sequence-parallel over the mesh axis ``seq`` (R
+    devices): tokens, segment ids and positions are permuted once to the zig-zag layout of
+    ``qlx.kernels.balance_tokens`` (T must divide by 2R), RoPE gets the balanced positions, and the final hidden
+    states are permuted back, so outputs are in natural order. The cache path (prefill into / decode from a KV cache,
+    i.e. generation) keeps the natural order and the dense reference attention for every backend.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layout: Layout | None = None):
@@ -198,7 +204,16 @@ class Qwen3ForCausalLM(nnx.Module):
         if cache is not None and segment_ids_bt is not None:
             raise ValueError("segment_ids_bt cannot be combined with a KV cache")
         b, t = tokens_bt.shape
-        if positions_bt is None:
+        ring = ring_size(layout) if c.attention == "ring" and cache is None else None
+        if ring is not None:
+            tokens_bt = balance_tokens(tokens_bt, ring)
+            segment_ids_bt = None if segment_ids_bt is None else balance_tokens(segment_ids_bt, ring)
+            positions_bt = (
+                jnp.broadcast_to(balanced_positions(t, ring), (b, t))
+                if positions_bt is None
+                else balance_tokens(positions_bt, ring)
+            )
+        elif positions_bt is None:
             positions_bt = cache.default_positions(t) if cache is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
         inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
@@ -222,7 +237,8 @@ class Qwen3ForCausalLM(nnx.Module):
                 counts = stats[0] if counts is None else counts + stats[0]
                 prob_sums = stats[1] if prob_sums is None else prob_sums + stats[1]
                 num_moe += 1
-        outputs = [self.final_norm(x)]
+        x = self.final_norm(x)
+        outputs = [x if ring is None else layout.constrain(unbalance_tokens(x, ring), BTD)]
         if cache is not None:
             outputs.append(cache.updated(new_k, new_v, positions_bt))
         if return_aux:

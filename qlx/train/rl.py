@@ -31,6 +31,7 @@ from qlx.config import Config
 from qlx.models.sharding import Layout
 from qlx.rollout.engine import generate
 from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.evaluate import exact_score
 from qlx.train.inputs import Dataset
 from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason, stack_micro_batches
 
@@ -64,9 +65,11 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
 
 
-def score(dataset: Dataset, index: int, response: str) -> float:
-    """Reward of ``response`` for record ``index`` from its task type's verifier (rule only)."""
+def score(dataset: Dataset, index: int, response: str, *, rule: str = "recipe") -> float:
+    """Reward of ``response`` for record ``index``: its task type's verifier (rule only), or exact match."""
     record = dataset.records[index]
+    if rule == "exact":
+        return exact_score(record, response)
     options = {}
     if record.task_type == "dialogue":
         options["prefix"] = record.evidence.get("program", {}).get("prefix", "")
@@ -153,7 +156,10 @@ class RLJob:
             indices = list(range(start, min(start + batch, len(self.full_dataset))))
             texts = self._rollout(model, indices, k, seed=step_seed(self.config.seed, start, stream=1))[1]
             rewards = np.asarray(
-                [score(self.full_dataset, i, t) for i, t in zip(np.repeat(indices, k), texts, strict=True)]
+                [
+                    score(self.full_dataset, i, t, rule=self.config.rl.reward)
+                    for i, t in zip(np.repeat(indices, k), texts, strict=True)
+                ]
             )
             rates.extend((rewards.reshape(-1, k) >= 1.0).mean(axis=1).tolist())
         kept = [i for i, p in enumerate(rates) if data.min_pass_rate <= p <= data.max_pass_rate]
@@ -196,7 +202,9 @@ class RLJob:
         responses, texts, result = self._rollout(model, indices, g, seed=step_seed(cfg.seed, step))
         rollout_time = time.perf_counter() - start
         rows_idx = np.repeat(indices, g)
-        rewards_n = np.asarray([score(self.dataset, i, t) for i, t in zip(rows_idx, texts, strict=True)], np.float32)
+        rewards_n = np.asarray(
+            [score(self.dataset, i, t, rule=cfg.rl.reward) for i, t in zip(rows_idx, texts, strict=True)], np.float32
+        )
         task_n = np.asarray([self.dataset.task_ids[i] for i in rows_idx], np.int32)
         group_n = np.repeat(np.arange(len(indices), dtype=np.int32), g)
         if cfg.rl.advantage == "task":
