@@ -26,7 +26,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class DemoSize:
     """How much data, training and evaluation the demo runs.
 
-    n_train, n_eval: training and held-out questions. context_tokens: largest context of a question.
+    n_train, n_eval: training and held-out questions. context_tokens: largest context of a question as synthesised.
+    evidence_only: cut each context down to its evidence documents (the distractors go), so that a model trained
+        from scratch for a few minutes can learn to read it.
     sft_steps, rl_steps: optimizer steps of the warm start and of RL. eval_samples: answers sampled per held-out
     question (accuracy is their mean). rl_batch: prompts per RL step.
     """
@@ -34,7 +36,8 @@ class DemoSize:
     n_train: int = 1500
     n_eval: int = 250
     context_tokens: int = 384
-    sft_steps: int = 300
+    evidence_only: bool = True
+    sft_steps: int = 400
     rl_steps: int = 60
     eval_samples: int = 4
     rl_batch: int = 15
@@ -58,6 +61,27 @@ def add_arguments(parser) -> None:
     )
 
 
+def evidence_only(record, tokenizer):
+    """The record with its context cut to its evidence documents (in context order, each followed by a blank line);
+    evidence spans, fact spans and the token count follow the new context."""
+    facts_of: dict[str, list[dict]] = {}
+    for fact in record.evidence["facts"]:
+        facts_of.setdefault(fact["doc_id"], []).append(fact)
+    text, docs, facts = "", [], []
+    for doc in sorted(record.evidence["docs"], key=lambda d: d["char_start"]):
+        mine = facts_of.get(doc["doc_id"], [])
+        end = max([doc["char_end"], *(f["char_end"] for f in mine)])
+        token_start = len(tokenizer.encode(text))
+        shift = len(text) - doc["char_start"]
+        piece = record.context[doc["char_start"] : end].rstrip("\n")
+        text += piece + "\n\n"
+        docs.append({**doc, "char_start": doc["char_start"] + shift, "char_end": doc["char_start"] + shift + len(piece),
+                     "token_start": token_start, "token_end": len(tokenizer.encode(text))})  # fmt: skip
+        facts += [{**f, "char_start": f["char_start"] + shift, "char_end": f["char_end"] + shift} for f in mine]
+    evidence = {**record.evidence, "docs": docs, "facts": facts}
+    return dataclasses.replace(record, context=text, evidence=evidence, length_tokens=len(tokenizer.encode(text)))
+
+
 def _write_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Path, Path]:
     from qlx.data.demo_data import make_demo_dataset
     from qlx.data.records import write_jsonl
@@ -72,6 +96,9 @@ def _write_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Path, Path]
     train, held_out, tokenizer = make_demo_dataset(
         seed=seed, n_train=size.n_train, n_eval=size.n_eval, max_context_tokens=size.context_tokens
     )
+    if size.evidence_only:
+        train = [evidence_only(r, tokenizer) for r in train]
+        held_out = [evidence_only(r, tokenizer) for r in held_out]
     write_jsonl(train, train_path)
     write_jsonl(held_out, eval_path)
     tokenizer.save(folder)
@@ -79,16 +106,52 @@ def _write_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Path, Path]
     return train_path, eval_path, tok_path
 
 
-def _evaluate(config, run_dir: Path, eval_config, size: DemoSize, seed: int):
+@dataclasses.dataclass(frozen=True)
+class DemoConfigs:
+    """The demo's runs: the SFT warm start, AEPO RL from it, and the held-out set (as an SFT-shaped config)."""
+
+    sft: object
+    rl: object
+    held_out: object
+
+
+def demo_configs(out: Path, size: DemoSize, seed: int, overrides=(), rl_overrides=()) -> DemoConfigs:
+    """Write the task set under ``out/data`` (if not there yet) and load the demo's configs pointing at it.
+
+    ``overrides`` apply to every config, ``rl_overrides`` to the RL run only (e.g. ``rl.aepo=false``)."""
+    from qlx.config import load_config
+
+    train_path, eval_path, tok_path = _write_data(out, size, seed)
+    paths = [f"data.train_files=[{train_path}]", f"data.tokenizer={tok_path}", f"seed={seed}"]
+    sft = load_config(
+        CONFIGS / "demo/sft.yaml",
+        [*paths, f"train.run_dir={out / 'sft'}", f"train.steps={size.sft_steps}", *overrides],
+    )
+    rl = load_config(
+        CONFIGS / "demo.yaml",
+        [
+            *paths,
+            f"train.run_dir={out / 'rl'}",
+            f"train.init_from={out / 'sft'}",
+            f"train.steps={size.rl_steps}",
+            f"train.batch_size={size.rl_batch}",
+            *overrides,
+            *rl_overrides,
+        ],
+    )
+    held_out = load_config(CONFIGS / "demo/sft.yaml", [*paths, f"data.train_files=[{eval_path}]", *overrides])
+    return DemoConfigs(sft=sft, rl=rl, held_out=held_out)
+
+
+def evaluate_run(config, run_dir: Path, held_out, size: DemoSize, seed: int):
+    """Held-out accuracy of the newest checkpoint of ``run_dir`` (``qlx.train.evaluate``)."""
     from qlx.train.evaluate import evaluate
     from qlx.train.preflight import preflight
     from qlx.train.trainer import load_model
 
-    dataset = preflight(eval_config).dataset
-    model = load_model(config, run_dir)
     return evaluate(
-        model,
-        dataset,
+        load_model(config, run_dir),
+        preflight(held_out).dataset,
         samples=size.eval_samples,
         max_new_tokens=config.data.max_output_tokens,
         temperature=config.rollout.temperature,
@@ -98,7 +161,7 @@ def _evaluate(config, run_dir: Path, eval_config, size: DemoSize, seed: int):
 
 
 def run(args) -> int:
-    from qlx.config import ConfigError, load_config
+    from qlx.config import ConfigError
     from qlx.train.evaluate import format_table, paired_change
     from qlx.train.plot import plot_accuracy, plot_run
     from qlx.train.trainer import train
@@ -108,37 +171,21 @@ def run(args) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     print(f"qlx demo: task set ({size.n_train} training, {size.n_eval} held-out questions) -> {out / 'data'}")
-    train_path, eval_path, tok_path = _write_data(out, size, args.seed)
-    paths = [f"data.train_files=[{train_path}]", f"data.tokenizer={tok_path}", f"seed={args.seed}"]
     try:
-        sft = load_config(
-            CONFIGS / "demo/sft.yaml",
-            [*paths, f"train.run_dir={out / 'sft'}", f"train.steps={size.sft_steps}", *args.overrides],
-        )
-        rl = load_config(
-            CONFIGS / "demo.yaml",
-            [
-                *paths,
-                f"train.run_dir={out / 'rl'}",
-                f"train.init_from={out / 'sft'}",
-                f"train.steps={size.rl_steps}",
-                f"train.batch_size={size.rl_batch}",
-                *args.overrides,
-            ],
-        )
-        held_out = load_config(CONFIGS / "demo/sft.yaml", [*paths, f"data.train_files=[{eval_path}]", *args.overrides])
+        configs = demo_configs(out, size, args.seed, args.overrides)
     except ConfigError as e:
         print(f"qlx demo: config error: {e}", file=sys.stderr)
         return 2
+    sft, rl = configs.sft, configs.rl
 
     print(f"qlx demo: SFT warm start of a tiny Qwen3-MoE, {size.sft_steps} steps -> {out / 'sft'}")
     train(sft)
     print(f"qlx demo: evaluating the warm start on {size.n_eval} held-out questions")
-    before = _evaluate(sft, out / "sft", held_out, size, args.seed + 1)
+    before = evaluate_run(sft, out / "sft", configs.held_out, size, args.seed + 1)
     print(f"qlx demo: AEPO RL, {size.rl_steps} steps -> {out / 'rl'}")
     train(rl)
     print("qlx demo: evaluating after RL")
-    after = _evaluate(rl, out / "rl", held_out, size, args.seed + 1)
+    after = evaluate_run(rl, out / "rl", configs.held_out, size, args.seed + 1)
 
     table = format_table(before, after)
     change = paired_change(before, after)

@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from qlx.config import ConfigError, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qlx").setLevel(logging.INFO)
     try:
         config = load_config(args.config, args.overrides)
         from qlx.train.trainer import SIGTERM_EXIT_CODE, TrainingStopped, train
