@@ -63,7 +63,7 @@ def _kg_answer(world, p, facts):
         return _follow(world, facts, p["chain"], p["start"])
     if p["op"] == "year_diff":
         a, b = (int(_follow(world, facts, chain)) for chain in p["chains"])
-        return str(abs(a - b))
+        return str(abs(a + p["shift"] - b))
     ends = [
         _follow(world, facts, ch) if ch else facts[v].subject for ch, v in zip(p["chains"], p["values"], strict=True)
     ]
@@ -83,6 +83,11 @@ def test_kg_questions_follow_from_the_world(setup):
         if c is None:
             continue
         seen[(c.task_type, c.paradigm)] += 1
+        if c.paradigm == "hypothetical":
+            shift = c.program["shift"]
+            assert shift != 0 and f"had been {abs(shift)} years {'later' if shift > 0 else 'earlier'}" in c.question
+        elif c.program["op"] == "year_diff":
+            assert c.program["shift"] == 0 and c.question.startswith("How many years passed")
         seen["described"] += bool(c.program.get("describe"))
         assert c.task_type == ("reading" if c.hops == 1 else "multihop")
         assert c.answer == _kg_answer(world, c.program, c.facts), c.question
@@ -93,6 +98,7 @@ def test_kg_questions_follow_from_the_world(setup):
     for key in [("reading", "multifact"), ("reading", "causal"), ("multihop", "multifact"), ("multihop", "temporal")]:
         assert seen[key] > 3, dict(seen)
     assert seen[("multihop", "comparison")] > 3 and seen[("multihop", "causal")] > 3, dict(seen)
+    assert seen[("multihop", "hypothetical")] > 3, dict(seen)
     assert seen["described"] > 10, dict(seen)
 
 
@@ -117,6 +123,11 @@ def _table_answer(world, p):
         return ", ".join(g for _, g in sorted(zip(v, p["groups"], strict=True), reverse=True))
     if op == "count":
         return str(sum(x > p["threshold"] for x in v))
+    if op == "hypothetical":
+        scaled = [
+            x * (100 + p["percent"]) / 100 if g == p["changed"] else x for g, x in zip(p["groups"], v, strict=True)
+        ]
+        return f"{sum(scaled):.2f}"
     return str(p["groups"][v.index(max(v))])
 
 
@@ -130,11 +141,16 @@ def test_table_answers_equal_python_recomputation(setup):
             continue
         ops[c.program["op"]] += 1
         assert c.answer == _table_answer(world, c.program), c.question
+        if c.program["op"] == "hypothetical":
+            p = c.program
+            change = f"{abs(p['percent'])}% {'higher' if p['percent'] > 0 else 'lower'}"
+            assert c.question.startswith("If the ") and str(p["changed"]) in c.question and change in c.question
+            assert p["changed"] in p["groups"], c.question
         for fact in c.facts:
             q = dict(fact.qualifiers)
             (row,) = [r for r in world.financials if (r.org, r.year, r.segment) == (q["org"], q["year"], q["segment"])]
             assert str(getattr(row, fact.relation)) == fact.object
-    assert set(ops) == {"sum", "mean", "difference", "growth", "ranking", "count", "argmax"}, dict(ops)
+    assert set(ops) == {"sum", "mean", "difference", "growth", "ranking", "count", "argmax", "hypothetical"}, dict(ops)
 
 
 def test_multiple_choice_has_four_distinct_options_from_the_graph(setup):

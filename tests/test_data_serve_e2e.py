@@ -6,11 +6,13 @@ reported as a rejected round rather than raised or silently dropped.
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 import qlx
+from qlx.cli import main as cli_main
 from qlx.data.engines.mase import MaseEngine
 from qlx.data.llm import ChatClient, LLMConfig
 from qlx.data.tokenizer import train_bpe_tokenizer
@@ -45,3 +47,26 @@ def test_mase_engine_runs_every_round_against_the_server(base_url):
     assert len(validated) + len(problems) == rounds, "every round ends validated or reported"
     reported = [int(p.split(":")[0].removeprefix("round ")) for p in problems]
     assert reported == sorted(set(reported)) and all(0 <= r < rounds for r in reported)
+
+
+def test_synth_cli_filters_with_the_served_model(base_url, tmp_path, capsys):
+    """`qlx synth --filters ...` asks the served model: a random model never answers, so knowledge grounding keeps
+    every record and the robustness check (pass@k = 0) rejects every one, with its reason, into rejects.jsonl."""
+    args = ["synth", "--engine", "table", "--n", "2", "--min-tokens", "64", "--max-tokens", "160", "--brief"]
+    args += ["--n-orgs", "4", "--out", str(tmp_path), "--quiet", "--filters", "difficulty,grounding,robustness"]
+    args += ["--filter-url", base_url, "--filter-model", "tiny", "--filter-k", "1", "--filter-max-tokens", "4"]
+    assert cli_main(args) == 0
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["filters"] == {
+        "grounding": {"in": 2, "kept": 2, "dropped": 0},
+        "robustness": {"in": 2, "kept": 0, "dropped": 2},
+        "difficulty": {"in": 0, "kept": 0, "dropped": 0},
+    }
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [j["reason"] for j in rejects] == ["pass@1 is 0 with 3 extra distractor documents"] * 2
+    assert all(j["record"]["source"]["checks"]["grounding"] == {"correct": 0, "k": 1} for j in rejects)
+    assert "| robustness | 2 | 0 | 2 |" in capsys.readouterr().out
+    args[args.index("--filter-model") + 1] = "no-such-model"
+    assert cli_main([*args, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 404" in err and "no-such-model" in err and "is incomplete" in err

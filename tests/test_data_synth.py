@@ -104,7 +104,10 @@ def test_lengths_types_spans_and_table_answers(single_run, tok):
                 "ranking": ", ".join(str(g) for _, g in sorted(zip(v, program["groups"], strict=True), reverse=True)),
                 "count": str(sum(x > (program["threshold"] or 0) for x in v)),
                 "argmax": str(program["groups"][v.index(max(v))]),
-            }[program["op"]]
+            }.get(program["op"])
+            if program["op"] == "hypothetical":
+                changed = v[program["groups"].index(program["changed"])]
+                want = f"{sum(v) - changed + changed * (1 + program['percent'] / 100):.2f}"
             got = record.answer if record.options is None else record.options["ABCD".index(record.answer)]
             assert got == want, record.question
 

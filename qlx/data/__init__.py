@@ -6,7 +6,8 @@ Public names (see README, "Data synthesis"):
 - records: ``Record``, ``TASK_TYPES``, ``read_jsonl``, ``write_jsonl``, ``read_context``
 - synthesis: ``SynthConfig``, ``synthesize``, ``make_demo_dataset``, ``generate_world``, ``load_corpus``
 - loading: ``StageLimits``, ``make_dataset``, ``encode_record``
-- filters: ``qlx.data.filters``; LLM endpoint: ``LLMConfig``, ``ChatClient``
+- filters: ``qlx.data.filters`` (decontamination, knowledge grounding, robustness, difficulty, dedup, bins), run
+  inside synthesis by ``qlx.data.filter_chain.FilterConfig``; LLM endpoint: ``LLMConfig``, ``ChatClient``
 """
 
 from qlx.data.corpus import load_corpus

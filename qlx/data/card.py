@@ -1,5 +1,5 @@
 """The dataset card: counts per task type and paradigm, a context-length histogram (also drawn as PNG), hop counts,
-and what was dropped or reported while synthesising."""
+what each filter saw, kept and dropped, and what was dropped or reported while synthesising."""
 
 import json
 import math
@@ -23,6 +23,7 @@ class CardBuilder:
         self.hops: Counter = Counter()
         self.lengths: Counter = Counter()
         self.dropped: Counter = Counter()
+        self.filters: dict[str, dict[str, int]] = {}
         self.problems: list[str] = []
         self.n = 0
         self.total_tokens = 0
@@ -41,6 +42,13 @@ class CardBuilder:
         if detail:
             self.problems.append(detail)
 
+    def filtered(self, name: str, n_in: int, n_kept: int) -> None:
+        """Filter ``name`` saw ``n_in`` records and kept ``n_kept``."""
+        counts = self.filters.setdefault(name, {"in": 0, "kept": 0, "dropped": 0})
+        counts["in"] += n_in
+        counts["kept"] += n_kept
+        counts["dropped"] += n_in - n_kept
+
     def card(self) -> dict:
         bins = [
             {
@@ -58,6 +66,7 @@ class CardBuilder:
             "paradigms": dict(sorted(self.paradigms.items())),
             "hops": {str(h): c for h, c in sorted(self.hops.items())},
             "length_histogram": bins,
+            "filters": {name: dict(c) for name, c in self.filters.items()},
             "dropped": dict(self.dropped),
             "problems": len(self.problems),
             "problem_examples": self.problems[:20],
@@ -72,6 +81,19 @@ def card_from_records(records: Iterable[Record], config: dict | None = None) -> 
     return builder.card()
 
 
+def merge_counts(cards: Iterable[dict]) -> tuple[dict, dict]:
+    """(filters, dropped) summed over the cards of several shards."""
+    filters: dict[str, dict[str, int]] = {}
+    dropped: Counter = Counter()
+    for card in cards:
+        dropped.update(card.get("dropped", {}))
+        for name, counts in card.get("filters", {}).items():
+            total = filters.setdefault(name, {"in": 0, "kept": 0, "dropped": 0})
+            for key in total:
+                total[key] += counts[key]
+    return filters, dict(dropped)
+
+
 def format_card(card: dict) -> str:
     """The card as markdown."""
     lines = ["# Dataset card", "", f"records: {card['records']}, context tokens: {card['total_context_tokens']:,}", ""]
@@ -83,6 +105,9 @@ def format_card(card: dict) -> str:
     for b in card["length_histogram"]:
         upper = f"{b['to']:,}" if b["to"] else "..."
         lines.append(f"| {b['from']:,} – {upper} | {b['count']} |")
+    if card.get("filters"):
+        lines += ["", "| filter | in | kept | dropped |", "|---|---|---|---|"]
+        lines += [f"| {n} | {c['in']} | {c['kept']} | {c['dropped']} |" for n, c in card["filters"].items()]
     if card["dropped"] or card["problems"]:
         lines += ["", f"dropped: {card['dropped']}; problems reported: {card['problems']}"]
         lines += [f"- {p}" for p in card["problem_examples"]]

@@ -5,10 +5,12 @@ subject is the previous object); the answer is recomputed from the facts' object
 plain Python, independently of the SQL that produced it. Programs:
 
 - ``chain``: ``answer = facts[chain[-1]].object``; ``describe`` facts are about the start entity.
-- ``year_diff``: ``|year(chain 0) - year(chain 1)|``.
+- ``year_diff``: ``|year(chain 0) + shift - year(chain 1)|`` (``shift`` 0 unless the question is hypothetical).
 - ``compare``: the chain end whose value fact is larger (``better="max"``) or smaller (``"min"``).
-- ``sum | mean | difference | growth | ranking | count | argmax``: over groups of table facts (``qualifiers[axis]``),
-  each group's value the sum of its cells; ``mean`` and ``growth`` to two decimals.
+- ``sum | mean | difference | growth | ranking | count | argmax | hypothetical``: over groups of table facts
+  (``qualifiers[axis]``), each group's value the sum of its cells; ``hypothetical`` is the sum had group ``changed``
+  been ``percent`` % higher, ``sum(v) + v[changed] * percent / 100``; ``mean``, ``growth`` and ``hypothetical`` to two
+  decimals.
 - ``niah``: the needle's value; ``mrcr``: ``prefix`` + the ``index``-th response in context order.
 - ``mc``: the letter of the inner program's answer among ``options``.
 """
@@ -57,6 +59,10 @@ def _table(program: dict, facts: list[dict]) -> str:
         return str(sum(x > program["threshold"] for x in v))
     if op == "argmax":
         return str(max(groups, key=lambda g: values[g]))
+    if op == "hypothetical":
+        if program["changed"] not in values:
+            raise DerivationError(f"the changed group {program['changed']!r} is not among {sorted(values)}")
+        return format_number(sum(v) + values[program["changed"]] * program["percent"] / 100.0, 2)
     raise DerivationError(f"unknown table operation {op!r}")
 
 
@@ -70,7 +76,7 @@ def derive(program: dict, facts: list[dict], options: list[str] | None = None) -
         return _connected(facts, program["chain"], program["start"])["object"]
     if op == "year_diff":
         a, b = (int(_connected(facts, chain)["object"]) for chain in program["chains"])
-        return format_number(abs(a - b))
+        return format_number(abs(a + program.get("shift", 0) - b))
     if op == "compare":
         ends = [_connected(facts, c)["object"] if c else None for c in program["chains"]]
         value_facts = [facts[i] for i in program["values"]]
@@ -80,7 +86,7 @@ def derive(program: dict, facts: list[dict], options: list[str] | None = None) -
         numbers = [float(f["object"]) for f in value_facts]
         pick = max if program["better"] == "max" else min
         return value_facts[numbers.index(pick(numbers))]["subject"]
-    if op in ("sum", "mean", "difference", "growth", "ranking", "count", "argmax"):
+    if op in ("sum", "mean", "difference", "growth", "ranking", "count", "argmax", "hypothetical"):
         return _table(program, facts)
     if op == "niah":
         return facts[program["needle"]]["object"]

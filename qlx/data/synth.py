@@ -6,7 +6,9 @@ task type's candidate stream (seeded per draw) that fits the target and duplicat
 plans all records, then materialises only ``k % shard_count == shard_index`` — so the records of ``n`` shards are
 exactly those of one run. Materialising assembles the context (inline, or streamed to ``contexts/<id>.txt`` above
 ``inline_max_tokens``), maps the facts' spans into it, and keeps the record only if its answer re-derives from the
-evidence (:mod:`qlx.data.derive`); otherwise the drop is counted in the card.
+evidence (:mod:`qlx.data.derive`); otherwise the drop is counted in the card. Records then pass the run's filters
+(:mod:`qlx.data.filter_chain`: test-set decontamination and model-based checks) batch by batch; rejected records go to
+``rejects[-i-of-n].jsonl`` with their reason.
 """
 
 import dataclasses
@@ -28,6 +30,8 @@ from qlx.data.engines.kg import KGEngine
 from qlx.data.engines.mase import MaseEngine
 from qlx.data.engines.mc import MCEngine
 from qlx.data.engines.table import TableEngine
+from qlx.data.filter_chain import FilterChain, FilterConfig, balance
+from qlx.data.filters import AnswerFn, IsCorrect
 from qlx.data.llm import ChatClient
 from qlx.data.records import Record, context_spans
 from qlx.data.sources import Source, corpus_source, world_source
@@ -67,6 +71,10 @@ class SynthConfig:
     max_attempts: int = 500
     task_types: tuple[str, ...] | None = None
     """a subset of the engine's task types to make (default: all of them, in equal shares)."""
+    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    """decontamination and model-based filters applied to the records (none by default)."""
+    distractor_pool: int = 64
+    """documents the robustness filter draws its extra distractors from."""
 
     def __post_init__(self):
         if self.engine not in ENGINE_TASKS:
@@ -83,6 +91,8 @@ class SynthConfig:
             raise ValueError(f"obfuscate_p must be in [0, 1], got {self.obfuscate_p}")
         if self.max_hops < 2:
             raise ValueError(f"max_hops must be >= 2, got {self.max_hops}")
+        if self.distractor_pool < 1:
+            raise ValueError(f"distractor_pool must be >= 1, got {self.distractor_pool}")
         if self.task_types is not None:
             self.task_types = tuple(self.task_types)
             unknown = set(self.task_types) - set(ENGINE_TASKS[self.engine])
@@ -204,6 +214,13 @@ class Synthesizer:
             raise RuntimeError(f"record {index}: no document fits half of the {target}-token target")
         return cluster
 
+    def distractor_texts(self) -> list[str]:
+        """``distractor_pool`` documents of the source, the same in every shard (for the robustness filter)."""
+        store = self.source.docs
+        rng = np.random.default_rng([self.config.seed, 13])
+        picks = rng.choice(len(store), min(self.config.distractor_pool, len(store)), replace=False)
+        return [store.text(int(i)) for i in sorted(picks)]
+
     def record_id(self, index: int, part: int | None = None) -> str:
         base = f"{self.config.engine}-{self.config.seed}-{index:07d}"
         return base if part is None else f"{base}-{part}"
@@ -317,10 +334,15 @@ def synthesize(
     *,
     tokenizer: Tokenizer | None = None,
     client: ChatClient | None = None,
+    answer_fn: AnswerFn | None = None,
+    is_correct: IsCorrect | None = None,
     progress: bool = True,
 ) -> dict:
     """Write this shard's records (``records[-i-of-n].jsonl``, optionally ``.array_record``) and its card into
-    ``out_dir``; returns the card. Without ``tokenizer``, :func:`default_tokenizer` is used and saved there."""
+    ``out_dir``; returns the card. Without ``tokenizer``, :func:`default_tokenizer` is used and saved there.
+    ``answer_fn`` and ``is_correct`` serve the model-based filters of ``config.filters`` (see
+    :mod:`qlx.data.filters`); filtered runs also write ``rejects[-i-of-n].jsonl``, and an unsharded run with the
+    ``difficulty`` filter is then balanced (:func:`qlx.data.filter_chain.balance`)."""
     import shutil
     import tempfile
 
@@ -342,28 +364,49 @@ def synthesize(
         if synth.source.problems:
             card.problems += synth.source.problems
             card.dropped["source_problems"] = len(synth.source.problems)
+        fc, chain, rejects = config.filters, None, None
+        if fc.active:
+            distractors = synth.distractor_texts() if "robustness" in fc.model else ()
+            chain = FilterChain(
+                fc, answer_fn=answer_fn, is_correct=is_correct, distractors=distractors, seed=config.seed, base_dir=out
+            )
         plans = [p for p in synth.plan() if p.index % config.shard_count == config.shard_index]
-        writers = [open(out / f"{stem}.jsonl", "w", encoding="utf-8")]  # noqa: SIM115
+        writer = open(out / f"{stem}.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        if chain is not None:
+            rejects = open(out / f"{shard_stem('rejects', config)}.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         array_writer = None
         if config.array_record:
             from array_record.python.array_record_module import ArrayRecordWriter
 
             array_writer = ArrayRecordWriter(str(out / f"{stem}.array_record"), "group_size:1")
+
+        def flush(batch: list[Record]) -> None:
+            for record in batch if chain is None else chain.apply(batch, card, rejects):
+                line = record.to_json()
+                writer.write(line + "\n")
+                if array_writer is not None:
+                    array_writer.write(line.encode("utf-8"))
+                card.add(record)
+            batch.clear()
+
         try:
             label = f"synth {config.engine} {config.shard_index}/{config.shard_count}"
+            pending: list[Record] = []
             for plan in tqdm(plans, desc=label, unit="rec", disable=not progress):
-                for record in synth.materialize(plan, out, card):
-                    line = record.to_json()
-                    writers[0].write(line + "\n")
-                    if array_writer is not None:
-                        array_writer.write(line.encode("utf-8"))
-                    card.add(record)
+                pending += synth.materialize(plan, out, card)
+                if len(pending) >= fc.batch:
+                    flush(pending)
+            flush(pending)
         finally:
-            writers[0].close()
+            writer.close()
+            if rejects is not None:
+                rejects.close()
             if array_writer is not None:
                 array_writer.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = card.card()
     write_card(result, out, shard_stem("card", config))
+    if "difficulty" in fc.model and config.shard_count == 1:
+        balance(out, n_bins=fc.bins, per_bin=fc.per_bin, seed=config.seed)
     return result

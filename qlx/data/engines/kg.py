@@ -1,4 +1,5 @@
-"""Engine (a): knowledge-graph multi-hop questions — multi-fact, temporal, comparison and causal.
+"""Engine (a): knowledge-graph multi-hop questions — multi-fact, temporal, comparison, causal and hypothetical (a
+temporal question asked as if one of its two years had been ``shift`` years later or earlier).
 
 A reasoning path is sampled by random walk or BFS over functional edges; each of its facts is taken from a different
 document. Relations become nested noun phrases ("the birthplace of the founder of the maker of the Zentra X5"), and the
@@ -46,7 +47,8 @@ COMPARABLE = {
     "person": ("birth_year", "min", "person was born earlier"),
     "product": ("price", "max", "product is more expensive"),
 }
-PARADIGMS = ("multifact", "temporal", "comparison", "causal")
+PARADIGMS = ("multifact", "temporal", "comparison", "causal", "hypothetical")
+SHIFTS = (-10, -7, -5, -3, -2, 2, 3, 5, 7, 10)
 
 
 def phrase(relation: str, inner: str) -> str:
@@ -96,6 +98,7 @@ class KGEngine:
         if paradigm == "causal" and not self.causes:
             paradigm = "multifact"
         make = {"multifact": self._chain, "causal": self._chain, "temporal": self._temporal}
+        make["hypothetical"] = self._temporal
         make["comparison"] = self._comparison
         return make[paradigm](rng, paradigm, hops, cost, budget)
 
@@ -171,9 +174,16 @@ class KGEngine:
         for chain in (chain_a, chain_b):
             subject = self.chain_text(self.display(chain[0][0]), chain[:-1])
             clauses.append(YEAR_CLAUSES[chain[-1][1]].format(subject))
-        question = f"How many years passed between the year {clauses[0]} and the year {clauses[1]}?"
-        answer = format_number(abs(int(chain_a[-1][2]) - int(chain_b[-1][2])))
-        program = {"op": "year_diff", "chains": [list(range(hops_a)), list(range(hops_a, hops))]}
+        shift = rng.choice(SHIFTS) if paradigm == "hypothetical" else 0
+        if shift:
+            question = (
+                f"Suppose the year {clauses[0]} had been {abs(shift)} years {'later' if shift > 0 else 'earlier'}. "
+                f"How many years would then have passed between that year and the year {clauses[1]}?"
+            )
+        else:
+            question = f"How many years passed between the year {clauses[0]} and the year {clauses[1]}?"
+        answer = format_number(abs(int(chain_a[-1][2]) + shift - int(chain_b[-1][2])))
+        program = {"op": "year_diff", "chains": [list(range(hops_a)), list(range(hops_a, hops))], "shift": shift}
         return self._finish(rng, paradigm, question, answer, "number", chain_a + chain_b, program, cost, budget)
 
     def _comparison(self, rng, paradigm, hops, cost, budget):

@@ -1,9 +1,11 @@
 """Engine (b): corpus-level numerical questions over the unified tables, answered by executing SQL.
 
 A template picks an *axis* — the years of one entity, several entities in one year, or the parts (segments) of one
-entity — and an operation: sum, mean, difference, growth rate, ranking, count above a threshold, or arg-max. Each
-group's value is the sum of its rows (an organisation's total is the sum of its segments). The query runs on the SQL
-store to give the ground truth; the table cells it reads, with their spans, are the evidence.
+entity — and an operation: sum, mean, difference, growth rate, ranking, count above a threshold, arg-max, or a
+*hypothetical scenario* (the total had one group's value been ``percent`` % higher or lower:
+``sum(values) + values[changed] * percent / 100``). Each group's value is the sum of its rows (an organisation's total
+is the sum of its segments). The query runs on the SQL store to give the ground truth; the table cells it reads,
+with their spans, are the evidence.
 """
 
 import json
@@ -14,11 +16,12 @@ from qlx.data.engines.base import Candidate, format_number, ordered_docs
 from qlx.data.tables import SqlStore, TableView
 
 OPS_BY_AXIS = {
-    "period": ("sum", "mean", "difference", "growth", "argmax"),
-    "entity": ("sum", "mean", "difference", "ranking", "count", "argmax"),
+    "period": ("sum", "mean", "difference", "growth", "argmax", "hypothetical"),
+    "entity": ("sum", "mean", "difference", "ranking", "count", "argmax", "hypothetical"),
     "dimension": ("sum", "difference", "ranking", "argmax"),
 }
-TWO_DECIMALS = {"mean", "growth"}
+TWO_DECIMALS = {"mean", "growth", "hypothetical"}
+PERCENTS = (-50, -25, -20, -10, 10, 15, 20, 25, 50)
 
 
 def _listing(items: list) -> str:
@@ -92,7 +95,7 @@ class TableEngine:
         values = dict(self.sql.query(sub + "SELECT g, s FROM sub", params))
         if len(values) != len(groups) or len(set(values.values())) != len(groups):
             return None
-        threshold = None
+        threshold = changed = percent = None
         if op == "sum":
             sql, args = "SELECT SUM(s) FROM sub", []
         elif op == "mean":
@@ -109,6 +112,10 @@ class TableEngine:
             sql, args = sql + "(SELECT s FROM sub WHERE g = ?)", [groups[1], groups[0], groups[0]]
         elif op == "ranking":
             sql, args = "SELECT g FROM sub ORDER BY s DESC", []
+        elif op == "hypothetical":
+            changed, percent = rng.choice(groups), rng.choice(PERCENTS)
+            sql = "SELECT SUM(s) + (SELECT s FROM sub WHERE g = ?) * ? / 100.0 FROM sub"
+            args = [changed, percent]
         elif op == "count":
             ordered = sorted(values.values())
             i = rng.randrange(-1, len(ordered))
@@ -130,7 +137,7 @@ class TableEngine:
         if budget is not None and sum(cost(d) for d in evidence) > budget:
             return None
         rng.shuffle(evidence)
-        question = self._question(view, axis, op, measure, filters, groups, threshold)
+        question = self._question(view, axis, op, measure, filters, groups, threshold, (changed, percent))
         answer_type = {"ranking": "list", "argmax": "year" if axis == "period" else "entity"}.get(op, "number")
         program = {
             "op": op,
@@ -139,6 +146,8 @@ class TableEngine:
             "filters": filters,
             "measure": measure,
             "threshold": threshold,
+            "changed": changed,
+            "percent": percent,
             "sql": sub + sql,
             "params": params + args,
         }
@@ -155,7 +164,7 @@ class TableEngine:
             facts.append(Fact(str(role_values[0]), measure, json.loads(cells)[measure], doc_id, start, end, qualifiers))
         return facts
 
-    def _question(self, view, axis, op, measure, filters, groups, threshold) -> str:
+    def _question(self, view, axis, op, measure, filters, groups, threshold, scenario) -> str:
         label = view.measures[measure].lower()
         dim_value = filters.get(view.dimension) if view.dimension and axis != "dimension" else None
         what = f"{label} of the {dim_value} {view.dimension}" if dim_value else label
@@ -165,6 +174,18 @@ class TableEngine:
         when = f" in {filters[view.period]}" if view.period in filters else ""
         entity = filters.get(view.entity)
         two = " Round to two decimal places."
+        if op == "hypothetical":
+            changed, percent = scenario
+            change = f"{abs(percent)}% {'higher' if percent > 0 else 'lower'}"
+            if axis == "period":
+                return (
+                    f"If the {what} of {entity} in {changed} had been {change} than reported, what would its combined "
+                    f"{what} over the years {groups[0]} to {groups[-1]} have been{unit}?{two}"
+                )
+            return (
+                f"If the {what} of {changed}{when} had been {change} than reported, what would the combined {what} of "
+                f"{_listing(groups)}{when} have been{unit}?{two}"
+            )
         if axis == "period":
             y1, y2 = groups[0], groups[-1]
             return {
