@@ -72,6 +72,18 @@ def test_mrcr_sequence_ratio_with_prefix():
     assert R.sequence_ratio(long, gold, prefix="aZ9x") <= exact + 1e-12  # truncated matching is a lower bound
 
 
+def test_numerical_verifier_numbers_and_entity_answers():
+    # numeric golds compare numbers (tolerance, separators, scale words); a table question's entity answer (arg-max)
+    # or ranking is not a number (nor is a name with digits in it, "Pell Z84"): those compare as sub-EM
+    assert [R.is_number_answer(t) for t in ("-303501", "1,234.5", "12 %", "3 million", "Pell Z84", "A, B")] == [
+        True, True, True, True, False, False]  # fmt: skip
+    assert R.reward("numerical", "Therefore, the answer is 3 million.", "3,000,000") == 1.0
+    assert R.reward("numerical", "Therefore, the answer is 1010.", "1000") == 1.0
+    assert R.reward("numerical", "Therefore, the answer is 1030.", "1000") == 0.0
+    assert R.reward("numerical", "Therefore, the answer is Shouhai Maritime.", "Shouhai Maritime") == 1.0
+    assert R.reward("numerical", "Therefore, the answer is Shivigai Foods.", "Shouhai Maritime") == 0.0
+
+
 def test_registry_task_types_and_registration():
     assert set(R.VERIFIERS) >= {"mc", "multihop", "reading", "dialogue", "numerical"}
     assert R.reward("mc", THINK + "The correct answer is (A)", "A") == 1.0

@@ -109,6 +109,16 @@ def parse_number(text):
     return None
 
 
+_NUMBER_ANSWER = re.compile(
+    r"\s*[-+−]?[\d.,]*\d\s*(%|percent|thousand|million|billion|trillion|k|m|bn)?\s*", re.IGNORECASE
+)
+
+
+def is_number_answer(text):
+    """Whether ``text`` is one number (thousands separators, a percent sign or scale word allowed) and nothing else."""
+    return _NUMBER_ANSWER.fullmatch(text) is not None
+
+
 def numeric_match(pred, gold, *, rel_tol=1e-2):
     """1 if some reading of the first number of ``pred`` is within ``rel_tol`` (relative) of some reading of
     gold's first number (percent and scale readings included; 0 compares with an absolute 1e-9)."""

@@ -5,7 +5,8 @@ The five task types of the recipe's sampler, as the data records name them:
     mc         multiple choice                      option-letter match on "The correct answer is (X)"
     multihop   doc multi-hop reasoning              sub-EM of the extracted answer (containment either way)
     reading    general reading comprehension        sub-EM of the extracted answer
-    numerical  corpus-level numerical calculation   numeric match with relative tolerance (rel_tol, 1e-2)
+    numerical  corpus-level numerical calculation   numeric match with relative tolerance (rel_tol, 1e-2); sub-EM
+                                                    for non-numeric golds (the entity of an arg-max, a ranking)
     dialogue   dialogue memory (MRCR-style)         SequenceMatcher ratio with the required prefix (prefix="")
 
 Only ``judged`` types (multihop, reading, numerical) ask the judge, and only when the rule scored below 1.
@@ -14,7 +15,14 @@ Only ``judged`` types (multihop, reading, numerical) ask the judge, and only whe
 import dataclasses
 from collections.abc import Callable
 
-from qlx.rl.rewards.match import best_of, mc_letter_match, numeric_match, sequence_ratio, sub_exact_match
+from qlx.rl.rewards.match import (
+    best_of,
+    is_number_answer,
+    mc_letter_match,
+    numeric_match,
+    sequence_ratio,
+    sub_exact_match,
+)
 from qlx.rl.rewards.text import extract_answer
 
 
@@ -34,8 +42,12 @@ def mc_score(response, gold):
     return best_of(mc_letter_match, response, gold)
 
 
+def _numerical_match(pred, gold, *, rel_tol):
+    return numeric_match(pred, gold, rel_tol=rel_tol) if is_number_answer(gold) else sub_exact_match(pred, gold)
+
+
 def numerical_score(response, gold, *, rel_tol=1e-2):
-    return best_of(numeric_match, extract_answer(response), gold, rel_tol=rel_tol)
+    return best_of(_numerical_match, extract_answer(response), gold, rel_tol=rel_tol)
 
 
 def dialogue_score(response, gold, *, prefix=""):
