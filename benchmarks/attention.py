@@ -4,11 +4,15 @@
   .venv/bin/python benchmarks/attention.py                 # CPU: scaling 8K..256K, ringattention at 32K
   .venv/bin/python benchmarks/attention.py --skip-scaling  # only the ringattention comparison
   .venv/bin/python benchmarks/attention.py --gpu           # on a GPU machine: Pallas GPU kernel, 32K..128K
+  .venv/bin/python benchmarks/attention.py --cache         # chunked prefill over a KV cache: dense vs blockwise
 
 Methods (causal, batch 1, --heads x --head-dim, float32 on CPU):
   reference  jax.nn.dot_product_attention on one device (timed only while its compiled memory fits --reference-gib)
   blockwise  qlx.kernels.flash_attention, XLA blockwise backend, one device
   ring       qlx.kernels.ring_attention over all (fake) devices, natural token layout
+--cache times the model's attention over a KV cache (qlx.models.attention) for a whole chunked prefill of
+--cache-length tokens in --cache-chunk chunks into a cache of as many slots: the dense masked reference (the path
+before query positions) against cache_attention (the blockwise kernel skipping key blocks past each query block).
 Peak memory is the compiled program's own estimate (arguments + outputs + temporaries, per device), so it is reported
 for every length without running it; times are the best of --repeats runs after a warm-up run (compile excluded).
 Writes the tables (markdown) to stdout and a PNG plot + JSON to --out.
@@ -51,6 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="only time the Pallas GPU kernel (needs a GPU)")
     parser.add_argument("--gpu-lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--cache", action="store_true", help="only the chunked-prefill KV-cache comparison")
+    parser.add_argument("--cache-length", type=int, default=8192)
+    parser.add_argument("--cache-chunk", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     return parser.parse_args(argv)
 
@@ -229,6 +236,46 @@ def compare(args) -> dict:
     return {f"{name} {kind}": res for (name, kind), res in results.items()}
 
 
+def cache_prefill(args) -> dict:
+    """Seconds for every chunk of a chunked prefill over a KV cache: dense masked reference vs cache_attention."""
+    from qlx.models.attention import attention_mask, cache_attention, reference_attention
+
+    length, chunk, scale = args.cache_length, args.cache_chunk, args.head_dim**-0.5
+    q_all, k, v = inputs(length, args.heads, args.kv_heads, args.head_dim)
+    contenders = {
+        "dense (before)": lambda q, k, v, pos: reference_attention(
+            q, k, v, attention_mask(chunk, length, q_positions_bt=pos), scale
+        ),
+        "cache_attention": lambda q, k, v, pos: cache_attention(q, k, v, pos, scale),
+    }
+    chunks = [(q_all[:, p : p + chunk], jnp.arange(p, p + chunk)[None]) for p in range(0, length, chunk)]
+    results = {}
+    for name, fn in tqdm(contenders.items(), desc="cache prefill", unit="method"):
+        compiled = jax.jit(fn)
+        peak = peak_bytes(fn, (chunks[0][0], k, v, chunks[0][1]))
+        jax.block_until_ready(compiled(chunks[0][0], k, v, chunks[0][1]))
+        best = (float("inf"), float("inf"))
+        for _ in range(args.repeats):
+            c0, t0 = os.times(), time.perf_counter()
+            for q, pos in chunks:
+                jax.block_until_ready(compiled(q, k, v, pos))
+            wall, c1 = time.perf_counter() - t0, os.times()
+            best = min(best, (wall, (c1.user + c1.system) - (c0.user + c0.system)))
+        results[name] = {"time": best, "peak": peak}
+    print(
+        f"\n### Chunked prefill over a KV cache: {length // 1024}K tokens in chunks of {chunk}, {args.heads} heads / "
+        f"{args.kv_heads} kv heads x {args.head_dim}, float32, one device (best of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.1f})\n"
+    )
+    print("| attention | all chunks wall s | cpu s | peak MiB (one chunk) |")
+    print("|---|---|---|---|")
+    for name, res in results.items():
+        print(f"| {name} | {res['time'][0]:.2f} | {res['time'][1]:.1f} | {res['peak'] / 2**20:,.0f} |")
+    before, after = results["dense (before)"]["time"], results["cache_attention"]["time"]
+    print(f"\nspeed-up: {before[0] / after[0]:.2f}x wall, {before[1] / after[1]:.2f}x cpu")
+    return results
+
+
 def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16) -> float:
     a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
     wall, _ = best_time(jax.jit(jnp.matmul), (a, b), 5)
@@ -304,12 +351,14 @@ def main(argv=None) -> int:
     results = {}
     if args.gpu:
         results["gpu"] = gpu(args)
+    elif args.cache:
+        results["cache"] = cache_prefill(args)
     elif not args.skip_scaling:
         results["scaling"] = scaling(args)
         print_scaling(results["scaling"])
         plot(results["scaling"], args.out / "attention.png")
         print(f"\nplot: {args.out / 'attention.png'}")
-    if not (args.gpu or args.skip_compare):
+    if not (args.gpu or args.cache or args.skip_compare):
         results["compare"] = compare(args)
     (args.out / "attention.json").write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -66,9 +66,12 @@ def _seg_to_blocks(seg, block: int):
     return seg.reshape(b, t // block, block).transpose(1, 0, 2)
 
 
-def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool, *, fill, transposed=False):
+def _mask(
+    s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: bool, *, fill, transposed=False, q_pos_i=None
+):
     """Set invisible scores of tile (i, j) to `fill`. s [B, Hkv, G * bq, bk] (or [B, Hkv, bk, G * bq] when
-    transposed); segments [B, bq], [B, bk]."""
+    transposed); segments [B, bq], [B, bk]. Causal: key position <= query position, the query positions being
+    q_pos_i [B, bq] when given (a KV cache) and i * bq + row otherwise."""
     if not causal_tile and q_seg_i is None:
         return s
     b, hkv = s.shape[:2]
@@ -78,7 +81,10 @@ def _mask(s, i, j, block_q: int, block_kv: int, q_seg_i, kv_seg_j, causal_tile: 
     tile = (block_kv, block_q) if transposed else (block_q, block_kv)
     visible = jnp.ones((1, 1, *tile), bool)
     if causal_tile:
-        q_pos = i * block_q + lax.broadcasted_iota(jnp.int32, tile, q_axis)
+        if q_pos_i is None:
+            q_pos = i * block_q + lax.broadcasted_iota(jnp.int32, tile, q_axis)
+        else:
+            q_pos = q_pos_i[:, None, None, :] if transposed else q_pos_i[:, None, :, None]
         kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, tile, kv_axis)
         visible = visible & (q_pos >= kv_pos)
     if q_seg_i is not None:
@@ -97,8 +103,19 @@ def _dot(a, b, spec: str):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def forward(q, k, v, q_seg, kv_seg, settings: Settings):
+def _position_kv_range(q_pos_i, block_kv: int, num_kv: int):
+    """Causal kv blocks for a query block at positions q_pos_i [B, bq] (any order; < 0 sees nothing): blocks
+    [0, n_full) are visible to every row, [n_full, n_hi) to some; blocks from n_hi on to none (never visited)."""
+    n_hi = jnp.clip(lax.div(jnp.max(q_pos_i) + block_kv, block_kv), 0, num_kv)
+    n_full = jnp.clip(lax.div(jnp.min(q_pos_i) + 1, block_kv), 0, n_hi)
+    return n_full, n_hi
+
+
+def forward(q, k, v, q_seg, kv_seg, settings: Settings, q_pos=None):
     """(o [B, T, Hq, D], lse [B, T, Hq] float32) of softmax(scale * q k^T + mask) v, tile by tile.
+
+    With q_pos [B, T] (queries over a KV cache of S slots, causal): key u is visible to query t iff u <= q_pos[b, t],
+    and each query block visits only the kv blocks up to its largest position.
 
     Scores stay unscaled in the tile (masked ones at MASK_VALUE / scale); the scale is applied inside the row max and
     the exp, which saves XLA:CPU a full read+write pass over every tile."""
@@ -113,14 +130,14 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
     rows = (hq // hkv) * bq
 
     def q_block(_, xs):
-        i, q_i, q_seg_i = xs
+        i, q_i, q_seg_i, q_pos_i = xs
 
         def kv_step(causal_tile: bool):
             def body(j, carry):
                 m, l, acc = carry
                 kv_seg_j = None if kv_seg_blocks is None else kv_seg_blocks[j]
                 s = _dot(q_i, k_blocks[j], "bhqd,bhkd->bhqk")
-                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask)
+                s = _mask(s, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask, q_pos_i=q_pos_i)
                 m_new = jnp.maximum(m, scale * jnp.max(s, axis=-1))
                 alpha = jnp.exp(m - m_new)
                 p = jnp.exp(s * scale - m_new[..., None])
@@ -136,7 +153,7 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
             jnp.zeros((b, hkv, rows, d), jnp.float32),
         )
         if settings.causal:
-            n_full, n_hi = kv_range(i, bq, bk, nk)
+            n_full, n_hi = kv_range(i, bq, bk, nk) if q_pos_i is None else _position_kv_range(q_pos_i, bk, nk)
             carry = lax.fori_loop(0, n_full, kv_step(False), carry)
             carry = lax.fori_loop(n_full, n_hi, kv_step(True), carry)
         else:
@@ -145,13 +162,15 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
         o, lse = finish_rows(acc, m, l)
         return None, (o.astype(q.dtype), lse)
 
-    xs = (jnp.arange(t // bq), _rows_to_blocks(q, bq, hkv), _seg_to_blocks(q_seg, bq))
+    xs = (jnp.arange(t // bq), _rows_to_blocks(q, bq, hkv), _seg_to_blocks(q_seg, bq), _seg_to_blocks(q_pos, bq))
     _, (o_blocks, lse_blocks) = lax.scan(q_block, None, xs)
     return _blocks_to_rows(o_blocks, bq, hq), _blocks_to_rows(lse_blocks, bq, hq)
 
 
-def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
+def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings, q_pos=None):
     """(dq, dk, dv) in float32 from the row statistics lse and delta = sum(o * do) - dlse, tile by tile.
+
+    With q_pos (see `forward`) every kv block visits every query block, all tiles masked by position.
 
     Tiles are computed key-major (s^T = K Q^T, [bk, G * bq]) so that every matmul has its contraction on the last
     axis of the left operand (dV += P^T dO and dK += dS^T Q become plain products; XLA:CPU runs transposed-left
@@ -166,7 +185,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
     q_blocks, do_blocks = _rows_to_blocks(q, bq, hkv), _rows_to_blocks(do, bq, hkv)
     lse_blocks = _rows_to_blocks(backward_lse(lse), bq, hkv)[:, :, :, None, :]
     delta_blocks = _rows_to_blocks(delta, bq, hkv)[:, :, :, None, :]
-    q_seg_blocks = _seg_to_blocks(q_seg, bq)
+    q_seg_blocks, q_pos_blocks = _seg_to_blocks(q_seg, bq), _seg_to_blocks(q_pos, bq)
 
     def kv_block(dq_t, xs):
         j, k_j, k_t_j, v_j, kv_seg_j = xs
@@ -176,8 +195,11 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
                 dq_t, dk, dv = carry
                 q_i, do_i = q_blocks[i], do_blocks[i]
                 q_seg_i = None if q_seg_blocks is None else q_seg_blocks[i]
+                q_pos_i = None if q_pos_blocks is None else q_pos_blocks[i]
                 s_t = _dot(k_j, q_i, "bhkd,bhqd->bhkq")
-                s_t = _mask(s_t, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask, transposed=True)
+                s_t = _mask(
+                    s_t, i, j, bq, bk, q_seg_i, kv_seg_j, causal_tile, fill=raw_mask, transposed=True, q_pos_i=q_pos_i
+                )
                 p_t = jnp.exp(s_t * scale - lse_blocks[i])
                 dv = dv + _dot(p_t.astype(do.dtype), do_i, "bhkq,bhqd->bhkd")
                 dp_t = _dot(v_j, do_i, "bhkd,bhqd->bhkq")
@@ -190,7 +212,9 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
 
         zeros = jnp.zeros((b, hkv, bk, d), jnp.float32)
         carry = (dq_t, zeros, zeros)
-        if settings.causal:
+        if q_pos is not None:
+            carry = lax.fori_loop(0, nq, q_step(True), carry)
+        elif settings.causal:
             i_lo, i_full = q_range(j, bq, bk, nq)
             carry = lax.fori_loop(i_lo, i_full, q_step(True), carry)
             carry = lax.fori_loop(i_full, nq, q_step(False), carry)

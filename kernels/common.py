@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 # Masked scores are set to this finite value (not -inf) so an all-masked tile gives exp(0) = 1 instead of nan; the
 # running max then wipes such terms out as soon as a visible key arrives (alpha = exp(MASK_VALUE - m) = 0).
@@ -151,6 +153,61 @@ def check_segment_ids(segment_ids: jax.Array | None, batch: int, length: int, na
         raise ValueError(f"{name} must be an integer array, got {segment_ids.dtype}")
 
 
+def axis_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Mesh axes as a tuple: None -> (), "data" -> ("data",)."""
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """The PartitionSpec entry sharding one dimension over `axes` (None, one name, or a tuple)."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def check_mesh_axes(mesh, caller: str, roles: Sequence[tuple[str, str | None]]) -> None:
+    """Every (role, axis) names an axis of `mesh`, and no axis plays two roles."""
+    names = tuple(mesh.axis_names)
+    for role, name in roles:
+        if name is not None and name not in names:
+            raise ValueError(f"{caller} {role}={name!r} is not an axis of the mesh; mesh axes are {names}")
+    used = [name for _, name in roles if name is not None]
+    if len(set(used)) != len(used):
+        raise ValueError(f"{caller}: the mesh axes of {', '.join(f'{r}={n!r}' for r, n in roles if n)} must differ")
+
+
+def shard_kv_heads(q, k, v, mesh, batch_axes: tuple[str, ...], head_axes: tuple[str, ...]):
+    """(k, v) ready to shard with q over the batch and head mesh axes (the shapes checked, errors name the tensor).
+
+    Query heads split into n = size(head_axes) contiguous groups; shard i needs kv heads h // G of its query heads h
+    (G = Hq / Hkv). When n divides Hkv, k/v shard as they are; when Hkv divides n, each kv head is repeated n / Hkv
+    times (to n heads, never to Hq), so shard i holds exactly kv head i // (n / Hkv)."""
+    b, _, hq, _ = q.shape
+    hkv = k.shape[2]
+    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+    if b % batch_shards:
+        raise ValueError(f"batch {b} (q.shape[0]) must be divisible by the {batch_shards} devices of {batch_axes}")
+    if not head_axes:
+        return k, v
+    heads = math.prod(mesh.shape[a] for a in head_axes)
+    where = repr(head_axes[0]) if len(head_axes) == 1 else str(head_axes)
+    if hq % heads:
+        raise ValueError(f"query heads {hq} (q.shape[2]) must be divisible by the {heads} devices of {where}")
+    if hkv % heads == 0:
+        return k, v
+    if heads % hkv:
+        raise ValueError(f"kv heads {hkv} (k.shape[2]) must divide or be a multiple of the {heads} devices of {where}")
+    return jnp.repeat(k, heads // hkv, axis=2), jnp.repeat(v, heads // hkv, axis=2)
+
+
+def place(x, mesh, spec: PartitionSpec):
+    """Reshard x to `spec` when the mesh has Explicit axes (shard_map then requires the types to match); on Auto
+    meshes shard_map reshards by itself. None stays None."""
+    if x is not None and any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
 def kv_range(i, block_q: int, block_kv: int, num_kv: int):
     """Causal kv blocks for query block i: blocks [0, n_full) are fully visible, [n_full, n_hi) straddle the diagonal.
     (Tile (i, j) is visible at all iff its first key j*bk <= its last query (i+1)*bq - 1.)"""
@@ -204,23 +261,31 @@ Backward = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def attention_with_vjp(forward: Forward, backward: Backward):
-    """The custom_vjp entry of a backend: (q, k, v, q_seg, kv_seg, settings) -> (o, lse), differentiable in q, k, v
-    (and through lse), with the backward pass recomputing scores tile by tile from (q, k, v, lse)."""
+    """The custom_vjp entry of a backend: (q, k, v, q_seg, kv_seg, settings, q_pos=None) -> (o, lse), differentiable
+    in q, k, v (and through lse), with the backward pass recomputing scores tile by tile from (q, k, v, lse).
+    q_pos [B, T] (query positions over a KV cache) is passed on to forward / backward only when given."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-    def attention(q, k, v, q_seg, kv_seg, settings: Settings):
-        return forward(q, k, v, q_seg, kv_seg, settings)
+    def positions(q_pos):
+        return {} if q_pos is None else {"q_pos": q_pos}
 
-    def attention_fwd(q, k, v, q_seg, kv_seg, settings):
-        o, lse = forward(q, k, v, q_seg, kv_seg, settings)
-        return (o, lse), (q, k, v, q_seg, kv_seg, o, lse)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def attention(q, k, v, q_seg, kv_seg, q_pos, settings: Settings):
+        return forward(q, k, v, q_seg, kv_seg, settings, **positions(q_pos))
+
+    def attention_fwd(q, k, v, q_seg, kv_seg, q_pos, settings):
+        o, lse = forward(q, k, v, q_seg, kv_seg, settings, **positions(q_pos))
+        return (o, lse), (q, k, v, q_seg, kv_seg, q_pos, o, lse)
 
     def attention_bwd(settings, residuals, cotangents):
-        q, k, v, q_seg, kv_seg, o, lse = residuals
+        q, k, v, q_seg, kv_seg, q_pos, o, lse = residuals
         do, dlse = cotangents
         delta = softmax_delta(o, do, dlse)
-        dq, dk, dv = backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+        dq, dk, dv = backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings, **positions(q_pos))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
     attention.defvjp(attention_fwd, attention_bwd)
-    return attention
+
+    def call(q, k, v, q_seg, kv_seg, settings: Settings, q_pos=None):
+        return attention(q, k, v, q_seg, kv_seg, q_pos, settings)
+
+    return call

@@ -17,16 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import types
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
-from .common import BlockSizes, Settings, check_qkv, check_scale, check_segment_ids, merge_partials, softmax_delta
+from .common import (
+    BlockSizes,
+    Settings,
+    axis_tuple,
+    check_mesh_axes,
+    check_qkv,
+    check_scale,
+    check_segment_ids,
+    merge_partials,
+    place,
+    shard_kv_heads,
+    softmax_delta,
+    spec_entry,
+)
 from .flash import make_settings, resolve_backend
 
 
@@ -157,12 +169,6 @@ def _ring_local_bwd(ring: _Ring, residuals, do):
 _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
-def _axis_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _exchange_chunks(x, ring: _Ring, *, to_balanced: bool):
     """Natural <-> zig-zag order inside the shard_map, with two ppermutes of half a shard each.
 
@@ -189,24 +195,6 @@ def _exchange_chunks(x, ring: _Ring, *, to_balanced: bool):
             lax.ppermute(odd, ring.axis, [(zigzag_device(2 * d + 1), d) for d in range(size)]),
         )
     return jnp.concatenate(parts, axis=1)
-
-
-def _place(x, mesh, spec: PartitionSpec):
-    """Reshard x to `spec` when the mesh has Explicit axes (shard_map then requires the types to match); on Auto
-    meshes shard_map reshards by itself."""
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.reshard(x, NamedSharding(mesh, spec))
-    return x
-
-
-def _check_mesh(mesh, axis: str, batch_axes: tuple[str, ...], head_axis: str | None) -> None:
-    names = tuple(mesh.axis_names)
-    for role, name in [("axis", axis), *[("batch_axes", a) for a in batch_axes], ("head_axis", head_axis)]:
-        if name is not None and name not in names:
-            raise ValueError(f"ring_attention {role}={name!r} is not an axis of the mesh; mesh axes are {names}")
-    used = [axis, *batch_axes] + ([head_axis] if head_axis else [])
-    if len(set(used)) != len(used):
-        raise ValueError(f"ring_attention: axis={axis!r}, batch_axes={batch_axes}, head_axis={head_axis!r} must differ")
 
 
 def ring_attention(
@@ -251,13 +239,13 @@ def ring_attention(
       o [B, T, Hq, D] in q.dtype, in the layout of the inputs, sharded as P(batch_axes, axis, head_axis, None).
     """
     check_qkv(q, k, v, causal=True)
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    b, t, _, d = q.shape
     check_segment_ids(segment_ids, b, t)
     if layout not in ("natural", "balanced"):
         raise ValueError(f"layout must be 'natural' or 'balanced', got {layout!r}")
-    batch_axes = _axis_tuple(batch_axes)
-    _check_mesh(mesh, axis, batch_axes, head_axis)
+    batch_axes = axis_tuple(batch_axes)
+    roles = [("axis", axis), *[("batch_axes", a) for a in batch_axes], ("head_axis", head_axis)]
+    check_mesh_axes(mesh, "ring_attention", roles)
     size = mesh.shape[axis]
     chunks = 2 * size if causal else size
     if t % chunks:
@@ -266,19 +254,7 @@ def ring_attention(
             f"(mesh axis {axis!r} has {size} devices{'; causal attention splits each shard into 2 chunks' * causal}); "
             f"pad the sequence to a multiple of {chunks} x the block size"
         )
-    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
-    if b % batch_shards:
-        raise ValueError(f"batch {b} (q.shape[0]) must be divisible by the {batch_shards} devices of {batch_axes}")
-    if head_axis is not None:
-        heads = mesh.shape[head_axis]
-        if hq % heads:
-            raise ValueError(f"query heads {hq} (q.shape[2]) must be divisible by the {heads} devices of {head_axis!r}")
-        if hkv % heads:
-            if heads % hkv:
-                raise ValueError(
-                    f"kv heads {hkv} (k.shape[2]) must divide or be a multiple of the {heads} devices of {head_axis!r}"
-                )
-            k, v = jnp.repeat(k, heads // hkv, axis=2), jnp.repeat(v, heads // hkv, axis=2)
+    k, v = shard_kv_heads(q, k, v, mesh, batch_axes, axis_tuple(head_axis))
 
     length = t // size
     sm_scale = check_scale(d, sm_scale)
@@ -313,7 +289,7 @@ def ring_attention(
             f"(T / R){halves}, which the block sizes must tile: {err}"
         ) from err
     permute = causal and layout == "natural" and size > 1
-    batch = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    batch = spec_entry(batch_axes)
     spec = PartitionSpec(batch, axis, head_axis, None)
     seg_spec = PartitionSpec(batch, axis)
 
@@ -323,8 +299,8 @@ def ring_attention(
         o = _ring_local(q, k, v, seg, ring)
         return _exchange_chunks(o, ring, to_balanced=False) if permute else o
 
-    q, k, v = (_place(x, mesh, spec) for x in (q, k, v))
-    segment_ids = None if segment_ids is None else _place(segment_ids, mesh, seg_spec)
+    q, k, v = (place(x, mesh, spec) for x in (q, k, v))
+    segment_ids = place(segment_ids, mesh, seg_spec)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)(
         q, k, v, segment_ids
     )

@@ -1,5 +1,6 @@
 """flash_attention (XLA blockwise backend on CPU) against jax.nn.dot_product_attention: causal and not, grouped-query
-attention, segment ids, several block counts; the log-sum-exp and its gradient; memory linear in length; errors."""
+attention, segment ids, several block counts; queries at positions over a KV cache; the log-sum-exp and its gradient;
+memory linear in length; flash_attention in a shard_map over batch / head mesh axes; errors."""
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,40 @@ def test_blockwise_matches_dense(seed, causal, hq, hkv, segments, block_sizes):
         return kernels.flash_attention(q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes, backend="xla")
 
     check_against_dense(attention, q, k, v, do, causal=causal, segment_ids=seg)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "block_sizes"),
+    [(4, 2, kernels.BlockSizes(8, 16)), (2, 1, kernels.BlockSizes(24, 32, block_q_bwd=8, block_kv_bwd=16))],
+)
+def test_query_positions_over_a_kv_cache(hq, hkv, block_sizes):
+    """A chunk of T = 24 queries over S = 96 cache slots: row 0 at 10..33, row 1 at 50..73 with its last 4 queries
+    padding (-1). Key u is visible iff u <= position. Keys from the first block past the largest position on hold NaN
+    in V (any visit would poison the output), so the loop must skip them. Forward and gradients against dense
+    attention with the same mask; padding rows give 0."""
+    t, s = 24, 96
+    q, _, _, do, _ = random_inputs(40 + hq, 2, t, hq, hkv, 16)
+    _, k, v, _, _ = random_inputs(50 + hq, 2, s, hq, hkv, 16)
+    pos = jnp.stack([jnp.arange(10, 10 + t), jnp.where(jnp.arange(t) < t - 4, jnp.arange(50, 50 + t), -1)])
+    valid = (pos >= 0)[:, :, None, None]
+    do = jnp.where(valid, do, 0.0)
+    first_unseen = (73 // block_sizes.block_kv + 1) * block_sizes.block_kv
+    v_poisoned = v.at[:, first_unseen:].set(jnp.nan)
+    mask = (jnp.arange(s)[None, None, :] <= pos[:, :, None])[:, None]
+
+    def ours(q, k, v):
+        return kernels.flash_attention(q, k, v, q_positions=pos, block_sizes=block_sizes, backend="xla")
+
+    def dense(q, k, v):
+        return jnp.where(valid, jax.nn.dot_product_attention(q, k, v, mask=mask), 0.0)
+
+    out, grads = value_and_vjp(ours, q, k, v, do)
+    ref, ref_grads = value_and_vjp(dense, q, k, v, do)
+    assert_close(out, ref, 2e-5, "output")
+    assert not jnp.any(out[1, t - 4 :])
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_close(grad, ref_grad, 1e-4, name)
+    assert_close(jax.jit(ours)(q, k, v_poisoned), ref, 2e-5, "output with NaN in never-visible key blocks")
 
 
 def test_lse_and_its_gradient():
@@ -113,6 +148,43 @@ def test_memory_grows_linearly_with_length():
     assert dense_ratio > 3.5, dense_ratio
 
 
+@pytest.mark.parametrize(
+    ("hkv", "backend"), [(2, "xla"), (1, "pallas_gpu")], ids=["kv-heads-sharded", "kv-head-repeated,pallas-interpreted"]
+)
+def test_sharded_flash_attention_on_batch_and_head_axes(hkv, backend):
+    """shard_map over data=2 (batch) x tensor=2 (heads) of a data/seq/tensor mesh; a seq-sharded q is gathered."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    q, k, v, do, seg = random_inputs(11 + hkv, 2, 64, 4, hkv, 16, segments=3)
+    q = jax.device_put(q, jax.NamedSharding(mesh, jax.P("data", "seq", "tensor")))
+
+    def attention(q, k, v):
+        return kernels.sharded_flash_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            batch_axes="data",
+            head_axes="tensor",
+            segment_ids=seg,
+            block_sizes=kernels.BlockSizes(16, 16),
+            backend=backend,
+            interpret=backend != "xla",
+        )
+
+    check_against_dense(attention, q, k, v, do, causal=True, segment_ids=seg)
+
+
+def test_sharded_flash_attention_errors_name_the_axis():
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    q, k = jax.random.normal(jax.random.key(12), (2, 16, 12, 8)), jax.random.normal(jax.random.key(13), (2, 16, 3, 8))
+    with pytest.raises(ValueError, match=r"head_axes='heads' is not an axis of the mesh"):
+        kernels.sharded_flash_attention(q, q, q, mesh=mesh, head_axes="heads")
+    with pytest.raises(ValueError, match=r"query heads 12 \(q.shape\[2\]\) must be divisible by the 8 devices"):
+        kernels.sharded_flash_attention(q, q, q, mesh=mesh, head_axes=("data", "tensor"))
+    with pytest.raises(ValueError, match=r"kv heads 3 \(k.shape\[2\]\) must divide or be a multiple of the 4"):
+        kernels.sharded_flash_attention(q, k, k, mesh=mesh, head_axes="tensor")
+
+
 def test_auto_backend_is_blockwise_on_cpu():
     assert flash.resolve_backend("auto", 64, 128, 128, None) is blockwise
 
@@ -127,6 +199,12 @@ def test_auto_backend_is_blockwise_on_cpu():
         (((1, 16, 4, 8), (1, 24, 2, 8)), {}, "causal attention needs equal q and k/v lengths"),
         (((1, 16, 4, 8), (1, 16, 2, 8)), {"backend": "cuda"}, "backend must be one of"),
         (((1, 16, 4, 8), (1, 16, 2, 8)), {"segment_ids": jnp.arange(15)[None]}, r"segment_ids must be \["),
+        (((1, 8, 4, 8), (1, 16, 2, 8)), {"q_positions": jnp.arange(16)[None]}, r"q_positions must be \[batch, seq\]"),
+        (
+            ((1, 8, 4, 8), (1, 16, 2, 8)),
+            {"q_positions": jnp.arange(8)[None], "backend": "reference"},
+            r"q_positions .* needs causal=True, no segment_ids and backend 'auto' or 'xla'.*backend='reference'",
+        ),
         (((1, 16, 4), (1, 16, 2)), {}, r"q must be \[batch, seq, heads, head_dim\]"),
     ],
 )

@@ -1,4 +1,4 @@
-"""token_logprobs_and_entropy against the full-logits reference, a hand-computed case and its memory bound."""
+"""token_logprobs_and_entropy against the full-logits reference, a hand-computed case and its memory bounds."""
 
 import math
 
@@ -71,9 +71,14 @@ def test_batched_layout_and_masked_positions():
     assert np.all(np.asarray(dh)[off] == 0) and np.any(np.asarray(dh)[~off] != 0)
 
 
-def test_bfloat16_inputs_give_bfloat16_gradients_close_to_naive():
-    args = _inputs(3, (40,), 32, 300, dtype=jnp.bfloat16)
-    (out, grads) = _outputs_and_grads(token_logprobs_and_entropy, *args, chunk=16, vocab_chunk=64)
+@pytest.mark.parametrize(
+    ("v", "vocab_chunk"),
+    [(300, 64), (1000, 48)],
+    ids=["5-vocab-blocks,ragged", "21-vocab-blocks,staged-in-groups-of-3,ragged"],
+)
+def test_bfloat16_inputs_give_bfloat16_gradients_close_to_naive(v, vocab_chunk):
+    args = _inputs(3, (40,), 32, v, dtype=jnp.bfloat16)
+    (out, grads) = _outputs_and_grads(token_logprobs_and_entropy, *args, chunk=16, vocab_chunk=vocab_chunk)
     ref_out, ref_grads = _outputs_and_grads(naive_logprobs_and_entropy, *args)
     _assert_close(out, ref_out, rtol=1e-5, atol=1e-4)
     assert all(g.dtype == jnp.bfloat16 for g in grads)
@@ -107,6 +112,21 @@ def test_no_tokens_by_vocab_buffer_in_forward_and_backward():
     logits_bytes = n * v * 4
     assert temp_bytes(naive_logprobs_and_entropy) >= logits_bytes
     assert temp_bytes(token_logprobs_and_entropy, chunk=256, vocab_chunk=1024) < logits_bytes / 8
+
+
+def test_bfloat16_lm_head_is_neither_copied_nor_converted():
+    """Forward + backward with a bf16 lm_head (ragged vocab blocks): temporaries stay below half a copy of it (XLA's
+    CPU backend converts a bf16 array that a loop slices or reads back into a whole float32 or uint16 copy; ∂W is
+    staged in eighths)."""
+    n, d, v = 256, 64, 65_000
+    s = jax.ShapeDtypeStruct
+    args = (s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((n,), jnp.int32), s((n,), jnp.bool_))
+
+    def objective(h, w, y, m):
+        return sum(x.sum() for x in token_logprobs_and_entropy(h, w, y, m, chunk=128, vocab_chunk=1024))
+
+    temp = jax.jit(jax.grad(objective, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp < d * v * 2 / 2, f"{temp / 2**20:.1f} MiB of temporaries for a {d * v * 2 / 2**20:.1f} MiB lm_head"
 
 
 def test_bad_inputs_are_named():

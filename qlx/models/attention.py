@@ -9,12 +9,17 @@ Backends (``ModelConfig.attention``):
   into query chunks that each attend only to their key prefix (:func:`causal_chunked_attention`), which skips most
   of the masked upper triangle (about (n + 1) / 2n of the dense work for n chunks) with the same dense maths.
 - ``"flash"``: ``qlx.kernels.flash_attention`` (Pallas on TPU / GPU, XLA blockwise on CPU; O(T x block) memory).
+  On a mesh it runs inside a ``shard_map`` over the mesh axes the rules give q's "batch" and "heads" dimensions
+  (``qlx.kernels.sharded_flash_attention``): each device calls the kernel on its own batch / head shard, which a
+  Pallas kernel needs (the compiler cannot partition it). The sequence is whole on every device.
 - ``"ring"``: ``qlx.kernels.ring_attention`` over the mesh axis ``"seq"`` of ``layout.mesh`` (which must exist and
   have ``seq`` > 1, else a ValueError). Causal inputs must already be in the zig-zag layout of
   ``qlx.kernels.balance_tokens(x, mesh.shape["seq"])``: the model permutes tokens once at its input
   (``Qwen3ForCausalLM.hidden_states``). Batch / head mesh axes are those the logical-axis rules give
   ("batch", "heads"), so activations constrained by the model enter the ring without communication.
-Attention over a KV cache (``q_positions_bt``: decode, chunked prefill) always takes the dense reference path.
+Attention over a KV cache (``q_positions_bt``) is the same for every backend (:func:`cache_attention`): one query
+per row (decode) takes the dense reference; several (prefill, chunked prefill) the XLA blockwise kernel with query
+positions, which visits only the key blocks up to each query block's largest position.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qlx.kernels import flash_attention, ring_attention
+from qlx.kernels import flash_attention, ring_attention, sharded_flash_attention
 from qlx.models.sharding import Layout, spec_for
 
 BACKENDS = ("reference", "flash", "ring")
@@ -97,6 +102,31 @@ def causal_chunked_attention(
     return jnp.concatenate(outputs, axis=1)
 
 
+def cache_attention(
+    q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, q_positions_bt: jax.Array, sm_scale: float
+) -> jax.Array:
+    """Queries at ``q_positions_bt`` [B, T] over a KV cache of S slots: key s visible iff s <= position (a negative
+    position is padding and sees nothing). Returns [B, T, H, D].
+
+    T == 1 (decode): the dense reference, [B, H, 1, S] scores. T > 1 (prefill, chunked prefill):
+    ``flash_attention(q_positions=...)`` on the XLA blockwise kernel, whose query blocks skip the key blocks past
+    their largest position, so a chunk at offset P costs O(P + T) per query row instead of O(S). Its tiles must
+    divide T and S: T is padded with position -1 queries to a multiple of 128 (of 16 below 128), S with never
+    visible slots to a multiple of 128. Padding queries give 0 here (the reference gives a uniform average).
+    """
+    t, s = q_bthd.shape[1], k_bskd.shape[1]
+    if t == 1:
+        return reference_attention(
+            q_bthd, k_bskd, v_bskd, attention_mask(t, s, q_positions_bt=q_positions_bt), sm_scale
+        )
+    pad_t, pad_s = -t % (128 if t >= 128 else 16), -s % 128
+    q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    q_positions_bt = jnp.pad(q_positions_bt, ((0, 0), (0, pad_t)), constant_values=-1)
+    k_bskd, v_bskd = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bskd, v_bskd))
+    out = flash_attention(q_bthd, k_bskd, v_bskd, q_positions=q_positions_bt, sm_scale=sm_scale, backend="xla")
+    return out[:, :t]
+
+
 def ring_size(layout: Layout | None) -> int:
     """Devices on the ring axis ``"seq"`` of the layout's mesh; ValueError when there is no mesh or seq is 1."""
     mesh = None if layout is None else layout.mesh
@@ -112,6 +142,40 @@ def ring_size(layout: Layout | None) -> int:
 
 def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_and_head_axes(q_bthd: jax.Array, layout: Layout) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The mesh axes the rules give q's "batch" and "heads" dimensions (after dropping axes that do not divide them):
+    the sharding the model constrains q to, so attention entering a shard_map over them moves nothing."""
+    spec = spec_for(q_bthd.shape, ("batch", "length", "heads", None), layout.mesh, dict(layout.rules))
+    return _mesh_axes(spec[0]), _mesh_axes(spec[2])
+
+
+def flash_self_attention(
+    q_bthd: jax.Array,
+    k_btkd: jax.Array,
+    v_btkd: jax.Array,
+    *,
+    layout: Layout | None,
+    causal: bool,
+    segment_ids_bt: jax.Array | None,
+    sm_scale: float,
+) -> jax.Array:
+    """``flash_attention``; on the layout's mesh, per batch / head shard inside a shard_map. Returns [B, T, H, D]."""
+    if layout is None or layout.mesh is None:
+        return flash_attention(q_bthd, k_btkd, v_btkd, causal=causal, segment_ids=segment_ids_bt, sm_scale=sm_scale)
+    batch_axes, head_axes = batch_and_head_axes(q_bthd, layout)
+    return sharded_flash_attention(
+        q_bthd,
+        k_btkd,
+        v_btkd,
+        mesh=layout.mesh,
+        batch_axes=batch_axes,
+        head_axes=head_axes,
+        causal=causal,
+        segment_ids=segment_ids_bt,
+        sm_scale=sm_scale,
+    )
 
 
 def ring_self_attention(
@@ -130,8 +194,7 @@ def ring_self_attention(
     that do not divide them), the sharding the model constrains q to.
     """
     ring_size(layout)
-    spec = spec_for(q_bthd.shape, ("batch", "length", "heads", None), layout.mesh, dict(layout.rules))
-    heads = _mesh_axes(spec[2])
+    batch_axes, heads = batch_and_head_axes(q_bthd, layout)
     if len(heads) > 1:
         raise ValueError(f"model.attention='ring' shards heads over one mesh axis, but the rules give 'heads' {heads}")
     return ring_attention(
@@ -144,7 +207,7 @@ def ring_self_attention(
         segment_ids=segment_ids_bt,
         layout="balanced",
         sm_scale=sm_scale,
-        batch_axes=_mesh_axes(spec[0]),
+        batch_axes=batch_axes,
         head_axis=heads[0] if heads else None,
     )
 
@@ -165,8 +228,9 @@ def attention(
 
     q [B, T, H, D]; k, v [B, S, KV, D]; sm_scale defaults to D ** -0.5. Give either ``causal``/``segment_ids_bt``
     (self-attention over the same T tokens) or ``q_positions_bt`` (queries at those positions over a KV cache of S
-    slots). Attention over a KV cache (decode, chunked prefill) uses the dense reference for every backend.
-    ``layout`` (the model's mesh and rules) is needed by ``"ring"`` only; its causal inputs are in the balanced layout.
+    slots). Attention over a KV cache (decode, chunked prefill) is :func:`cache_attention` for every backend.
+    ``layout`` (the model's mesh and rules) places ``"flash"`` (shard_map over batch / heads) and ``"ring"`` (needs
+    it; its causal inputs are in the balanced layout).
     """
     if backend not in BACKENDS:
         raise ValueError(f"model.attention: unknown backend {backend!r}; valid values: {', '.join(BACKENDS)}")
@@ -175,16 +239,13 @@ def attention(
     if q_positions_bt is not None:
         if segment_ids_bt is not None:
             raise ValueError("attention over a KV cache (q_positions_bt) does not take segment_ids_bt")
-        return reference_attention(
-            q_bthd, k_bskd, v_bskd, attention_mask(t, s, q_positions_bt=q_positions_bt), sm_scale
-        )
+        return cache_attention(q_bthd, k_bskd, v_bskd, q_positions_bt, sm_scale)
     if backend == "reference":
         if causal:
             return causal_chunked_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale)
         mask = attention_mask(t, s, causal=False, segment_ids_bt=segment_ids_bt)
         return reference_attention(q_bthd, k_bskd, v_bskd, mask, sm_scale)
-    if backend == "flash":
-        return flash_attention(q_bthd, k_bskd, v_bskd, causal=causal, segment_ids=segment_ids_bt, sm_scale=sm_scale)
-    return ring_self_attention(
+    self_attention = flash_self_attention if backend == "flash" else ring_self_attention
+    return self_attention(
         q_bthd, k_bskd, v_bskd, layout=layout, causal=causal, segment_ids_bt=segment_ids_bt, sm_scale=sm_scale
     )

@@ -15,8 +15,11 @@ VJP) recomputes each tile from the saved per-token lse and entropy:
 
 looping over vocabulary blocks outside and token blocks inside, so each block of ∂W is accumulated once in float32
 and written once. Live memory beyond the inputs and gradients is a few float32 tiles plus a float32 [N, D] buffer
-for ∂h (on the CPU backend with 16-bit inputs, also one 16-bit copy of W: see ``_bits``). Ragged ends are handled by
-letting the last block overlap its predecessor and masking the overlap, so nothing is padded.
+for ∂h; no copy of W is made (16-bit W on the CPU backend included: see ``_slice``; there ∂W passes through a
+uint16 staging buffer of 1/8 of its size: see ``_to_bits``). Ragged ends are handled by letting the last block
+overlap its predecessor, so nothing is padded: overlapping tokens and vocabulary columns are masked out of the
+sums, and the last ∂W block rewrites its overlap with the values already there (∂W is only written, never read
+back, which keeps the CPU backend from converting it to float32).
 """
 
 import functools
@@ -76,19 +79,33 @@ def _block(i, size, total):
     return start, fresh
 
 
-def _bits(x):
-    """On CPU, 16-bit floats as uint16. XLA's CPU backend turns a bf16 array that a loop slices dynamically into a
-    float32 copy of the whole array (2x its size, for lm_head 1.2 GiB); sliced as integers and cast back per block,
-    only one bf16-sized copy is made. Other backends slice bf16 natively and get the array unchanged."""
-    if x.dtype.itemsize == 2 and jax.default_backend() == "cpu":
-        return jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return x
+def _cpu_16bit(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
 
 
-def _slice(x, start, size, axis, dtype):
-    """``size`` entries of ``x`` (as made by ``_bits``) from ``start`` along ``axis``, in ``dtype``."""
-    block = jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-    return jax.lax.bitcast_convert_type(block, dtype) if block.dtype != dtype else block
+def _slice(x, start, size, axis):
+    """``size`` entries of ``x`` from ``start`` along ``axis``, inside a loop.
+
+    On CPU, a bf16 array that a loop slices dynamically becomes a float32 copy of the whole array, hoisted out of
+    the loop (for lm_head 1.2 GiB); viewed as uint16 it becomes a uint16 copy (0.6 GiB). Here the view is taken
+    inside the loop on an optimization barrier tied to the loop's ``start``, so it cannot be hoisted: it fuses with
+    the slice, which reads only the block, and no copy of ``x`` exists."""
+    if not _cpu_16bit(x.dtype):
+        return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    x, start = jax.lax.optimization_barrier((x, start))
+    block = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(x, jnp.uint16), start, size, axis=axis)
+    return jax.lax.bitcast_convert_type(block, x.dtype)
+
+
+_CPU_FLUSHES = 8
+
+
+def _to_bits(x):
+    """On CPU, 16-bit floats as uint16. There, a loop's dynamic update of a bf16 array converts the whole array to
+    float32 and back at every step (slow), while a uint16 array is updated in place but must be copied once to
+    become bf16. So ∂W blocks gather in a uint16 buffer of 1/_CPU_FLUSHES of ∂W (copied once each) and enter the
+    bf16 ∂W in _CPU_FLUSHES whole-array steps. Else unchanged."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _cpu_16bit(x.dtype) else x
 
 
 def _tile_logits(h_cd, w_dv, temperature):
@@ -99,17 +116,16 @@ def _forward(h_nd, w_dv, y_n, tiles):
     c, vc, temperature = tiles
     n, v = h_nd.shape[0], w_dv.shape[1]
     n_tok, n_voc = -(-n // c), -(-v // vc)
-    h_bits, w_bits = _bits(h_nd), _bits(w_dv)
 
     def token_block(i):
         t0, _ = _block(i, c, n)
-        h_cd = _slice(h_bits, t0, c, 0, h_nd.dtype)
+        h_cd = _slice(h_nd, t0, c, 0)
         y_c = jax.lax.dynamic_slice_in_dim(y_n, t0, c)
 
         def vocab_block(carry, j):
             m_c, s_c, u_c, tgt_c = carry
             v0, fresh_v = _block(j, vc, v)
-            z_cv = _tile_logits(h_cd, _slice(w_bits, v0, vc, 1, w_dv.dtype), temperature)
+            z_cv = _tile_logits(h_cd, _slice(w_dv, v0, vc, 1), temperature)
             z_cv = jnp.where(fresh_v[None, :], z_cv, -jnp.inf)
             m_new = jnp.maximum(m_c, z_cv.max(axis=1))
             e_cv = jnp.exp(z_cv - m_new[:, None])
@@ -152,39 +168,65 @@ def _logp_entropy_bwd(tiles, residuals, cotangents):
     n, d = h_nd.shape
     v = w_dv.shape[1]
     n_tok, n_voc = -(-n // c), -(-v // vc)
-    h_bits, w_bits = _bits(h_nd), _bits(w_dv)
+    # ∂W is written group by group: on CPU with 16-bit W, each group of vocabulary blocks fills a uint16 staging
+    # buffer (see _to_bits) that is then written into ∂W in one step; elsewhere one group holds every block.
+    blocks = -(-n_voc // _CPU_FLUSHES) if _cpu_16bit(w_dv.dtype) else n_voc
+    group = min(v, blocks * vc)
+    n_group = -(-v // group)
 
-    def vocab_block(carry, j):
-        dh_nd, dw_bits = carry
-        v0, fresh_v = _block(j, vc, v)
-        w_dc = _slice(w_bits, v0, vc, 1, w_dv.dtype)
+    def group_grads(dh_nd, f):
+        """∂h updated with, and the (staged) ∂W columns [D, group] of, vocabulary group f."""
+        g0, fresh_g = _block(f, group, v)
 
-        def token_block(inner, i):
-            dh_nd, dw_dc = inner
-            t0, fresh_t = _block(i, c, n)
+        def vocab_block(carry, j):
+            dh_nd, dw_dg = carry
+            b0, fresh_b = _block(j, vc, group)
+            v0 = g0 + b0
+            fresh_v = fresh_b & jax.lax.dynamic_slice_in_dim(fresh_g, b0, vc)
+            w_dc = _slice(w_dv, v0, vc, 1)
+            # ∂h must not count columns a block shares with an earlier one; ∂W rewrites them with equal values
+            w_fresh_dc = jnp.where(fresh_v[None, :], w_dc.astype(jnp.float32), 0.0)
 
-            def rows(x):
-                return jax.lax.dynamic_slice_in_dim(x, t0, c)
+            def token_block(inner, i):
+                dh_nd, dw_dc = inner
+                t0, fresh_t = _block(i, c, n)
 
-            h_cd = _slice(h_bits, t0, c, 0, h_nd.dtype)
-            y_c, lse_c, ent_c, g_logp_c, g_ent_c = map(rows, (y_n, lse_n, ent_n, g_logp_n, g_ent_n))
-            logq_cv = _tile_logits(h_cd, w_dc, temperature) - lse_c[:, None]
-            p_cv = jnp.exp(logq_cv)
-            hit_cv = (v0 + jnp.arange(vc))[None, :] == y_c[:, None]
-            dz_cv = g_logp_c[:, None] * (hit_cv - p_cv) - g_ent_c[:, None] * p_cv * (logq_cv + ent_c[:, None])
-            dz_cv = jnp.where(fresh_t[:, None] & fresh_v[None, :], dz_cv, 0.0) / temperature
-            dh_cd = rows(dh_nd) + jnp.dot(dz_cv, w_dc.astype(jnp.float32).T, preferred_element_type=jnp.float32)
-            dw_dc = dw_dc + jnp.dot(h_cd.astype(jnp.float32).T, dz_cv, preferred_element_type=jnp.float32)
-            return (jax.lax.dynamic_update_slice_in_dim(dh_nd, dh_cd, t0, axis=0), dw_dc), None
+                def rows(x):
+                    return jax.lax.dynamic_slice_in_dim(x, t0, c)
 
-        (dh_nd, dw_dc), _ = jax.lax.scan(token_block, (dh_nd, jnp.zeros((d, vc), jnp.float32)), jnp.arange(n_tok))
-        old_dc = jax.lax.dynamic_slice_in_dim(dw_bits, v0, vc, axis=1)
-        new_dc = jnp.where(fresh_v[None, :], _bits(dw_dc.astype(w_dv.dtype)), old_dc)
-        return (dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_bits, new_dc, v0, axis=1)), None
+                h_cd = _slice(h_nd, t0, c, 0)
+                y_c, lse_c, ent_c, g_logp_c, g_ent_c = map(rows, (y_n, lse_n, ent_n, g_logp_n, g_ent_n))
+                logq_cv = _tile_logits(h_cd, w_dc, temperature) - lse_c[:, None]
+                p_cv = jnp.exp(logq_cv)
+                hit_cv = (v0 + jnp.arange(vc))[None, :] == y_c[:, None]
+                dz_cv = g_logp_c[:, None] * (hit_cv - p_cv) - g_ent_c[:, None] * p_cv * (logq_cv + ent_c[:, None])
+                dz_cv = jnp.where(fresh_t[:, None], dz_cv, 0.0) / temperature
+                dh_cd = rows(dh_nd) + jnp.dot(dz_cv, w_fresh_dc.T, preferred_element_type=jnp.float32)
+                dw_dc = dw_dc + jnp.dot(h_cd.astype(jnp.float32).T, dz_cv, preferred_element_type=jnp.float32)
+                return (jax.lax.dynamic_update_slice_in_dim(dh_nd, dh_cd, t0, axis=0), dw_dc), None
 
-    init = (jnp.zeros((n, d), jnp.float32), _bits(jnp.zeros((d, v), w_dv.dtype)))
-    (dh_nd, dw_bits), _ = jax.lax.scan(vocab_block, init, jnp.arange(n_voc))
-    return dh_nd.astype(h_nd.dtype), _slice(dw_bits, 0, v, 1, w_dv.dtype), None
+            init = (dh_nd, jnp.zeros((d, vc), jnp.float32))
+            (dh_nd, dw_dc), _ = jax.lax.scan(token_block, init, jnp.arange(n_tok))
+            dw_dc = _to_bits(dw_dc.astype(w_dv.dtype))
+            return (dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_dg, dw_dc, b0, axis=1)), None
+
+        init = (dh_nd, _to_bits(jnp.zeros((d, group), w_dv.dtype)))
+        (dh_nd, dw_dg), _ = jax.lax.scan(vocab_block, init, jnp.arange(-(-group // vc)))
+        return dh_nd, jax.lax.bitcast_convert_type(dw_dg, w_dv.dtype)
+
+    dh_nd = jnp.zeros((n, d), jnp.float32)
+    if n_group == 1:
+        dh_nd, dw_dv = group_grads(dh_nd, 0)
+    else:
+
+        def flush(carry, f):
+            dh_nd, dw_dv = carry
+            dh_nd, dw_dg = group_grads(dh_nd, f)
+            return (dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_dv, dw_dg, _block(f, group, v)[0], axis=1)), None
+
+        init = (dh_nd, jnp.zeros((d, v), w_dv.dtype))
+        (dh_nd, dw_dv), _ = jax.lax.scan(flush, init, jnp.arange(n_group))
+    return dh_nd.astype(h_nd.dtype), dw_dv, None
 
 
 _logp_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
