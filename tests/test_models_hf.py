@@ -134,9 +134,9 @@ def test_tied_round_trip_writes_no_lm_head(checkpoints, tmp_path):
 def test_load_onto_mesh_is_sharded_and_matches(checkpoints):
     mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
     model = qlx.load_hf(checkpoints["moe_mlp_only_normalised"], mesh=mesh)
-    gate = model.layers[1].mlp.gate[...]
-    assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
-    assert gate.addressable_shards[0].data.shape == (4, 32, 8)
+    gate_up = model.layers[1].mlp.gate_up[...]
+    assert gate_up.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", None, "tensor")
+    assert gate_up.addressable_shards[0].data.shape == (4, 32, 2, 8)  # each shard holds matching gate / up columns
     assert model.layers[0].mlp.gate[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     logits = np.asarray(forward_with_aux(model, jnp.asarray(TOKENS))[0])
     assert np.abs(logits - hf_outputs(checkpoints["moe_mlp_only_normalised"])[0]).max() <= 1e-4

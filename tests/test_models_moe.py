@@ -16,44 +16,68 @@ from qlx.models.moe import (
     route,
     router_stats,
 )
-from qlx.models.moe_blocked import block_layout, blocked_moe, blocked_moe_reference, num_blocks
+from qlx.models.moe_blocked import block_layout, blocked_moe, blocked_moe_reference, effective_block_size, num_blocks
 
 T, K, E, D, I, BLOCK = 37, 2, 6, 16, 12, 8
 
 
-def random_problem(seed: int, skewed: bool):
-    """Inputs of a MoE layer; ``skewed`` routes most tokens to experts 0 and 1 and leaves experts 4, 5 empty."""
+def random_problem(seed: int, skewed: bool, tokens: int = T):
+    """Inputs of a MoE layer; ``skewed`` routes most tokens to experts 0 and 1 and leaves experts 4, 5 empty.
+
+    Weights: w_gate_up [E, D, 2, I] (gate, up) and w_down [E, I, D]."""
     r = np.random.default_rng(seed)
-    x = jnp.asarray(r.normal(size=(T, D)), jnp.float32)
-    logits = r.normal(size=(T, E))
+    x = jnp.asarray(r.normal(size=(tokens, D)), jnp.float32)
+    logits = r.normal(size=(tokens, E))
     if skewed:
         logits[:, :2] += 4.0
         logits[:, 4:] -= 50.0
     weights, experts_tk, _ = route(jnp.asarray(logits), K, normalize=True)
-    w = [jnp.asarray(r.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    w = [jnp.asarray(r.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((E, D, 2, I), (E, I, D))]
     return x, weights, experts_tk, w
 
 
-def reference_experts(x, weights, experts_tk, wg, wu, wd):
-    return jnp.einsum("tkd,tk->td", expert_outputs_reference(x, experts_tk, wg, wu, wd), weights)
+def reference_experts(x, weights, experts_tk, w_gate_up, w_down):
+    return jnp.einsum("tkd,tk->td", expert_outputs_reference(x, experts_tk, w_gate_up, w_down), weights)
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-def test_backends_match_reference_values_and_gradients(skewed):
-    x, weights, experts_tk, (wg, wu, wd) = random_problem(0, skewed)
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(T, D)), jnp.float32)
+def test_reference_is_per_token_swiglu():
+    """The gathered reference equals a per-token loop of silu(x Wg) * (x Wu) @ Wd in float64 numpy."""
+    x, weights, experts_tk, (w_gate_up, w_down) = random_problem(5, skewed=False, tokens=4)
+    got = reference_experts(x, weights, experts_tk, w_gate_up, w_down)
+    x, weights, w_gate_up, w_down = (np.asarray(a, np.float64) for a in (x, weights, w_gate_up, w_down))
+    want = np.zeros_like(x)
+    for t, row in enumerate(np.asarray(experts_tk)):
+        for j, e in enumerate(row):
+            gate, up = x[t] @ w_gate_up[e, :, 0], x[t] @ w_gate_up[e, :, 1]
+            want[t] += weights[t, j] * ((gate / (1 + np.exp(-gate)) * up) @ w_down[e])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("skewed", "tokens", "block_size"), [(False, T, BLOCK), (True, T, 64), (False, 3, 64)])
+def test_backends_match_reference_values_and_gradients(skewed, tokens, block_size):
+    """37 tokens (blocks of 8; block_size 64 shrunk to 16) and decode-sized 3 tokens (64 shrunk to 8)."""
+    x, weights, experts_tk, (w_gate_up, w_down) = random_problem(0, skewed, tokens)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(tokens, D)), jnp.float32)
 
     def loss(fn):
-        return lambda x, weights, wg, wu, wd: jnp.sum(fn(x, weights, experts_tk, wg, wu, wd) * cotangent)
+        return lambda x, weights, w_gate_up, w_down: jnp.sum(fn(x, weights, experts_tk, w_gate_up, w_down) * cotangent)
 
-    args = (x, weights, wg, wu, wd)
-    want_value, want_grads = jax.value_and_grad(loss(reference_experts), argnums=range(5))(*args)
+    args = (x, weights, w_gate_up, w_down)
+    want_value, want_grads = jax.value_and_grad(loss(reference_experts), argnums=range(4))(*args)
     for backend in ("blocked", "ragged"):
-        fn = jax.jit(lambda *a, backend=backend: experts(*a, backend=backend, block_size=BLOCK))
-        value, grads = jax.jit(jax.value_and_grad(loss(fn), argnums=range(5)))(*args)
+        fn = jax.jit(lambda *a, backend=backend: experts(*a, backend=backend, block_size=block_size))
+        value, grads = jax.jit(jax.value_and_grad(loss(fn), argnums=range(4)))(*args)
         np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=backend)
-        for name, g, w in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, want_grads, strict=True):
+        for name, g, w in zip(("x", "weights", "w_gate_up", "w_down"), grads, want_grads, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{backend} d{name}")
+
+
+def test_effective_block_size():
+    """Blocks shrink to the next power of two >= the mean rows per expert (at least 8), never past block_size."""
+    assert effective_block_size(8 * 4, 32, 128) == 8  # decode: batch 8, top-4 of 32 experts
+    assert effective_block_size(100 * 4, 32, 128) == 16  # 12.5 rows per expert on average
+    assert effective_block_size(4096 * 4, 32, 128) == 128
+    assert effective_block_size(4096 * 4, 32, 64) == 64
 
 
 def test_blocked_moe_custom_vjp_matches_reference_autodiff():

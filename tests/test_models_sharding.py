@@ -21,7 +21,7 @@ EXPECTED = {
     "data=2,expert=2,tensor=2": (
         {"data": 2, "expert": 2, "tensor": 2, "fsdp": 1},
         {
-            ("layers", 0, "mlp", "gate"): (P("expert", "fsdp", "tensor"), (4, 64, 16)),
+            ("layers", 0, "mlp", "gate_up"): (P("expert", "fsdp", None, "tensor"), (4, 64, 2, 16)),
             ("layers", 0, "attn", "q"): (P("fsdp", "tensor", None), (64, 2, 16)),
             ("layers", 1, "attn", "k"): (P("fsdp", "tensor", None), (64, 1, 16)),
             ("embed",): (P("tensor", "fsdp"), (256, 64)),
@@ -31,7 +31,7 @@ EXPECTED = {
     "fsdp=8": (
         {"fsdp": 8},
         {
-            ("layers", 0, "mlp", "gate"): (P("expert", "fsdp", "tensor"), (8, 8, 32)),
+            ("layers", 0, "mlp", "gate_up"): (P("expert", "fsdp", None, "tensor"), (8, 8, 2, 32)),
             ("layers", 1, "mlp", "down"): (P("expert", "tensor", "fsdp"), (8, 32, 8)),
             ("embed",): (P("tensor", "fsdp"), (512, 8)),
         },
@@ -85,6 +85,6 @@ def test_build_model_creates_parameters_sharded(model):
     want = state_shardings(nnx.state(sharded), mesh)
     for (path, var), (_, sharding) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(want), strict=True):
         assert var.get_value().sharding == sharding.get_value(), path
-    gate = sharded.layers[1].mlp.gate[...]
-    assert gate.addressable_shards[0].data.shape == (4, 32, 16)
-    np.testing.assert_array_equal(gate, model.layers[1].mlp.gate[...])
+    gate_up = sharded.layers[1].mlp.gate_up[...]
+    assert gate_up.addressable_shards[0].data.shape == (4, 32, 2, 16)
+    np.testing.assert_array_equal(gate_up, model.layers[1].mlp.gate_up[...])

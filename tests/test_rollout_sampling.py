@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from qlx.rollout.buckets import batch_bucket, length_bucket
-from qlx.rollout.sampling import sample_tokens, sampling_logprobs
+from qlx.rollout.sampling import first_argmax, sample_tokens, sampling_logprobs
 
 
 def _hf_logprobs(logits: np.ndarray, temperature: float, top_p: float, top_k: int) -> np.ndarray:
@@ -92,6 +92,17 @@ def test_greedy_rows_take_the_argmax_with_the_models_logprob():
     np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits_bv), -1))
     expected = np.asarray(jax.nn.log_softmax(logits_bv))[np.arange(3), np.asarray(tokens)]
     np.testing.assert_allclose(np.asarray(logprob), expected, atol=1e-6)
+
+
+def test_first_argmax_equals_jnp_argmax_with_ties_and_nans():
+    rng = np.random.default_rng(6)
+    x_bv = rng.integers(-3, 4, (64, 40)).astype(np.float32)  # many ties
+    x_bv[5, [7, 20]] = np.nan
+    x_bv[6, 0] = np.nan
+    x_bv[7] = -np.inf
+    got = first_argmax(jnp.asarray(x_bv))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x_bv), axis=-1)))
 
 
 @pytest.mark.parametrize(("n", "expected"), [(1, 16), (16, 16), (17, 20), (33, 40), (129, 160), (8193, 10240)])

@@ -3,7 +3,8 @@
 Supported architectures: ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM``. Weights are read tensor by tensor from
 memory-mapped safetensors files (one file, or shards listed in ``model.safetensors.index.json``) and placed straight
 into their final (sharded, with a mesh) layout with ``jax.make_array_from_callback``; stacked expert weights are
-filled one expert at a time into one preallocated host array. So the host never holds more than one parameter
+filled one expert at a time (gate and up into their halves of the fused ``gate_up``) into one preallocated host
+array. So the host never holds more than one parameter
 beyond the model itself. Pickle checkpoints (.bin / .pt) are refused.
 
 Name mapping (HF -> qlx; HF linear weights are [out, in], ours [in, out]):
@@ -11,7 +12,8 @@ Name mapping (HF -> qlx; HF linear weights are [out, in], ours [in, out]):
   model.norm.weight -> final_norm.scale            model.layers.{i}.{input,post_attention}_layernorm.weight
   self_attn.{q,k,v}_proj.weight [H*K, D] -> attn.{q,k,v} [D, H, K]   self_attn.o_proj.weight -> attn.o [H, K, D]
   self_attn.{q,k}_norm.weight -> attn.{q,k}_norm.scale               mlp.{gate,up,down}_proj.weight -> mlp.*
-  mlp.gate.weight [E, D] -> moe.router [D, E]      mlp.experts.{e}.{gate,up,down}_proj.weight -> moe.{gate,up,down}[e]
+  mlp.gate.weight [E, D] -> moe.router [D, E]      mlp.experts.{e}.down_proj.weight -> moe.down[e]
+  mlp.experts.{e}.gate_proj.weight -> moe.gate_up[e, :, 0]     mlp.experts.{e}.up_proj.weight -> moe.gate_up[e, :, 1]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+ALL = slice(None)
 
 
 class CheckpointError(ValueError):
@@ -208,15 +211,16 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One HF tensor: its name, the qlx parameter path, the qlx shape (of one expert for stacked experts), the
-    layout transform ("copy", "transpose", "in_heads" [H*K, D] <-> [D, H, K], "out_heads" [D, H*K] <-> [H, K, D])
-    and, for stacked expert weights, the expert index."""
+    """One HF tensor: its name, the qlx parameter path, the qlx shape of its part of the parameter, the layout
+    transform ("copy", "transpose", "in_heads" [H*K, D] <-> [D, H, K], "out_heads" [D, H*K] <-> [H, K, D]) and
+    ``index``, the numpy index of that part in the parameter (``()``: all of it; ``(e,)``: expert e of a stacked
+    weight; ``(e, slice(None), 0)``: expert e's gate half of the fused ``gate_up`` [E, D, 2, I])."""
 
     name: str
     path: tuple
     shape: tuple[int, ...]
     transform: str
-    expert: int | None = None
+    index: tuple = ()
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -267,9 +271,9 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
             for e in range(c.num_experts):
                 q = f"{p}mlp.experts.{e}."
                 specs += [
-                    TensorSpec(q + "gate_proj.weight", (*layer, "mlp", "gate"), (d, mi), "transpose", e),
-                    TensorSpec(q + "up_proj.weight", (*layer, "mlp", "up"), (d, mi), "transpose", e),
-                    TensorSpec(q + "down_proj.weight", (*layer, "mlp", "down"), (mi, d), "transpose", e),
+                    TensorSpec(q + "gate_proj.weight", (*layer, "mlp", "gate_up"), (d, mi), "transpose", (e, ALL, 0)),
+                    TensorSpec(q + "up_proj.weight", (*layer, "mlp", "gate_up"), (d, mi), "transpose", (e, ALL, 1)),
+                    TensorSpec(q + "down_proj.weight", (*layer, "mlp", "down"), (mi, d), "transpose", (e,)),
                 ]
         else:
             mi = c.intermediate_size
@@ -394,11 +398,7 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForC
         shape = var.get_value().shape
         host = np.empty(shape, np_dtype)
         for s in group:
-            value = s.to_qlx(reader.get(infos[s.name]))
-            if s.expert is None:
-                host[...] = value
-            else:
-                host[s.expert] = value
+            host[s.index] = s.to_qlx(reader.get(infos[s.name]))
         if mesh is None:
             array = jax.device_put(host)
         else:
@@ -472,7 +472,7 @@ def save_hf(
             if spec.path not in current:
                 current.clear()
                 current[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
-            value = current[spec.path] if spec.expert is None else current[spec.path][spec.expert]
+            value = current[spec.path][spec.index]
             return np.ascontiguousarray(spec.to_hf(value))
 
         return produce

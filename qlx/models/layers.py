@@ -9,15 +9,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:
+    """An ``nnx.Param`` holding ``value``, annotated with ``logical_axes`` (sharded later, not eagerly)."""
+    return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
+
+
+def normal_value(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
+    """An array drawn from N(0, std^2) (in float32, then cast) with the next ``rngs.params()`` key."""
+    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+
+
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None], std: float, dtype):
     """An ``nnx.Param`` drawn from N(0, std^2), annotated with ``logical_axes`` (sharded later, not eagerly)."""
-    value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value.astype(dtype), out_sharding=tuple(logical_axes), eager_sharding=False)
+    return param(normal_value(rngs, shape, std, dtype), logical_axes)
 
 
 def ones_param(shape: Sequence[int], logical_axes: Sequence[str | None], dtype):
     """An ``nnx.Param`` of ones (norm scales), annotated with ``logical_axes``."""
-    return nnx.Param(jnp.ones(tuple(shape), dtype), out_sharding=tuple(logical_axes), eager_sharding=False)
+    return param(jnp.ones(tuple(shape), dtype), logical_axes)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -47,27 +47,27 @@ def load_balancing_loss(counts_e: jax.Array, prob_sum_e: jax.Array, num_rows, nu
     return num_experts * jnp.sum((counts_e / num_rows) * (prob_sum_e / num_rows))
 
 
-def expert_outputs_reference(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid):
+def expert_outputs_reference(x_td, experts_tk, w_gate_up_edgi, w_down_eid):
     """Plain reference: out[t, j] = (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] with e = experts[t, j]. Returns [T, k, D].
 
-    Gathers a weight copy per assignment ([T, k, D, I]), so it is for tests only.
+    w_gate_up [E, D, 2, I] holds Wg = w_gate_up[:, :, 0] and Wu = w_gate_up[:, :, 1]. Gathers a weight copy per
+    assignment ([T, k, D, 2, I]), so it is for tests only.
     """
-    gate = jnp.einsum("td,tkdi->tki", x_td, w_gate_edi[experts_tk])
-    up = jnp.einsum("td,tkdi->tki", x_td, w_up_edi[experts_tk])
-    return jnp.einsum("tki,tkid->tkd", jax.nn.silu(gate) * up, w_down_eid[experts_tk])
+    gate_up = jnp.einsum("td,tkdgi->tkgi", x_td, w_gate_up_edgi[experts_tk])
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return jnp.einsum("tki,tkid->tkd", hidden, w_down_eid[experts_tk])
 
 
-def expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid):
+def expert_outputs_ragged(x_td, experts_tk, w_gate_up_edgi, w_down_eid):
     """Each assignment's expert output [T, k, D] with rows sorted by expert and ``jax.lax.ragged_dot``."""
     t, k = experts_tk.shape
-    num_experts = w_gate_edi.shape[0]
+    num_experts, d, _, i = w_gate_up_edgi.shape
     flat_a = experts_tk.reshape(t * k)
     order = jnp.argsort(flat_a, stable=True)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1)
     x_sorted = x_td[order // k]
-    gate = jax.lax.ragged_dot(x_sorted, w_gate_edi, group_sizes)
-    up = jax.lax.ragged_dot(x_sorted, w_up_edi, group_sizes)
-    y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_eid, group_sizes)
+    gate_up = jax.lax.ragged_dot(x_sorted, w_gate_up_edgi.reshape(num_experts, d, 2 * i), group_sizes)
+    y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate_up[:, :i]) * gate_up[:, i:], w_down_eid, group_sizes)
     inverse = jnp.zeros((t * k,), jnp.int32).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
     return y_sorted[inverse].reshape(t, k, -1)
 
@@ -81,14 +81,12 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def experts(
-    x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *, backend: str = "auto", block_size: int = 128
-):
+def experts(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, *, backend: str = "auto", block_size: int = 128):
     """Dropless MoE expert compute: y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]). Returns [T, D].
 
-    x [T, D]; weights [T, k]; experts [T, k] (int); w_gate / w_up [E, D, I]; w_down [E, I, D].
+    x [T, D]; weights [T, k]; experts [T, k] (int); w_gate_up [E, D, 2, I] (gate, up); w_down [E, I, D].
     """
     if resolve_backend(backend) == "blocked":
-        return experts_blocked(x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, block_size=block_size)
-    out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_edi, w_up_edi, w_down_eid)
+        return experts_blocked(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, block_size=block_size)
+    out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_up_edgi, w_down_eid)
     return jnp.einsum("tkd,tk->td", out_tkd, weights_tk.astype(out_tkd.dtype))

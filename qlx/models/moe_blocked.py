@@ -1,15 +1,16 @@
 """Dropless MoE expert compute for CPU: rows sorted by expert into fixed-size blocks, blocks scanned with matmuls.
 
 Each of the T*k (token, expert) assignments is placed in a padded buffer where every block of ``block_size`` rows
-belongs to a single expert (each expert's rows are padded up to a multiple of the block size). The number of blocks
-is static, ``ceil(T*k / block_size) + E`` (an upper bound), so shapes never depend on the routing; blocks past the
-used ones are skipped with ``lax.cond``. A scan over blocks gathers the block's token rows, runs the SwiGLU
-expert MLP with plain dense matmuls on that block's expert weights (gate and up fused into one [D, 2I] matmul) and
-scatter-adds the routing-weighted rows into the output, which XLA's CPU backend executes near dense-matmul speed
-(``lax.ragged_dot`` runs about 50x slower there) without materialising the padded [NB * bs, D] buffers. The
-backward pass is a hand-written scan (``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates
-weight gradients in place, instead of differentiating the dynamic weight slices (which would add a full [E, D, I]
-gradient per block).
+belongs to a single expert (each expert's rows are padded up to a multiple of the block size). The block size adapts
+to the problem (:func:`effective_block_size`): decode's few rows per expert get blocks of 8 rows, not the configured
+128 (which made a decode step 16x the matmul work). The number of blocks is static, ``min(ceil(T*k / bs) + E, T*k)``
+(an upper bound), so shapes never depend on the routing; blocks past the used ones are skipped with ``lax.cond``.
+A scan over blocks gathers the block's token rows, runs the SwiGLU expert MLP with plain dense matmuls on that
+block's expert weights (gate and up stored fused, one [D, 2I] matmul) and scatter-adds the routing-weighted rows
+into the output, which XLA's CPU backend executes near dense-matmul speed (``lax.ragged_dot`` runs about 50x slower
+there) without materialising the padded [NB * bs, D] buffers. The backward pass is a hand-written scan
+(``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates weight gradients in place, instead of
+differentiating the dynamic weight slices (which would add a full [E, D, I] gradient per block).
 
 Pieces: :func:`block_layout` (routing -> padded layout), :func:`blocked_moe` (the scan, custom VJP),
 :func:`blocked_moe_reference` (the same maths on gathered per-block weights, for tests), and
@@ -42,8 +43,9 @@ class BlockLayout:
 
 
 def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
-    """Static block count: sum_e ceil(n_e / bs) <= ceil(A / bs) + E for any split of A rows over E experts."""
-    return -(-num_assignments // block_size) + num_experts
+    """Static block count: sum_e ceil(n_e / bs) <= min(ceil(A / bs) + E, A) for any split of A rows over E experts
+    (every used block holds at least one row)."""
+    return min(-(-num_assignments // block_size) + num_experts, num_assignments)
 
 
 def block_layout(experts_tk: jax.Array, num_experts: int, block_size: int) -> BlockLayout:
@@ -191,13 +193,30 @@ def _bwd(residuals, dy_td):
 blocked_moe.defvjp(_fwd, _bwd)
 
 
-def experts_blocked(x_td, weights_tk, experts_tk, w_gate_edi, w_up_edi, w_down_eid, *, block_size: int):
-    """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) via the blocked scan. Returns [T, D]."""
-    layout = block_layout(experts_tk, w_gate_edi.shape[0], block_size)
+def effective_block_size(num_assignments: int, num_experts: int, block_size: int) -> int:
+    """Rows per block for A assignments over E experts: min(block_size, max(8, next_pow2(ceil(A / E)))).
+
+    Each used expert pads its rows up to a whole block, so a block much larger than the average group (decode: T = 8
+    tokens, k = 4 of E = 32 experts, about one row per used expert) would multiply the matmul work by the padding;
+    a block near the average group size keeps the padding small while large batches keep ``block_size``.
+    """
+    mean_rows = -(-num_assignments // num_experts)
+    return min(block_size, max(8, 1 << (mean_rows - 1).bit_length()))
+
+
+def experts_blocked(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, *, block_size: int):
+    """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) via the blocked scan. Returns [T, D].
+
+    w_gate_up [E, D, 2, I] (gate, up) is viewed as [E, D, 2I] (a reshape, no copy); blocks hold
+    :func:`effective_block_size` rows.
+    """
+    num_experts, d = w_gate_up_edgi.shape[:2]
+    bs = effective_block_size(experts_tk.size, num_experts, block_size)
+    layout = block_layout(experts_tk, num_experts, bs)
     row_weight_p = (
         jnp.zeros(layout.row_token_p.shape, x_td.dtype).at[layout.slot_a].set(weights_tk.reshape(-1).astype(x_td.dtype))
     )
-    w_gate_up_edf = jnp.concatenate([w_gate_edi, w_up_edi], axis=-1)
+    w_gate_up_edf = w_gate_up_edgi.reshape(num_experts, d, -1)
     return blocked_moe(
         x_td, row_weight_p, w_gate_up_edf, w_down_eid, layout.row_token_p, layout.block_expert_n, layout.num_used_blocks
     )

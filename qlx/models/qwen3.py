@@ -5,7 +5,7 @@ Parameter layouts (logical axes in brackets; ``qlx.mesh.LOGICAL_AXIS_RULES`` map
   attn.q [D, H, K] (embed, heads, head_dim)   attn.k / attn.v [D, KV, K] (embed, kv_heads, head_dim)
   attn.o [H, K, D] (heads, head_dim, embed)   attn.q_norm / attn.k_norm [K] (head_dim)
   mlp.gate / mlp.up [D, I] (embed, mlp)       mlp.down [I, D] (mlp, embed)
-  moe.router [D, E] (embed, -)                moe.gate / moe.up [E, D, I] (experts, embed, mlp)
+  moe.router [D, E] (embed, -)                moe.gate_up [E, D, 2, I] (experts, embed, -, mlp): gate, up
   moe.down [E, I, D] (experts, mlp, embed)    norms [D] (norm)
 Activations are constrained as (batch, length, embed | heads | kv_heads | mlp | vocab).
 """
@@ -21,7 +21,7 @@ from qlx.config import ModelConfig
 from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
 from qlx.models.cache import KVCache, write_kv
-from qlx.models.layers import RMSNorm, normal_param
+from qlx.models.layers import RMSNorm, normal_param, normal_value, param
 from qlx.models.moe import experts, load_balancing_loss, route, router_stats
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
@@ -93,8 +93,11 @@ class MoE(nnx.Module):
         self.config = config
         e, d, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.router = normal_param(rngs, (d, e), ("embed", None), std, dtype)
-        self.gate = normal_param(rngs, (e, d, i), ("experts", "embed", "mlp"), std, dtype)
-        self.up = normal_param(rngs, (e, d, i), ("experts", "embed", "mlp"), std, dtype)
+        # gate and up stored fused (one [D, 2I] matmul per expert, no per-call concatenation); the "2" axis keeps
+        # each tensor shard's gate and up columns together. Drawn as two [E, D, I] arrays (gate, then up): the same
+        # values as separately stored gate / up weights would get.
+        gate_up = jnp.stack([normal_value(rngs, (e, d, i), std, dtype) for _ in range(2)], axis=2)
+        self.gate_up = param(gate_up, ("experts", "embed", None, "mlp"))
         self.down = normal_param(rngs, (e, i, d), ("experts", "mlp", "embed"), std, dtype)
 
     def __call__(self, x_btd, *, layout: Layout):
@@ -108,8 +111,7 @@ class MoE(nnx.Module):
             x_td,
             weights_tk,
             experts_tk,
-            self.gate[...].astype(dt),
-            self.up[...].astype(dt),
+            self.gate_up[...].astype(dt),
             self.down[...].astype(dt),
             backend=c.moe_backend,
             block_size=c.moe_block_size,
@@ -179,14 +181,19 @@ class Qwen3ForCausalLM(nnx.Module):
         return w.astype(self.config.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """Empty cache (zeros, lengths 0) for ``batch`` rows of up to ``max_len`` tokens; sharded on the mesh."""
+        """Empty cache (zeros, lengths 0) for ``batch`` rows of up to ``max_len`` tokens; sharded on the mesh.
+
+        Every K / V array is its own buffer, so the cache can be donated to a jitted step with or without a mesh."""
         c = self.config
         shape = (batch, max_len, c.num_kv_heads, c.head_dim)
         dtype = jnp.dtype(c.dtype if dtype is None else dtype)
 
-        def make():
-            zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
-            return KVCache(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
+        def make():  # one buffer per array (K and V never alias), so the cache can be donated
+            return KVCache(
+                k=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+                v=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+                lengths=jnp.zeros((batch,), jnp.int32),
+            )
 
         if self.layout.mesh is None:
             return make()

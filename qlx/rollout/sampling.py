@@ -124,6 +124,17 @@ def sampling_logprobs(
     return jax.nn.log_softmax(z_bv, axis=-1)
 
 
+def first_argmax(x_bv: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (first maximum; a NaN counts as the maximum) as int32 [B], from two plain reductions.
+
+    idx = min{v : x[v] == max(x) or x[v] is NaN}. XLA:CPU runs the variadic (value, index) reduction behind
+    ``jnp.argmax`` about 8x slower (1.1 vs 0.15 ms on [8, 32000]), which is a sizeable part of a decode step.
+    """
+    vocab = x_bv.shape[-1]
+    hit_bv = (x_bv == jnp.max(x_bv, axis=-1, keepdims=True)) | jnp.isnan(x_bv)
+    return jnp.min(jnp.where(hit_bv, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+
+
 def sample_tokens(logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from ``exp(logprobs_bv)``; greedy rows (temperature 0) take the argmax.
 
@@ -142,11 +153,10 @@ def sample_tokens(logprobs_bv: jax.Array, temperature_b: jax.Array, keys_b: jax.
 
     def sampled(logprobs_bv):
         noise_bv = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_b)
-        drawn_b = jnp.argmax(logprobs_bv + noise_bv, axis=-1)
-        return jnp.where(temperature_b <= 0, jnp.argmax(logprobs_bv, axis=-1), drawn_b).astype(jnp.int32)
+        return first_argmax(logprobs_bv + jnp.where(temperature_b[:, None] <= 0, 0.0, noise_bv))
 
     def greedy(logprobs_bv):
-        return jnp.argmax(logprobs_bv, axis=-1).astype(jnp.int32)
+        return first_argmax(logprobs_bv)
 
     tokens_b = jax.lax.cond(jnp.any(temperature_b > 0), sampled, greedy, logprobs_bv)
     logprob_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
