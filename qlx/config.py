@@ -535,6 +535,18 @@ def apply_overrides(data: dict, overrides) -> dict:
     return data
 
 
+def add_override_argument(parser, help_text: str = "override a config key, e.g. --set train.steps=10") -> None:
+    """Add the repeatable ``--set KEY=VALUE`` option (values are YAML) to an argparse parser, as ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{help_text} (repeatable; values are YAML)",
+    )
+
+
 def config_from_dict(data: dict, overrides=()) -> Config:
     """Build a validated :class:`Config` from a plain mapping (as read from YAML) and dotted overrides."""
     return _build(Config, apply_overrides(data, overrides))

@@ -1,6 +1,7 @@
 """``qlx demo`` (what ``make demo`` runs): the whole recipe, small, on a CPU.
 
-1. synthesise a small task set of the five task types (``qlx.data.demo_data``) and its tokenizer;
+1. synthesise a small task set (``qlx.data.demo_data``: reading-comprehension questions over the synthetic world,
+   contexts cut to their evidence documents) and its tokenizer;
 2. build a tiny Qwen3-MoE and warm-start it with SFT (``configs/demo/sft.yaml``);
 3. evaluate it on the held-out questions;
 4. train it with AEPO RL (``configs/demo.yaml``);
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from qlx.data.records import TASK_TYPES
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -30,35 +33,35 @@ class DemoSize:
     evidence_only: cut each context down to its evidence documents (the distractors go), so that a model trained
         from scratch for a few minutes can learn to read it.
     sft_steps, rl_steps: optimizer steps of the warm start and of RL. eval_samples: answers sampled per held-out
-    question (accuracy is their mean). rl_batch: prompts per RL step.
+    question (accuracy is their mean). rl_batch: prompts per RL step. task_types: the task types synthesised (equal
+    shares); the default is the one a model trained from scratch for a few CPU minutes learns enough of for RL to
+    lift (see BUILD_NOTES.md).
     """
 
-    n_train: int = 1500
-    n_eval: int = 250
+    n_train: int = 4000
+    n_eval: int = 300
     context_tokens: int = 384
     evidence_only: bool = True
     sft_steps: int = 400
-    rl_steps: int = 60
+    rl_steps: int = 50
     eval_samples: int = 4
-    rl_batch: int = 15
+    rl_batch: int = 16
+    task_types: tuple[str, ...] = ("reading",)
 
 
 FULL = DemoSize()
-QUICK = DemoSize(n_train=40, n_eval=10, sft_steps=3, rl_steps=2, eval_samples=1, rl_batch=5)
+QUICK = DemoSize(
+    n_train=40, n_eval=10, sft_steps=3, rl_steps=2, eval_samples=1, rl_batch=5, task_types=TASK_TYPES
+)  # every stage on all five task types, for the tests
 
 
 def add_arguments(parser) -> None:
+    from qlx.config import add_override_argument
+
     parser.add_argument("--out", default="runs/demo", help="output folder (data, runs, plots, results.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task set, the model and the sampling")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few questions (a smoke test)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of both training configs, e.g. --set model.num_layers=1",
-    )
+    add_override_argument(parser, "override a key of both training configs, e.g. --set model.num_layers=1")
 
 
 def evidence_only(record, tokenizer):
@@ -94,7 +97,11 @@ def _write_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Path, Path]
         return train_path, eval_path, tok_path
     folder.mkdir(parents=True, exist_ok=True)
     train, held_out, tokenizer = make_demo_dataset(
-        seed=seed, n_train=size.n_train, n_eval=size.n_eval, max_context_tokens=size.context_tokens
+        seed=seed,
+        n_train=size.n_train,
+        n_eval=size.n_eval,
+        max_context_tokens=size.context_tokens,
+        task_types=size.task_types,
     )
     if size.evidence_only:
         train = [evidence_only(r, tokenizer) for r in train]
@@ -122,7 +129,12 @@ def demo_configs(out: Path, size: DemoSize, seed: int, overrides=(), rl_override
     from qlx.config import load_config
 
     train_path, eval_path, tok_path = _write_data(out, size, seed)
-    paths = [f"data.train_files=[{train_path}]", f"data.tokenizer={tok_path}", f"seed={seed}"]
+    paths = [
+        f"data.train_files=[{train_path}]",
+        f"data.tokenizer={tok_path}",
+        f"data.task_types=[{','.join(size.task_types)}]",
+        f"seed={seed}",
+    ]
     sft = load_config(
         CONFIGS / "demo/sft.yaml",
         [*paths, f"train.run_dir={out / 'sft'}", f"train.steps={size.sft_steps}", *overrides],

@@ -12,15 +12,10 @@ import sys
 
 
 def add_arguments(parser) -> None:
+    from qlx.config import add_override_argument
+
     parser.add_argument("--config", required=True, help="run config (YAML; see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=10 (repeatable; values are YAML)",
-    )
+    add_override_argument(parser)
 
 
 def run(args) -> int:
