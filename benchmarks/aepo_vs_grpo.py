@@ -33,14 +33,18 @@ VARIANTS = {
 
 
 def summarise(records: list[dict], h_low: float, h_high: float, tail: int) -> dict:
+    """``entropy`` is the training batch's (after dynamic sampling: what AEPO controls), ``entropy/all_rollouts``
+    every rollout's (the same quantity for both variants)."""
     entropy = np.asarray([r["entropy"] for r in records])
+    everything = np.asarray([r["entropy/all_rollouts"] for r in records])
     reward = np.asarray([r["reward/mean"] for r in records])
     inside = (entropy >= h_low) & (entropy <= h_high)
     return {
         "steps": len(records),
-        "entropy in band": f"{100 * inside.mean():.0f}%",
-        f"entropy, last {tail}": f"{entropy[-tail:].mean():.3f}",
-        "entropy range": f"{entropy.min():.3f}-{entropy.max():.3f}",
+        "batch entropy in band": f"{100 * inside.mean():.0f}%",
+        f"batch entropy, last {tail}": f"{entropy[-tail:].mean():.3f}",
+        f"all-rollout entropy, last {tail}": f"{everything[-tail:].mean():.3f}",
+        "all-rollout entropy range": f"{everything.min():.3f}-{everything.max():.3f}",
         f"reward, last {tail}": f"{reward[-tail:].mean():.3f}",
         "negatives off": f"{100 * np.mean([r['aepo/negatives_on'] == 0 for r in records]):.0f}%",
     }
@@ -48,10 +52,11 @@ def summarise(records: list[dict], h_low: float, h_high: float, tail: int) -> di
 
 def plot(curves: dict[str, list[dict]], h_low: float, h_high: float, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
-    for name, records in curves.items():
+    for (name, records), color in zip(curves.items(), ("tab:blue", "tab:orange"), strict=False):
         steps = [r["step"] for r in records]
-        left.plot(steps, [r["entropy"] for r in records], label=name)
-        right.plot(steps, [r["reward/mean"] for r in records], label=name)
+        left.plot(steps, [r["entropy/all_rollouts"] for r in records], color=color, label=f"{name}, all rollouts")
+        left.plot(steps, [r["entropy"] for r in records], color=color, linestyle=":", label=f"{name}, training batch")
+        right.plot(steps, [r["reward/mean"] for r in records], color=color, label=name)
     left.axhspan(h_low, h_high, color="tab:green", alpha=0.12, label=f"AEPO band [{h_low}, {h_high}]")
     left.set(title="batch entropy (token mean)", xlabel="step", ylabel="entropy (nats)")
     right.set(title="mean reward of the rollouts", xlabel="step", ylabel="reward")

@@ -149,6 +149,8 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
     params, opt_state, metrics, skipped = job.step(1, params, opt_state)
     assert skipped is None and 0 < sum(seen) < len(seen)
     assert metrics["reward/mean"] == pytest.approx(np.mean(seen))
+    assert not config.rl.dynamic_sampling  # every rollout trains: the two entropy metrics are the same mean
+    assert metrics["entropy/all_rollouts"] == pytest.approx(metrics["entropy"]) and metrics["entropy"] > 0
     after = first_token_probs(params)
     assert (after[:, rewarded].sum(axis=1) > before[:, rewarded].sum(axis=1)).all()
     assert after[:, rewarded].sum(axis=1).mean() > 1.1 * before[:, rewarded].sum(axis=1).mean()

@@ -11,6 +11,10 @@
     -> policy loss −Σ m·A·ρ / Σ m over the whole step, micro-batched; one optax AdamW step per batch (or
        ``rl.updates_per_batch`` steps on equal mini-batches, with the PPO clip against the pre-update log-probs)
 
+Metric ``entropy`` is the batch entropy AEPO acts on (token mean over the rollouts left after dynamic sampling);
+``entropy/all_rollouts`` is the token mean over every rollout of the step, comparable between runs with and
+without dynamic sampling.
+
 The random stream of step s is ``(seed, s)``; the sampler and AEPO states are checkpointed, so the batches, rollouts
 and updates of a resumed run are those of the uninterrupted run.
 """
@@ -218,6 +222,7 @@ class RLJob:
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
         rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
+        response_mask_br = rows["mask_br"].copy()
         rows["mask_br"] *= keep_n[:, None]
         rows["advantages_b"] = adv_n
         micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
@@ -250,6 +255,7 @@ class RLJob:
             "reward/mean": float(rewards_n.mean()),
             "accuracy/mean": float((rewards_n >= 1).mean()),
             "entropy": h_batch,
+            "entropy/all_rollouts": float(rl.batch_entropy(entropy_br, response_mask_br)),
             "aepo/negatives_on": float(bool(self.aepo.negatives_on)),
             "aepo/kept_fraction": float((aepo_keep_n & keep_n).sum() / max(keep_n.sum(), 1)),
             "aepo/h_low": cfg.rl.h_low,
