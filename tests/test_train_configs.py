@@ -9,6 +9,7 @@ import pytest
 
 import qlx
 from qlx import config as config_module
+from qlx.demo import FULL
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,7 +49,9 @@ def test_demo_configs_chain_sft_into_rl():
     sft, rl = qlx.load_config(CONFIGS / "demo/sft.yaml"), qlx.load_config(CONFIGS / "demo.yaml")
     assert (sft.train.mode, rl.train.mode) == ("sft", "rl")
     assert rl.train.init_from == sft.train.run_dir and sft.model == rl.model and sft.data == rl.data
-    assert rl.model.family == "qwen3_moe" and len(rl.data.task_types) == 5
+    # the files run as plain `qlx train` on what `qlx demo` synthesised: the same task types and batch
+    assert rl.model.family == "qwen3_moe" and rl.data.task_types == FULL.task_types
+    assert (rl.train.steps, rl.train.batch_size) == (FULL.rl_steps, FULL.rl_batch) and sft.train.steps == FULL.sft_steps
 
 
 def _documented_names(doc: str) -> set[str]:
