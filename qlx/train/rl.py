@@ -4,8 +4,8 @@
     -> G rollouts each, sampler log-probs discarded     (qlx.rollout.generate on the live parameters: no copy)
     -> rewards r[P·G] from each task type's verifier    (qlx.rl.rewards; optional judge endpoint)
     -> advantages A[P·G]                                (task-level std, GRPO or Dr.GRPO)
-    -> drop zero-variance groups (dynamic sampling, optional)
     -> log-probs and entropy of the rollouts under the current parameters at the rollout temperature
+    -> drop zero-variance groups (dynamic sampling, optional)
     -> AEPO: batch entropy updates the hysteresis state; while negatives are off, samples with A ≤ 0 or r ≤ 0 leave
        the batch (and the token-mean denominator)
     -> policy loss −Σ m·A·ρ / Σ m over the whole step, micro-batched; one optax AdamW step per batch (or
@@ -222,8 +222,6 @@ class RLJob:
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
         rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
-        response_mask_br = rows["mask_br"].copy()
-        rows["mask_br"] *= keep_n[:, None]
         rows["advantages_b"] = adv_n
         micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
         old_logp, entropy = forward_logprobs(
@@ -237,6 +235,8 @@ class RLJob:
         n = len(rows_idx)
         old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
         entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
+        h_all = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
+        rows["mask_br"] *= keep_n[:, None]
         h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
         if cfg.rl.aepo:
             self.aepo = rl.aepo_update(self.aepo, h_batch, h_low=cfg.rl.h_low, h_high=cfg.rl.h_high)
@@ -255,7 +255,7 @@ class RLJob:
             "reward/mean": float(rewards_n.mean()),
             "accuracy/mean": float((rewards_n >= 1).mean()),
             "entropy": h_batch,
-            "entropy/all_rollouts": float(rl.batch_entropy(entropy_br, response_mask_br)),
+            "entropy/all_rollouts": h_all,
             "aepo/negatives_on": float(bool(self.aepo.negatives_on)),
             "aepo/kept_fraction": float((aepo_keep_n & keep_n).sum() / max(keep_n.sum(), 1)),
             "aepo/h_low": cfg.rl.h_low,
