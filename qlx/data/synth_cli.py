@@ -129,16 +129,11 @@ def filter_client(args, env=None):
 
 
 def rule_is_correct(record, response: str) -> bool:
-    """Whether the RL rule verifier of the record's task type gives ``response`` full marks. Table questions whose
-    answer is not a number (arg-max, ranking) are checked as ``reading`` answers: the ``numerical`` verifier compares
-    numbers only."""
+    """Whether the RL rule verifier of the record's task type gives ``response`` full marks."""
     from qlx.rl.rewards import rule_reward
 
-    task_type = record.task_type
-    if task_type == "numerical" and record.answer_type not in ("number", "year"):
-        task_type = "reading"
-    options = {"prefix": record.evidence["program"].get("prefix", "")} if task_type == "dialogue" else {}
-    return rule_reward(task_type, response, record.answer, **options) >= 1.0
+    options = {"prefix": record.evidence["program"].get("prefix", "")} if record.task_type == "dialogue" else {}
+    return rule_reward(record.task_type, response, record.answer, **options) >= 1.0
 
 
 def run(args) -> int:
