@@ -200,6 +200,9 @@ class OptimizerConfig:
 
     learning_rate: peak learning rate.
     warmup_steps: linear warm-up from 0 to learning_rate over this many optimizer steps (0: constant from step 0).
+    decay_steps: after the warm-up, cosine decay from learning_rate to learning_rate × final_lr_fraction over this
+        many steps, constant after that (0: no decay, the recipe's constant rate).
+    final_lr_fraction: the rate at the end of the decay, as a fraction of learning_rate.
     b1, b2, eps: Adam moment decay rates and the denominator epsilon.
     weight_decay: decoupled (AdamW) weight decay.
     grad_clip: clip the global gradient norm to this value before the update; 0 turns clipping off.
@@ -207,6 +210,8 @@ class OptimizerConfig:
 
     learning_rate: float = 2e-6
     warmup_steps: int = 0
+    decay_steps: int = 0
+    final_lr_fraction: float = 0.1
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -216,6 +221,10 @@ class OptimizerConfig:
     def __post_init__(self):
         _check(self.learning_rate > 0, "learning_rate", f"must be positive (got {self.learning_rate})")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.decay_steps >= 0, "decay_steps", "must be >= 0 (0: no decay)")
+        _check(
+            0 <= self.final_lr_fraction <= 1, "final_lr_fraction", f"must be in [0, 1] (got {self.final_lr_fraction})"
+        )
         _check(0 <= self.b1 < 1, "b1", f"must be in [0, 1) (got {self.b1})")
         _check(0 <= self.b2 < 1, "b2", f"must be in [0, 1) (got {self.b2})")
         _check(self.eps > 0, "eps", "must be positive")

@@ -1,4 +1,4 @@
-"""The optimizer of a run: optax AdamW behind global-norm clipping, with an optional linear warm-up."""
+"""The optimizer of a run: optax AdamW behind global-norm clipping, with an optional linear warm-up and cosine decay."""
 
 from __future__ import annotations
 
@@ -8,7 +8,19 @@ from qlx.config import OptimizerConfig
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Constant ``learning_rate``, reached linearly over ``warmup_steps`` when that is positive."""
+    """``learning_rate``, reached linearly over ``warmup_steps`` when that is positive; with ``decay_steps`` > 0 it
+    then follows a cosine from ``learning_rate`` down to ``learning_rate × final_lr_fraction`` over ``decay_steps``:
+
+        lr(w + s) = lr_end + (lr − lr_end) · (1 + cos(π · min(s, decay_steps) / decay_steps)) / 2,   w = warmup_steps
+    """
+    if config.decay_steps > 0:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            decay_steps=config.warmup_steps + config.decay_steps,
+            end_value=config.learning_rate * config.final_lr_fraction,
+        )
     if config.warmup_steps == 0:
         return optax.constant_schedule(config.learning_rate)
     return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
