@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/aepo_vs_grpo.py [--out runs/aepo_vs_grpo] [--steps N] [--quick]
 
-Runs the demo's task set and warm start (``qlx demo``'s, reused when already there), then RL twice from the same
-checkpoint: AEPO (configs/demo.yaml: task-level advantages, dynamic sampling, negatives switched off above h_high)
-and plain GRPO (group-normalised advantages, every sample kept, no entropy control). Prints a table (entropy inside
-[h_low, h_high], mean entropy and reward over the last steps, held-out accuracy of the warm start and after RL)
-and writes ``OUT/aepo_vs_grpo.png`` with both entropy curves against the band and both reward curves.
+Runs the demo's task set, warm start and RL run (``qlx demo``'s, reused when already there: pass the demo's
+--out), then plain GRPO from the same warm start: AEPO is configs/demo.yaml (task-level advantages, dynamic sampling,
+negatives switched off above h_high), GRPO has group-normalised advantages, every sample kept and no entropy control.
+Prints a table (entropy inside [h_low, h_high], mean entropy and reward over the last steps, held-out accuracy of the
+warm start and after RL) and writes ``OUT/aepo_vs_grpo.png`` with both entropy curves against the band and both
+reward curves.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from qlx.demo import FULL, QUICK, demo_configs, evaluate_run  # noqa: E402
 from qlx.train.metrics import read_metrics  # noqa: E402
 from qlx.train.trainer import train  # noqa: E402
 
-VARIANTS = {
-    "AEPO": (),
-    "GRPO": ("rl.aepo=false", "rl.advantage=group", "rl.dynamic_sampling=false"),
+VARIANTS = {  # name: (run folder under --out, overrides of configs/demo.yaml)
+    "AEPO": ("rl", ()),  # the demo's own RL run: reused when `qlx demo --out` wrote it already
+    "GRPO": ("grpo", ("rl.aepo=false", "rl.advantage=group", "rl.dynamic_sampling=false")),
 }
 
 
@@ -85,8 +86,8 @@ def main() -> None:
     train(base.sft)
     warm = evaluate_run(base.sft, out / "sft", base.held_out, size, args.seed + 1).overall()
     rows, curves = {}, {}
-    for name, overrides in VARIANTS.items():
-        run_dir = out / name.lower()
+    for name, (folder, overrides) in VARIANTS.items():
+        run_dir = out / folder
         configs = demo_configs(out, size, args.seed, rl_overrides=(f"train.run_dir={run_dir}", *overrides))
         train(configs.rl)
         curves[name] = read_metrics(run_dir)
