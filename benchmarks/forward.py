@@ -139,11 +139,14 @@ def main(argv=None) -> int:
         "| ratio (CPU) |\n|---|---:|---:|---:|---:|---:|---:|"
     )
     for mode, (wall, cpu) in ours.items():
-        ref_wall, ref_cpu = theirs[mode] if theirs else (float("nan"), float("nan"))
-        print(
-            f"| {mode} | {n_tokens / wall:,.0f} | {n_tokens / ref_wall:,.0f} | {ref_wall / wall:.2f}x "
-            f"| {n_tokens / cpu:,.0f} | {n_tokens / ref_cpu:,.0f} | {ref_cpu / cpu:.2f}x |"
-        )
+        if theirs:
+            ref_wall, ref_cpu = theirs[mode]
+            peer = [f"{n_tokens / ref_wall:,.0f}", f"{ref_wall / wall:.2f}x", f"{n_tokens / ref_cpu:,.0f}"]
+            peer.append(f"{ref_cpu / cpu:.2f}x")
+        else:
+            peer = ["-"] * 4
+        cells = [mode, f"{n_tokens / wall:,.0f}", *peer[:2], f"{n_tokens / cpu:,.0f}", *peer[2:]]
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 

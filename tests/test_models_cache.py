@@ -83,6 +83,22 @@ def test_hidden_states_and_lm_head_weight(moe_model):
     np.testing.assert_allclose(hidden @ w, forward(moe_model, TOKENS), atol=1e-5)
 
 
+def test_precomputed_expert_weights_match_per_call_split(moe_model):
+    """hidden_states with expert_weights() split once (as the decode loop does) equals splitting inside each call;
+    the split arrays are the stacked experts; dense models and the ragged backend need none."""
+    per_layer = moe_model.expert_weights()
+    moe_layer = moe_model.layers[0].mlp
+    gate_up, down = np.asarray(moe_layer.gate_up[...]), np.asarray(moe_layer.down[...])
+    np.testing.assert_array_equal(per_layer[0].gate_up[5], gate_up[5].reshape(gate_up.shape[1], -1))
+    np.testing.assert_array_equal(per_layer[0].down[5], down[5])
+    run = nnx.jit(lambda m, t, w: m.hidden_states(t, expert_weights=w))
+    np.testing.assert_allclose(run(moe_model, TOKENS, per_layer), run(moe_model, TOKENS, None), rtol=1e-6, atol=1e-6)
+    dense = build_model(qlx.load_config(CONFIGS / "tiny-dense.yaml").model, seed=0)
+    assert dense.expert_weights() is None
+    ragged = build_model(dataclasses.replace(moe_model.config, moe_backend="ragged"), seed=0)
+    assert ragged.expert_weights() is None
+
+
 def test_tied_lm_head_and_remat_gradients():
     """Tied models project with the embedding; remat=True gives the same gradients as remat=False."""
     config = qlx.load_config(CONFIGS / "tiny-dense.yaml", overrides=["model.num_layers=1"]).model

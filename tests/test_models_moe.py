@@ -16,7 +16,14 @@ from qlx.models.moe import (
     route,
     router_stats,
 )
-from qlx.models.moe_blocked import block_layout, blocked_moe, blocked_moe_reference, effective_block_size, num_blocks
+from qlx.models.moe_blocked import (
+    block_layout,
+    blocked_moe,
+    blocked_moe_reference,
+    effective_block_size,
+    num_blocks,
+    split_experts,
+)
 
 T, K, E, D, I, BLOCK = 37, 2, 6, 16, 12, 8
 
@@ -91,7 +98,7 @@ def test_blocked_moe_custom_vjp_matches_reference_autodiff():
     static = (layout.row_token_p, layout.block_expert_n)
 
     def kernel(x, row_weight, *w):
-        return jnp.sum(blocked_moe(x, row_weight, *w, *static, layout.num_used_blocks) * dy)
+        return jnp.sum(blocked_moe(x, row_weight, split_experts(*w), *static, layout.num_used_blocks) * dy)
 
     def reference(x, row_weight, *w):
         return jnp.sum(blocked_moe_reference(x, row_weight, *w, *static) * dy)

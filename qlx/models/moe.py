@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qlx.models.moe_blocked import experts_blocked
+from qlx.models.moe_blocked import ExpertWeights, experts_blocked, split_experts
 
 MOE_BACKENDS = ("auto", "ragged", "blocked")
 
@@ -81,12 +81,26 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def experts(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, *, backend: str = "auto", block_size: int = 128):
+def experts(
+    x_td,
+    weights_tk,
+    experts_tk,
+    w_gate_up_edgi,
+    w_down_eid,
+    *,
+    backend: str = "auto",
+    block_size: int = 128,
+    expert_weights: ExpertWeights | None = None,
+):
     """Dropless MoE expert compute: y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]). Returns [T, D].
 
     x [T, D]; weights [T, k]; experts [T, k] (int); w_gate_up [E, D, 2, I] (gate, up); w_down [E, I, D].
+    expert_weights: ``split_experts(w_gate_up, w_down)`` computed once by the caller (the blocked backend splits
+    the stacked weights itself otherwise; the ragged backend ignores it).
     """
     if resolve_backend(backend) == "blocked":
-        return experts_blocked(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, block_size=block_size)
+        if expert_weights is None:
+            expert_weights = split_experts(w_gate_up_edgi, w_down_eid)
+        return experts_blocked(x_td, weights_tk, experts_tk, expert_weights, block_size=block_size)
     out_tkd = expert_outputs_ragged(x_td, experts_tk, w_gate_up_edgi, w_down_eid)
     return jnp.einsum("tkd,tk->td", out_tkd, weights_tk.astype(out_tkd.dtype))

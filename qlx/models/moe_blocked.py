@@ -12,9 +12,16 @@ there) without materialising the padded [NB * bs, D] buffers. The backward pass 
 (``jax.custom_vjp``) over the saved gate/up pre-activations that accumulates weight gradients in place, instead of
 differentiating the dynamic weight slices (which would add a full [E, D, I] gradient per block).
 
+The expert weights come as E separate arrays (:class:`ExpertWeights`, from :func:`split_experts`) and each block
+picks its expert with ``lax.switch``: XLA's CPU backend copies a dynamic slice ``w[e]`` of a stacked [E, ...] array
+before every matmul that reads it, while a switch branch hands the matmul its expert's own buffer. That halved the
+MoE time of a decode step (batch 8, 32 experts: 16 -> 7 ms for 4 layers) and of 64-256-token calls. Splitting
+copies every expert once, so a loop that calls the model many times with the same weights (decode) splits once,
+outside the loop (``Qwen3ForCausalLM.expert_weights``).
+
 Pieces: :func:`block_layout` (routing -> padded layout), :func:`blocked_moe` (the scan, custom VJP),
-:func:`blocked_moe_reference` (the same maths on gathered per-block weights, for tests), and
-:func:`experts_blocked` (routing weights and experts -> combined output [T, D]).
+:func:`blocked_moe_reference` (the same maths on gathered per-block weights, for tests), :func:`split_experts`
+and :func:`experts_blocked` (routing weights and experts -> combined output [T, D]).
 """
 
 from __future__ import annotations
@@ -40,6 +47,31 @@ class BlockLayout:
     slot_a: jax.Array
     block_expert_n: jax.Array
     num_used_blocks: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """One MoE layer's expert weights as E separate arrays: gate_up[e] [D, 2I] (gate | up), down[e] [I, D]."""
+
+    gate_up: tuple[jax.Array, ...]
+    down: tuple[jax.Array, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up)
+
+
+def split_experts(w_gate_up_edgi: jax.Array, w_down_eid: jax.Array) -> ExpertWeights:
+    """Stacked expert weights (gate_up [E, D, 2, I] or [E, D, 2I], down [E, I, D]) -> :class:`ExpertWeights`.
+
+    One copy of every expert; its gradient is a concatenation back into the stacked layout.
+    """
+    num_experts, d = w_gate_up_edgi.shape[:2]
+    sizes = (1,) * num_experts
+    gate_up = jax.lax.split(w_gate_up_edgi.reshape(num_experts, d, -1), sizes)
+    down = jax.lax.split(w_down_eid, sizes)
+    return ExpertWeights(tuple(w[0] for w in gate_up), tuple(w[0] for w in down))
 
 
 def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
@@ -86,15 +118,30 @@ def blocked_moe_reference(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_tok
 
 
 @jax.custom_vjp
-def blocked_moe(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+def blocked_moe(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks):
     """y[t] = sum over padded rows p with row_token[p] = t of row_weight[p] * SwiGLU_{e(p)}(x[t]). Returns [T, D].
 
-    x [T, D]; row_weight [NB * bs] (0 on padding rows); w_gate_up [E, D, 2I] (gate | up); w_down [E, I, D];
-    row_token [NB * bs] (T on padding rows); e(p) = block_expert[p // bs]. A scan over the NB blocks gathers the
-    block's rows, runs the expert MLP with dense matmuls and scatter-adds the weighted rows into y; blocks
-    n >= num_used_blocks are skipped.
+    x [T, D]; row_weight [NB * bs] (0 on padding rows); expert_weights: :class:`ExpertWeights` (E x [D, 2I] gate |
+    up, E x [I, D] down); row_token [NB * bs] (T on padding rows); e(p) = block_expert[p // bs]. A scan over the NB
+    blocks gathers the block's rows, runs the expert MLP with dense matmuls (``lax.switch`` on the block's expert)
+    and scatter-adds the weighted rows into y; blocks n >= num_used_blocks are skipped.
     """
-    return _scan_forward(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks)[0]
+    return _scan_forward(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks)[0]
+
+
+def _per_expert(expert_weights: ExpertWeights, block_fn):
+    """E branches for ``lax.switch``: branch e calls ``block_fn(gate_up[e], down[e], *operands)``."""
+    return [
+        lambda *operands, gu=gu, dn=dn: block_fn(gu, dn, *operands)
+        for gu, dn in zip(expert_weights.gate_up, expert_weights.down, strict=True)
+    ]
+
+
+def _expert_forward(w_gate_up_df, w_down_id, x_bd):
+    """One block through its expert: ([g | u] [bs, 2I], SwiGLU output [bs, D])."""
+    gu_bf = x_bd @ w_gate_up_df
+    gate, up = jnp.split(gu_bf, 2, axis=-1)
+    return gu_bf, (jax.nn.silu(gate) * up) @ w_down_id
 
 
 def _blocks(x_td, row_token_p, row_weight_p, block_expert_n):
@@ -103,20 +150,19 @@ def _blocks(x_td, row_token_p, row_weight_p, block_expert_n):
     return x_ext, row_token_p.reshape(nb, -1), row_weight_p.reshape(nb, -1), jnp.arange(nb, dtype=jnp.int32)
 
 
-def _scan_forward(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+def _scan_forward(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks):
     """(y [T, D], per-block [g | u] [NB, bs, 2I] and unweighted outputs [NB, bs, D], kept for the backward pass)."""
     t, d = x_td.shape
-    f = w_gate_up_edf.shape[-1]
+    f = expert_weights.gate_up[0].shape[-1]
     x_ext, rows_nb, weights_nb, steps = _blocks(x_td, row_token_p, row_weight_p, block_expert_n)
     bs = rows_nb.shape[1]
+    branches = _per_expert(expert_weights, _expert_forward)
 
     def body(y_td, inputs):
         n, rows_b, weights_b, e = inputs
 
         def compute(y_td):
-            gu_bf = x_ext[rows_b] @ w_gate_up_edf[e]
-            gate, up = jnp.split(gu_bf, 2, axis=-1)
-            out_bd = (jax.nn.silu(gate) * up) @ w_down_eid[e]
+            gu_bf, out_bd = jax.lax.switch(e, branches, x_ext[rows_b])
             return y_td.at[rows_b].add(weights_b[:, None] * out_bd), (gu_bf, out_bd)
 
         def skip(y_td):
@@ -128,25 +174,33 @@ def _scan_forward(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, bl
     return y_td[:t], saved
 
 
-def _fwd(x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks):
+def _fwd(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks):
     y_td, (gu_nbf, out_nbd) = _scan_forward(
-        x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks
+        x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks
     )
-    residuals = (x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks)
+    residuals = (x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks)
     return y_td, (*residuals, gu_nbf, out_nbd)
+
+
+def _expert_backward(w_gate_up_df, w_down_id, dout_bd, gu_bf):
+    """One block's backward through its expert: ([dg | du] [bs, 2I], dx [bs, D])."""
+    gate, up = jnp.split(gu_bf, 2, axis=-1)
+    sig = jax.nn.sigmoid(gate)
+    dh = dout_bd @ w_down_id.T
+    dgu_bf = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * gate * sig], axis=-1)
+    return dgu_bf, dgu_bf @ w_gate_up_df.T
 
 
 def _bwd(residuals, dy_td):
     """Per used block, from the saved [g | u] and outputs o: d_weight = o . dy[rows]; do = weight * dy[rows];
     h = silu(g) * u; dWd += h^T do; dh = do Wd^T; [dg | du] = [dh * u * silu'(g) | dh * silu(g)];
     dx[rows] += [dg | du] Wgu^T; dWgu += x[rows]^T [dg | du]. Weight gradients accumulate in float32 in place."""
-    x_td, row_weight_p, w_gate_up_edf, w_down_eid, row_token_p, block_expert_n, num_used_blocks, gu_nbf, out_nbd = (
-        residuals
-    )
+    x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks, gu_nbf, out_nbd = residuals
     t, d = x_td.shape
     x_ext, rows_nb, weights_nb, steps = _blocks(x_td, row_token_p, row_weight_p, block_expert_n)
     dy_ext = jnp.concatenate([dy_td, jnp.zeros((1, d), dy_td.dtype)])
     f32 = jnp.float32
+    branches = _per_expert(expert_weights, _expert_backward)
 
     def body(grads, inputs):
         n, rows_b, weights_b, e, gu_bf, out_bd = inputs
@@ -156,13 +210,10 @@ def _bwd(residuals, dy_td):
             dy_bd = dy_ext[rows_b]
             d_weights_b = jnp.sum(out_bd * dy_bd, axis=-1)
             dout_bd = weights_b[:, None] * dy_bd
+            dgu_bf, dx_bd = jax.lax.switch(e, branches, dout_bd, gu_bf)
+            dx_td = dx_td.at[rows_b].add(dx_bd)
             gate, up = jnp.split(gu_bf, 2, axis=-1)
-            sig = jax.nn.sigmoid(gate)
-            act = gate * sig
-            dh = dout_bd @ w_down_eid[e].T
-            dgu_bf = jnp.concatenate([dh * up * (sig * (1 + gate * (1 - sig))), dh * act], axis=-1)
-            dx_td = dx_td.at[rows_b].add(dgu_bf @ w_gate_up_edf[e].T)
-            d_down = d_down.at[e].add(jnp.matmul((act * up).T, dout_bd, preferred_element_type=f32))
+            d_down = d_down.at[e].add(jnp.matmul((jax.nn.silu(gate) * up).T, dout_bd, preferred_element_type=f32))
             d_gate_up = d_gate_up.at[e].add(jnp.matmul(x_ext[rows_b].T, dgu_bf, preferred_element_type=f32))
             return (dx_td, d_gate_up, d_down), d_weights_b
 
@@ -171,23 +222,21 @@ def _bwd(residuals, dy_td):
 
         return jax.lax.cond(n < num_used_blocks, compute, skip, grads)
 
+    num_experts = expert_weights.num_experts
     init = (
         jnp.zeros((t + 1, d), x_td.dtype),
-        jnp.zeros(w_gate_up_edf.shape, f32),
-        jnp.zeros(w_down_eid.shape, f32),
+        jnp.zeros((num_experts, *expert_weights.gate_up[0].shape), f32),
+        jnp.zeros((num_experts, *expert_weights.down[0].shape), f32),
     )
     (dx_td, d_gate_up, d_down), d_weights_nb = jax.lax.scan(
         body, init, (steps, rows_nb, weights_nb, block_expert_n, gu_nbf, out_nbd)
     )
-    return (
-        dx_td[:t],
-        d_weights_nb.reshape(-1),
-        d_gate_up.astype(w_gate_up_edf.dtype),
-        d_down.astype(w_down_eid.dtype),
-        None,
-        None,
-        None,
+    dtype = expert_weights.gate_up[0].dtype
+    d_expert_weights = ExpertWeights(
+        tuple(d_gate_up[i].astype(dtype) for i in range(num_experts)),
+        tuple(d_down[i].astype(dtype) for i in range(num_experts)),
     )
+    return dx_td[:t], d_weights_nb.reshape(-1), d_expert_weights, None, None, None
 
 
 blocked_moe.defvjp(_fwd, _bwd)
@@ -204,19 +253,17 @@ def effective_block_size(num_assignments: int, num_experts: int, block_size: int
     return min(block_size, max(8, 1 << (mean_rows - 1).bit_length()))
 
 
-def experts_blocked(x_td, weights_tk, experts_tk, w_gate_up_edgi, w_down_eid, *, block_size: int):
+def experts_blocked(x_td, weights_tk, experts_tk, expert_weights: ExpertWeights, *, block_size: int):
     """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) via the blocked scan. Returns [T, D].
 
-    w_gate_up [E, D, 2, I] (gate, up) is viewed as [E, D, 2I] (a reshape, no copy); blocks hold
-    :func:`effective_block_size` rows.
+    expert_weights from :func:`split_experts`; blocks hold :func:`effective_block_size` rows.
     """
-    num_experts, d = w_gate_up_edgi.shape[:2]
+    num_experts = expert_weights.num_experts
     bs = effective_block_size(experts_tk.size, num_experts, block_size)
     layout = block_layout(experts_tk, num_experts, bs)
     row_weight_p = (
         jnp.zeros(layout.row_token_p.shape, x_td.dtype).at[layout.slot_a].set(weights_tk.reshape(-1).astype(x_td.dtype))
     )
-    w_gate_up_edf = w_gate_up_edgi.reshape(num_experts, d, -1)
     return blocked_moe(
-        x_td, row_weight_p, w_gate_up_edf, w_down_eid, layout.row_token_p, layout.block_expert_n, layout.num_used_blocks
+        x_td, row_weight_p, expert_weights, layout.row_token_p, layout.block_expert_n, layout.num_used_blocks
     )

@@ -22,7 +22,15 @@ from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
 from qlx.models.cache import KVCache, write_kv
 from qlx.models.layers import RMSNorm, normal_param, normal_value, param
-from qlx.models.moe import experts, load_balancing_loss, route, router_stats
+from qlx.models.moe import (
+    ExpertWeights,
+    experts,
+    load_balancing_loss,
+    resolve_backend,
+    route,
+    router_stats,
+    split_experts,
+)
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
 
@@ -100,8 +108,17 @@ class MoE(nnx.Module):
         self.gate_up = param(gate_up, ("experts", "embed", None, "mlp"))
         self.down = normal_param(rngs, (e, i, d), ("experts", "mlp", "embed"), std, dtype)
 
-    def __call__(self, x_btd, *, layout: Layout):
-        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E]))."""
+    def expert_weights(self, dtype) -> ExpertWeights | None:
+        """The experts as separate arrays in ``dtype`` for the blocked (CPU) backend; None for the ragged one."""
+        if resolve_backend(self.config.moe_backend) != "blocked":
+            return None
+        return split_experts(self.gate_up[...].astype(dtype), self.down[...].astype(dtype))
+
+    def __call__(self, x_btd, *, layout: Layout, expert_weights: ExpertWeights | None = None):
+        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E])).
+
+        expert_weights: this layer's :meth:`expert_weights` in x's dtype, precomputed (a decode loop splits once
+        instead of once per step); computed here when None."""
         c, dt = self.config, x_btd.dtype
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
@@ -115,6 +132,7 @@ class MoE(nnx.Module):
             self.down[...].astype(dt),
             backend=c.moe_backend,
             block_size=c.moe_block_size,
+            expert_weights=expert_weights,
         )
         return layout.constrain(y_td.reshape(b, t, d), BTD), router_stats(experts_tk, probs_te)
 
@@ -129,8 +147,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, logical_axis="norm", param_dtype=dtype)
         self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer_index) else MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd, cos_btk, sin_btk, *, layout, segment_ids_bt=None, kv=None, positions_bt=None):
-        """Returns (x [B, T, D], written (K, V) or None, router stats or None)."""
+    def __call__(
+        self, x_btd, cos_btk, sin_btk, *, layout, segment_ids_bt=None, kv=None, positions_bt=None, expert_weights=None
+    ):
+        """Returns (x [B, T, D], written (K, V) or None, router stats or None). expert_weights: see ``MoE``."""
         h, new_kv = self.attn(
             self.input_norm(x_btd),
             cos_btk,
@@ -141,7 +161,11 @@ class DecoderLayer(nnx.Module):
             positions_bt=positions_bt,
         )
         x_btd = x_btd + h
-        m, stats = self.mlp(self.post_attn_norm(x_btd), layout=layout)
+        h = self.post_attn_norm(x_btd)
+        if expert_weights is None:
+            m, stats = self.mlp(h, layout=layout)
+        else:
+            m, stats = self.mlp(h, layout=layout, expert_weights=expert_weights)
         return x_btd + m, new_kv, stats
 
 
@@ -154,7 +178,8 @@ class Qwen3ForCausalLM(nnx.Module):
       model(tokens_bt, ..., return_aux=True)                                    -> (logits, aux)
       model(tokens_bt, ..., cache=cache, return_aux=True)                       -> (logits, cache, aux)
     ``hidden_states`` takes the same arguments and returns the final-norm hidden [B, T, D] in place of logits;
-    ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied). aux is
+    ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied); ``expert_weights()``
+    splits the MoE experts once for a loop of calls (``hidden_states(..., expert_weights=...)``). aux is
     {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models)}.
     Segment ids restrict attention to equal ids (packing); they do not combine with a cache.
     With ``model.attention="ring"`` (no cache) the forward runs sequence-parallel over the mesh axis ``seq`` (R
@@ -179,6 +204,19 @@ class Qwen3ForCausalLM(nnx.Module):
         """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied)."""
         w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return w.astype(self.config.dtype)
+
+    def expert_weights(self) -> tuple[ExpertWeights | None, ...] | None:
+        """Per layer, the MoE experts as separate arrays in the compute dtype (None for dense layers); None when no
+        layer needs them (dense model, or the ragged MoE backend).
+
+        The blocked (CPU) MoE backend runs each expert's matmul on its own array; splitting copies every expert, so
+        a loop that calls ``hidden_states`` many times with the same parameters (the decode loop) computes this
+        once, outside the loop, and passes it in. Without it, each call splits again."""
+        dtype = jnp.dtype(self.config.dtype)
+        per_layer = tuple(
+            layer.mlp.expert_weights(dtype) if isinstance(layer.mlp, MoE) else None for layer in self.layers
+        )
+        return None if all(w is None for w in per_layer) else per_layer
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """Empty cache (zeros, lengths 0) for ``batch`` rows of up to ``max_len`` tokens; sharded on the mesh.
@@ -205,8 +243,12 @@ class Qwen3ForCausalLM(nnx.Module):
         )
         return jax.jit(make, out_shardings=shardings)()
 
-    def hidden_states(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False):
-        """Final-norm hidden states [B, T, D] (plus the updated cache and/or aux, as ``__call__``)."""
+    def hidden_states(
+        self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False, expert_weights=None
+    ):
+        """Final-norm hidden states [B, T, D] (plus the updated cache and/or aux, as ``__call__``).
+
+        expert_weights: ``self.expert_weights()`` computed by the caller (see there), or None."""
         c, layout = self.config, self.layout
         if cache is not None and segment_ids_bt is not None:
             raise ValueError("segment_ids_bt cannot be combined with a KV cache")
@@ -226,8 +268,10 @@ class Qwen3ForCausalLM(nnx.Module):
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
         x = layout.constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.dtype), BTD)
 
-        def run(layer, x, cos, sin, seg, kv, pos):
-            return layer(x, cos, sin, layout=layout, segment_ids_bt=seg, kv=kv, positions_bt=pos)
+        def run(layer, x, cos, sin, seg, kv, pos, layer_experts):
+            return layer(
+                x, cos, sin, layout=layout, segment_ids_bt=seg, kv=kv, positions_bt=pos, expert_weights=layer_experts
+            )
 
         if c.remat and cache is None:
             run = nnx.remat(run)
@@ -236,7 +280,8 @@ class Qwen3ForCausalLM(nnx.Module):
         num_moe = 0
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, written, stats = run(layer, x, cos_btk, sin_btk, segment_ids_bt, kv, positions_bt)
+            layer_experts = None if expert_weights is None else expert_weights[i]
+            x, written, stats = run(layer, x, cos_btk, sin_btk, segment_ids_bt, kv, positions_bt, layer_experts)
             if written is not None:
                 new_k.append(written[0])
                 new_v.append(written[1])

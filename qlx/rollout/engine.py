@@ -219,6 +219,7 @@ def _decode(
     the final cache (returned so that the donated cache buffers are updated in place)."""
     model = nnx.merge(graphdef, state)
     w_dv = model.lm_head_weight()
+    expert_weights = model.expert_weights()  # split once here: XLA does not hoist the slices out of the loop
     keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
 
@@ -245,7 +246,9 @@ def _decode(
         # appears once in the compiled loop.
         j, cache, previous_b, outs = loop
         positions_b1 = jnp.where(j == 0, -1, lengths_b + j - 1)[:, None]
-        hidden_b1d, cache = model.hidden_states(previous_b[:, None], positions_bt=positions_b1, cache=cache)
+        hidden_b1d, cache = model.hidden_states(
+            previous_b[:, None], positions_bt=positions_b1, cache=cache, expert_weights=expert_weights
+        )
         hidden_bd = jnp.where(j == 0, last_hidden_bd, hidden_b1d[:, 0])
         token_b, outs = emit(j, hidden_bd, *outs)
         return j + 1, cache, token_b, outs
