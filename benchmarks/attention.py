@@ -51,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--compare-length", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--compare-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the ringattention run"
+    )
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="only time the Pallas GPU kernel (needs a GPU)")
@@ -162,7 +165,7 @@ def load_ringattention():
     return ringattention.ringattention_jax, ""
 
 
-def theirs(ring_fn, mesh, chunk: int):
+def theirs(ring_fn, mesh, chunk: int, dtype):
     blockwise_kwargs = dict(
         causal_block_size=1,
         deterministic=True,
@@ -171,7 +174,7 @@ def theirs(ring_fn, mesh, chunk: int):
         query_chunk_size=chunk,
         key_chunk_size=chunk,
         policy=jax.checkpoint_policies.nothing_saveable,
-        dtype=jnp.float32,
+        dtype=dtype,
         precision=None,
         prevent_cse=True,
     )
@@ -191,13 +194,14 @@ def theirs(ring_fn, mesh, chunk: int):
 def compare(args) -> dict:
     mesh = ring_mesh()
     ring_size = mesh.shape["seq"]
-    qkv = inputs(args.compare_length, args.heads, args.heads, args.head_dim)
+    dtype = jnp.dtype(args.compare_dtype)
+    qkv = inputs(args.compare_length, args.heads, args.heads, args.head_dim, dtype)
     contenders = {"qlx ring_attention": lambda q, k, v: kernels.ring_attention(q, k, v, mesh=mesh)}
     ring_fn, reason = load_ringattention()
     if ring_fn is None:
         print(f"\nringattention could not be imported ({reason}); printing qlx numbers only")
     else:
-        contenders["ringattention 0.1.2"] = theirs(ring_fn, mesh, chunk=512)
+        contenders["ringattention 0.1.2"] = theirs(ring_fn, mesh, chunk=512, dtype=dtype)
     jobs = {
         (name, kind): fn if kind == "fwd" else with_backward(fn)
         for name, fn in contenders.items()
@@ -216,7 +220,7 @@ def compare(args) -> dict:
             results[key]["time"] = min(best, (wall, (c1.user + c1.system) - (c0.user + c0.system)))
     print(
         f"\n### Ring attention at {args.compare_length // 1024}K tokens, causal, {args.heads} heads x {args.head_dim}, "
-        f"float32, {ring_size} devices (best of {args.repeats}, interleaved)\n"
+        f"{dtype.name}, {ring_size} devices (best of {args.repeats}, interleaved)\n"
     )
     print("| implementation | pass | wall s | cpu s | peak MiB/device |")
     print("|---|---|---|---|---|")

@@ -173,8 +173,15 @@ def _init_cache(graphdef, state, batch: int, max_len: int):
     return nnx.merge(graphdef, state).init_cache(batch, max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(2, 3))
-def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
+@functools.partial(jax.jit, static_argnums=0)
+def _expert_weights(graphdef, state):
+    """The MoE experts as separate arrays (``Qwen3ForCausalLM.expert_weights``), or None: split once per generate
+    call and passed to every prefill chunk and the decode loop (XLA would redo the split inside each of them)."""
+    return nnx.merge(graphdef, state).expert_weights()
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(3, 4))
+def _prefill_chunk(graphdef, state, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
     """Write one chunk of prompt positions [start, start + C) into the cache; keep each row's hidden state at its
     last prompt position (L_b − 1) when that position falls in this chunk. Positions past a row's prompt are
     padding (position −1: not written, attends to nothing).
@@ -187,7 +194,9 @@ def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, len
     positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
     prefix = dataclasses.replace(cache, k=tuple(k[:, :span] for k in cache.k), v=tuple(v[:, :span] for v in cache.v))
-    hidden_bcd, prefix = model.hidden_states(tokens_bc, positions_bt=positions_bc, cache=prefix)
+    hidden_bcd, prefix = model.hidden_states(
+        tokens_bc, positions_bt=positions_bc, cache=prefix, expert_weights=expert_weights
+    )
     cache = dataclasses.replace(
         prefix,
         k=tuple(jax.lax.dynamic_update_slice_in_dim(k, p, 0, 1) for k, p in zip(cache.k, prefix.k, strict=True)),
@@ -199,10 +208,11 @@ def _prefill_chunk(graphdef, state, cache, last_hidden_bd, tokens_bc, start, len
     return cache, jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len",), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len",), donate_argnums=(3,))
 def _decode(
     graphdef,
     state,
+    expert_weights,
     cache,
     last_hidden_bd,
     lengths_b,
@@ -219,7 +229,6 @@ def _decode(
     the final cache (returned so that the donated cache buffers are updated in place)."""
     model = nnx.merge(graphdef, state)
     w_dv = model.lm_head_weight()
-    expert_weights = model.expert_weights()  # split once here: XLA does not hoist the slices out of the loop
     keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
 
@@ -319,6 +328,7 @@ def generate_rows(
     graphdef, state = nnx.split(model)
     put = functools.partial(_put_batch, mesh=mesh, batch_axes=batch_axes)
     cache = _init_cache(graphdef, state, batch, cache_len)
+    expert_weights = _expert_weights(graphdef, state)
     last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype)))
     lengths_dev = put(lengths_b)
     for start in range(0, prompt_len, chunk):
@@ -326,6 +336,7 @@ def generate_rows(
         cache, last_hidden_bd = _prefill_chunk(
             graphdef,
             state,
+            expert_weights,
             cache,
             last_hidden_bd,
             put(tokens_bp[:, start : start + chunk]),
@@ -336,6 +347,7 @@ def generate_rows(
     out_tokens, out_logprobs, out_lengths, stopped, _ = _decode(
         graphdef,
         state,
+        expert_weights,
         cache,
         last_hidden_bd,
         lengths_dev,
