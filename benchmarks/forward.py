@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     for mode, (wall, cpu) in ours.items():
         if theirs:
             ref_wall, ref_cpu = theirs[mode]
-            peer = [f"{n_tokens / ref_wall:,.0f}", f"{ref_wall / wall:.2f}x", f"{n_tokens / ref_cpu:,.0f}"]
-            peer.append(f"{ref_cpu / cpu:.2f}x")
+            peer = [f"{n_tokens / ref_wall:,.0f}", f"{ref_wall / wall:.2f}x"]
+            peer += [f"{n_tokens / ref_cpu:,.0f}", f"{ref_cpu / cpu:.2f}x"]
         else:
             peer = ["-"] * 4
         cells = [mode, f"{n_tokens / wall:,.0f}", *peer[:2], f"{n_tokens / cpu:,.0f}", *peer[2:]]
