@@ -1,9 +1,8 @@
 """Attention benchmark: time and peak memory against sequence length, and ring attention side by side with the
-`ringattention` package (PyPI 0.1.2); on a GPU, the Pallas kernel's TFLOP/s against the card's bf16 matmul rate.
+`ringattention` package (PyPI 0.1.2). On a GPU machine use benchmarks/attention_gpu.py.
 
   .venv/bin/python benchmarks/attention.py                 # CPU: scaling 8K..256K, ringattention at 32K
   .venv/bin/python benchmarks/attention.py --skip-scaling  # only the ringattention comparison
-  .venv/bin/python benchmarks/attention.py --gpu           # on a GPU machine: Pallas GPU kernel, 32K..128K
   .venv/bin/python benchmarks/attention.py --cache         # chunked prefill over a KV cache: dense vs blockwise
 
 Methods (causal, batch 1, --heads x --head-dim, float32 on CPU):
@@ -56,8 +55,6 @@ def parse_args(argv=None):
     )
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="only time the Pallas GPU kernel (needs a GPU)")
-    parser.add_argument("--gpu-lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--cache", action="store_true", help="only the chunked-prefill KV-cache comparison")
     parser.add_argument("--cache-length", type=int, default=8192)
     parser.add_argument("--cache-chunk", type=int, default=1024)
@@ -280,48 +277,6 @@ def cache_prefill(args) -> dict:
     return results
 
 
-def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16) -> float:
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
-    wall, _ = best_time(jax.jit(jnp.matmul), (a, b), 5)
-    return 2 * n**3 / wall / 1e12
-
-
-def gpu(args) -> list[dict]:
-    """Pallas GPU kernel vs the card's measured bf16 matmul rate (causal flops: fwd 2 T^2 H D, fwd+bwd 3.5x that)."""
-    peak = matmul_tflops()
-    rows = []
-    for t in tqdm(args.gpu_lengths, desc="gpu", unit="length"):
-        qkv = inputs(t, 32, 8, 128, jnp.bfloat16)
-
-        def attention(q, k, v):
-            return kernels.flash_attention(q, k, v, backend="pallas_gpu")
-
-        flops = 2 * t * t * 32 * 128
-        fwd, _ = best_time(jax.jit(attention), qkv, args.repeats)
-        fwd_bwd, _ = best_time(jax.jit(with_backward(attention)), qkv, args.repeats)
-        rows.append(
-            {
-                "length": t,
-                "fwd_s": fwd,
-                "fwd_tflops": flops / fwd / 1e12,
-                "fwd_bwd_s": fwd_bwd,
-                "fwd_bwd_tflops": 3.5 * flops / fwd_bwd / 1e12,
-                "matmul_tflops": peak,
-            }
-        )
-    print(f"\n### Pallas GPU flash attention, bf16, causal, 32 q heads / 8 kv heads x 128, {jax.devices()[0]}\n")
-    print(f"measured bf16 matmul rate: {peak:.0f} TFLOP/s\n")
-    print("| length | fwd ms | fwd TFLOP/s (% matmul) | fwd+bwd ms | fwd+bwd TFLOP/s (% matmul) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['length'] // 1024}K | {r['fwd_s'] * 1e3:.1f} | {r['fwd_tflops']:.0f} "
-            f"({100 * r['fwd_tflops'] / peak:.0f}%) | {r['fwd_bwd_s'] * 1e3:.1f} | {r['fwd_bwd_tflops']:.0f} "
-            f"({100 * r['fwd_bwd_tflops'] / peak:.0f}%) |"
-        )
-    return rows
-
-
 def plot(rows: list[dict], path: Path):
     import matplotlib
 
@@ -353,16 +308,14 @@ def main(argv=None) -> int:
         f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices, {os.cpu_count()} cpus"
     )
     results = {}
-    if args.gpu:
-        results["gpu"] = gpu(args)
-    elif args.cache:
+    if args.cache:
         results["cache"] = cache_prefill(args)
     elif not args.skip_scaling:
         results["scaling"] = scaling(args)
         print_scaling(results["scaling"])
         plot(results["scaling"], args.out / "attention.png")
         print(f"\nplot: {args.out / 'attention.png'}")
-    if not (args.gpu or args.cache or args.skip_compare):
+    if not (args.cache or args.skip_compare):
         results["compare"] = compare(args)
     (args.out / "attention.json").write_text(json.dumps(results, indent=1, default=str))
     return 0

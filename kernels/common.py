@@ -50,6 +50,13 @@ class BlockSizes:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{type(self).__module__}.BlockSizes.{name} must be a positive int, got {value!r}")
 
+    @classmethod
+    def default(cls, head_dim: int, dtype) -> BlockSizes:
+        """The backend's default tiles for this head_dim and input dtype (a backend whose tiles must depend on them
+        overrides this)."""
+        del head_dim, dtype
+        return cls()
+
     @property
     def q_bwd(self) -> int:
         return self.block_q_bwd or self.block_q

@@ -28,22 +28,28 @@ BACKENDS = {"xla": blockwise, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu
 _PLATFORM_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
 
 
-def _fits(module: types.ModuleType, head_dim: int, q_len: int, kv_len: int, block_sizes: BlockSizes | None) -> str:
+def _fits(
+    module: types.ModuleType, head_dim: int, dtype, q_len: int, kv_len: int, block_sizes: BlockSizes | None
+) -> str:
     """Why `module` cannot run this shape ('' when it can)."""
     try:
         if hasattr(module, "check_head_dim"):
             module.check_head_dim(head_dim)
-        _fit_blocks(module, block_sizes, q_len, kv_len)
+        _fit_blocks(module, block_sizes, q_len, kv_len, head_dim, dtype)
     except ValueError as err:
         return str(err)
     return ""
 
 
-def _fit_blocks(module: types.ModuleType, block_sizes: BlockSizes | None, q_len: int, kv_len: int) -> BlockSizes:
+def _fit_blocks(
+    module: types.ModuleType, block_sizes: BlockSizes | None, q_len: int, kv_len: int, head_dim: int, dtype
+) -> BlockSizes:
     if block_sizes is None:
-        return module.BlockSizes().fit(q_len, kv_len, strict=False)
+        return module.BlockSizes.default(head_dim, dtype).fit(q_len, kv_len, strict=False)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a qlx.kernels.BlockSizes, got {type(block_sizes).__name__}")
+    if isinstance(block_sizes, module.BlockSizes):  # the backend's own sizes keep their extra settings
+        return block_sizes.fit(q_len, kv_len, strict=True)
     sizes = module.BlockSizes(
         block_q=block_sizes.block_q,
         block_kv=block_sizes.block_kv,
@@ -54,7 +60,14 @@ def _fit_blocks(module: types.ModuleType, block_sizes: BlockSizes | None, q_len:
 
 
 def resolve_backend(
-    backend: str, head_dim: int, q_len: int, kv_len: int, block_sizes: BlockSizes | None, *, positions: bool = False
+    backend: str,
+    head_dim: int,
+    dtype,
+    q_len: int,
+    kv_len: int,
+    block_sizes: BlockSizes | None,
+    *,
+    positions: bool = False,
 ) -> types.ModuleType:
     """The kernel module for `backend`. "auto": Pallas on TPU / GPU when it supports the shape, else the XLA blockwise
     kernel (with a warning saying why); a named backend that cannot run the shape raises. Query positions over a KV
@@ -64,7 +77,7 @@ def resolve_backend(
         if name is None:
             return blockwise
         reason = "q_positions (a KV cache) runs on the xla kernel only" if positions else ""
-        reason = reason or _fits(BACKENDS[name], head_dim, q_len, kv_len, block_sizes)
+        reason = reason or _fits(BACKENDS[name], head_dim, dtype, q_len, kv_len, block_sizes)
         if not reason:
             return BACKENDS[name]
         warnings.warn(f"qlx.kernels: using the xla blockwise backend instead of {name}: {reason}", stacklevel=3)
@@ -85,13 +98,16 @@ def make_settings(
     block_sizes: BlockSizes | None,
     q_len: int,
     kv_len: int,
+    head_dim: int,
+    dtype,
     interpret,
 ) -> Settings:
-    """Settings with block sizes fitted to (q_len, kv_len) for `module` (explicit sizes must divide the lengths)."""
+    """Settings with block sizes fitted to (q_len, kv_len) for `module` (explicit sizes must divide the lengths;
+    default sizes are the backend's for `head_dim` and the input `dtype`)."""
     return Settings(
         causal=causal,
         sm_scale=sm_scale,
-        block_sizes=_fit_blocks(module, block_sizes, q_len, kv_len),
+        block_sizes=_fit_blocks(module, block_sizes, q_len, kv_len, head_dim, dtype),
         interpret=interpret,
     )
 
@@ -147,7 +163,7 @@ def flash_attention(
     if backend == "reference":
         o, lse = mha_reference(q, k, v, segment_ids, segment_ids, causal=causal, sm_scale=sm_scale)
     else:
-        module = resolve_backend(backend, d, t, s_len, block_sizes, positions=q_positions is not None)
+        module = resolve_backend(backend, d, q.dtype, t, s_len, block_sizes, positions=q_positions is not None)
         settings = make_settings(
             module,
             causal=causal,
@@ -155,6 +171,8 @@ def flash_attention(
             block_sizes=block_sizes,
             q_len=t,
             kv_len=s_len,
+            head_dim=d,
+            dtype=q.dtype,
             interpret=interpret,
         )
         o, lse = module.attention(q, k, v, segment_ids, segment_ids, settings, q_pos=q_positions)

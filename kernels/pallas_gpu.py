@@ -2,7 +2,7 @@
 
 Works in the [B, T, H, D] layout directly (a block is [block, D] of one head). Three kernels:
   forward  grid (T/bq, B, Hq): loop over the kv blocks left of the diagonal with an online softmax -> o, lse
-  dq       grid (T/bq, B, Hq): same loop, P = exp(s - lse), dS = P (dO V^T - delta), dQ += dS K
+  dq       grid (T/bq, B, Hq): same loop, P = exp(s - lse), dS = P (dO V^T - delta), dQ += dS K (own tiles: *_dq)
   dkv      grid (S/bk, B, Hkv): loop over the G query heads of this kv head and the query blocks that see this kv
            block: dV += P^T dO, dK += dS^T Q (grouped-query gradients summed in-kernel, K/V never repeated)
 Tiles straddling the causal diagonal build the causal mask; the others skip it; tiles above it are never visited.
@@ -30,15 +30,59 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(_BaseBlockSizes):
-    """Triton tiles: powers of two, at least 16 (tensor-core dot shapes)."""
+    """Triton tiles: powers of two, at least 16 (tensor-core dot shapes). block_q_bwd x block_kv_bwd tile the dkv
+    kernel, block_q_dq x block_kv_dq the dq kernel (None: the dkv kernel's). Plus the Triton launch settings
+    (num_warps None: 4 for head_dim <= 64, else 8; num_stages: software-pipelining depth of the inner loops)."""
 
     block_q: int = 128
-    block_kv: int = 64
-    block_q_bwd: int | None = 64
+    block_kv: int = 128
+    block_q_bwd: int | None = 128
     block_kv_bwd: int | None = 64
+    block_q_dq: int | None = None
+    block_kv_dq: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
 
     multiple = 16
     power_of_two = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("block_q_dq", "block_kv_dq"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"pallas_gpu.BlockSizes.{name} must be a positive int or None, got {value!r}")
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"pallas_gpu.BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"pallas_gpu.BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
+
+    @classmethod
+    def default(cls, head_dim: int, dtype) -> BlockSizes:
+        """Tiles measured fastest on an H200 for bf16 at head_dim 128 (BUILD_NOTES); wider rows (head_dim x bytes)
+        get smaller tiles so the pipelined K/V tiles fit the shared memory (a [128, 128] float32 tile is 64 KiB)."""
+        row_bytes = head_dim * jnp.dtype(dtype).itemsize
+        if row_bytes <= 256:
+            return cls()
+        if row_bytes <= 512:
+            return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
+        return cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
+
+    @property
+    def q_dq(self) -> int:
+        return self.block_q_dq or self.q_bwd
+
+    @property
+    def kv_dq(self) -> int:
+        return self.block_kv_dq or self.kv_bwd
+
+    def fit(self, q_len: int, kv_len: int, *, strict: bool) -> BlockSizes:
+        fitted = super().fit(q_len, kv_len, strict=strict)
+        return dataclasses.replace(
+            fitted,
+            block_q_dq=self._fit_one("block_q_dq", self.q_dq, q_len, "q", strict),
+            block_kv_dq=self._fit_one("block_kv_dq", self.kv_dq, kv_len, "k/v", strict),
+        )
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -49,8 +93,9 @@ def check_head_dim(head_dim: int) -> None:
         )
 
 
-def _num_warps(head_dim: int) -> int:
-    return 4 if head_dim <= 64 else 8
+def _compiler_params(sizes: BlockSizes, head_dim: int) -> plgpu.CompilerParams:
+    num_warps = sizes.num_warps or (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=sizes.num_stages)
 
 
 def _mask(s, q_start, kv_start, q_seg, kv_seg, causal_tile: bool):
@@ -109,7 +154,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
 def _dq_kernel(
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, settings: Settings, num_kv
 ):
-    bq, bk = settings.block_sizes.q_bwd, settings.block_sizes.kv_bwd
+    bq, bk = settings.block_sizes.q_dq, settings.block_sizes.kv_dq
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
@@ -217,7 +262,7 @@ def forward(q, k, v, q_seg, kv_seg, settings: Settings):
             pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
         ],
         out_shape=[q, jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(d), num_stages=2),
+        compiler_params=_compiler_params(settings.block_sizes, d),
         interpret=settings.interpret,
         name="qlx_flash_forward",
     )(q, k, v, q_seg, kv_seg)
@@ -228,11 +273,11 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
     """(dq, dk, dv) float32 by the Triton dq and dkv kernels."""
     b, t, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
-    bq, bk = settings.block_sizes.q_bwd, settings.block_sizes.kv_bwd
     groups = hq // hkv
     lse_bht = backward_lse(lse).transpose(0, 2, 1)
     delta_bht = delta.transpose(0, 2, 1)
-    params = plgpu.CompilerParams(num_warps=_num_warps(d), num_stages=2)
+    params = _compiler_params(settings.block_sizes, d)
+    bq, bk = settings.block_sizes.q_dq, settings.block_sizes.kv_dq
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, settings=settings, num_kv=s_len // bk),
@@ -252,6 +297,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, settings: Settings):
         interpret=settings.interpret,
         name="qlx_flash_dq",
     )(q, k, v, q_seg, kv_seg, do, lse_bht, delta_bht)
+    bq, bk = settings.block_sizes.q_bwd, settings.block_sizes.kv_bwd
     whole = pl.BlockSpec()
     kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0))
     dk, dv = pl.pallas_call(

@@ -258,7 +258,7 @@ def ring_attention(
 
     length = t // size
     sm_scale = check_scale(d, sm_scale)
-    module = resolve_backend(backend, d, length // 2 if causal and size > 1 else length, length, block_sizes)
+    module = resolve_backend(backend, d, q.dtype, length // 2 if causal and size > 1 else length, length, block_sizes)
 
     def settings(q_len, kv_len, step_causal):
         return make_settings(
@@ -268,6 +268,8 @@ def ring_attention(
             block_sizes=block_sizes,
             q_len=q_len,
             kv_len=kv_len,
+            head_dim=d,
+            dtype=q.dtype,
             interpret=interpret,
         )
 

@@ -85,6 +85,29 @@ def test_block_size_errors_name_the_tensor_and_valid_sizes():
         pallas_tpu.BlockSizes(64, 128).fit(256, 256, strict=True)
     with pytest.raises(ValueError, match="block_kv must be a positive int"):
         kernels.BlockSizes(block_q=128, block_kv=0)
+    with pytest.raises(ValueError, match="num_warps must be 1, 2, 4, 8 or 16"):
+        pallas_gpu.BlockSizes(num_warps=3)
+    with pytest.raises(ValueError, match="block_kv_dq must be a positive int or None"):
+        pallas_gpu.BlockSizes(block_kv_dq=0)
+    with pytest.raises(ValueError, match=r"k/v sequence length 256 cannot be tiled by block_kv_dq=48"):
+        pallas_gpu.BlockSizes(block_kv_dq=48).fit(256, 256, strict=True)
+
+
+def test_gpu_default_tiles_shrink_as_rows_widen():
+    """The GPU tiles (K/V tiles live in shared memory, pipelined) never grow with head_dim x dtype bytes; the dq
+    kernel's tiles default to the dkv kernel's."""
+    previous = None
+    for head_dim, dtype in [(64, jnp.bfloat16), (128, jnp.bfloat16), (256, jnp.bfloat16), (256, jnp.float32)]:
+        sizes = pallas_gpu.BlockSizes.default(head_dim, dtype).fit(4096, 4096, strict=False)
+        assert (sizes.q_dq, sizes.kv_dq) == (sizes.q_bwd, sizes.kv_bwd)
+        tiles = (sizes.block_q * sizes.block_kv, sizes.q_bwd * sizes.kv_bwd)
+        if previous is not None:
+            assert all(now <= before for now, before in zip(tiles, previous, strict=True))
+        previous = tiles
+    assert (
+        pallas_gpu.BlockSizes.default(256, jnp.float32).block_kv
+        < pallas_gpu.BlockSizes.default(128, jnp.bfloat16).block_kv
+    )
 
 
 def test_merge_partials_over_disjoint_keys_equals_full_attention():

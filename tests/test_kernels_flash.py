@@ -186,7 +186,7 @@ def test_sharded_flash_attention_errors_name_the_axis():
 
 
 def test_auto_backend_is_blockwise_on_cpu():
-    assert flash.resolve_backend("auto", 64, 128, 128, None) is blockwise
+    assert flash.resolve_backend("auto", 64, jnp.float32, 128, 128, None) is blockwise
 
 
 @pytest.mark.parametrize(
