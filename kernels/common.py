@@ -43,12 +43,16 @@ class BlockSizes:
     power_of_two: ClassVar[bool] = False
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
-            value = getattr(self, name)
-            if value is None and name.endswith("_bwd"):
+        """Every block_* field is a positive int (or None, where its type allows it)."""
+        for field in dataclasses.fields(self):
+            value, optional = getattr(self, field.name), "None" in str(field.type)
+            if not field.name.startswith("block_") or (value is None and optional):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{type(self).__module__}.BlockSizes.{name} must be a positive int, got {value!r}")
+                optional = " or None" if optional else ""
+                raise ValueError(
+                    f"{type(self).__module__}.BlockSizes.{field.name} must be a positive int{optional}, got {value!r}"
+                )
 
     @classmethod
     def default(cls, head_dim: int, dtype) -> BlockSizes:

@@ -48,10 +48,6 @@ class BlockSizes(_BaseBlockSizes):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("block_q_dq", "block_kv_dq"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"pallas_gpu.BlockSizes.{name} must be a positive int or None, got {value!r}")
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"pallas_gpu.BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
