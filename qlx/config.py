@@ -246,6 +246,11 @@ class TrainConfig:
     init_from: parameters to start from: a qlx run folder or checkpoint folder (its latest good checkpoint: the
         previous stage), a Hugging Face model folder (config.json + safetensors), or None for fresh random weights.
         Ignored when run_dir already holds a checkpoint (the run resumes instead).
+    restart: allow starting over in a run folder whose checkpoints cannot be resumed: when they no longer fit the
+        config (shapes, tree structure, optimizer state) they are moved to checkpoints/superseded-<step>, and when
+        every one failed its integrity check (already moved to checkpoints/corrupt-<step>), the run starts from step
+        0 instead of stopping with an error. Checkpoints that fit are resumed as usual, so the same command continues
+        an interrupted run.
     checkpoint_every: save a checkpoint every this many steps (and always after the last step).
     keep_checkpoints: how many of the newest checkpoints to keep on disk.
     async_checkpointing: write checkpoints in a background thread while training continues.
@@ -264,6 +269,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     run_dir: str = "runs/default"
     init_from: str | None = None
+    restart: bool = False
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     async_checkpointing: bool = True

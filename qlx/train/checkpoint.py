@@ -1,23 +1,35 @@
-"""The one checkpoint module: orbax, asynchronous, keep the last N, fall back past a corrupt latest checkpoint.
+"""The one checkpoint module: orbax, asynchronous, keep the last N, checksummed, corrupt steps set aside.
 
 A checkpoint is one step folder ``DIR/<step>/`` with named items:
 
 - one per pytree of arrays given to :meth:`Checkpointer.save` (the trainer saves ``params``, ``opt_state`` and
   ``extra``: AEPO state and RNG key data), written by orbax's StandardSave, sharded arrays shard by shard;
-- ``meta``: JSON (the step, sampler and data-iterator state, counters) plus a fingerprint of each array item: per
-  leaf, the shape, dtype, and the sum and sum of squares of its values.
+- ``meta``: JSON (the step, sampler and data-iterator state, counters, the resolved config) plus ``arrays``: per item
+  and leaf (dotted path), the shape, dtype and :func:`checksum` of its values at save time, and ``digest``, the
+  BLAKE2b of all of the above, so a changed byte in the JSON itself is found too.
 
 Items can be restored alone (``restore_latest({"params": target})`` starts a new stage from the previous stage's
 parameters without its optimizer state).
 
-orbax writes a step into a temporary folder and renames it when complete, so a process killed while saving leaves no
-step folder behind (its temporary folder is removed on the next start). A step folder that exists but cannot be read
-back, or whose arrays do not match the fingerprint written at save time (a truncated or altered file), is reported,
-moved aside to ``DIR/corrupt-<step>``, and the previous checkpoint is tried.
+Restoring a step takes three checks, in this order:
+
+1. the JSON item is read and its digest checked (no array data read yet);
+2. the structure, shapes and dtypes recorded there are compared with the targets: a difference means the run's config
+   no longer fits the checkpoint, not that the checkpoint is bad, so :class:`CheckpointMismatch` is raised naming each
+   differing leaf, and nothing on disk is touched;
+3. the arrays are read and their checksums compared with the recorded ones.
+
+Only a step that fails 1 or 3 (unreadable, truncated, a flipped bit) counts as corrupt: it is moved to
+``DIR/corrupt-<step>`` with a warning naming the step, the reason and the new place, and the previous step is tried.
+When steps existed but none passed, :class:`NoUsableCheckpoint` lists each with its reason. orbax writes a step into
+a temporary folder and renames it when complete, so a process killed while saving leaves no step folder behind (its
+temporary folder is removed on the next start).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -30,33 +42,137 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+MAX_LISTED = 8
+"""How many differing leaves a mismatch message lists before saying how many more there are."""
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(ValueError):
     """No usable checkpoint where one was expected."""
 
 
-def _leaf_fingerprint(x) -> list:
+class CorruptCheckpoint(CheckpointError):
+    """A step's data failed to read or to match what was recorded when it was saved."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """Every checkpoint on disk was corrupt (each has been reported and, unless read-only, moved aside)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint's recorded structure, shapes or dtypes differ from the targets (a changed config).
+
+    step: the checkpoint. differences: one line per differing leaf (dotted path). meta: its JSON item (holds the
+    resolved config it was saved with under ``config``, when the trainer wrote it).
+    """
+
+    def __init__(self, directory: Path, step: int, differences: list[str], meta: dict):
+        self.step, self.differences, self.meta = step, differences, meta
+        listed = "; ".join(differences[:MAX_LISTED])
+        more = f"; and {len(differences) - MAX_LISTED} more" if len(differences) > MAX_LISTED else ""
+        super().__init__(f"checkpoint {directory / str(step)} does not fit: {listed}{more}")
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that spreads every input bit over the output."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x):
+    """The array's bits as uint32 words (8-byte items become 2 words; 1- and 2-byte items are zero-extended)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+_SEEDS = (0x243F6A88, 0x85A308D3)
+
+
+@jax.jit
+def _checksum_lanes(x):
+    w = _words(x)
+    position = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(w.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, w.shape, dim) * jnp.uint32(stride)
+        stride = (stride * w.shape[dim]) % 2**32
+    return jnp.stack(
+        [
+            jnp.sum(_fmix32(w + _fmix32(position * jnp.uint32(0x9E3779B9) + jnp.uint32(s))), dtype=jnp.uint32)
+            for s in _SEEDS
+        ]
+    )
+
+
+def checksum(x) -> str:
+    """A 64-bit checksum of an array's bytes and their positions, as 16 hex digits; the same on any sharding.
+
+    Per lane ``s`` (two): ``sum_i fmix32(w_i + fmix32(i * 0x9E3779B9 + seed_s)) mod 2**32`` over the array's bits as
+    uint32 words ``w_i`` at flat position ``i``. For a fixed position the term is a bijection of the word, so changing
+    any one word (any single flipped bit) always changes both lanes; other changes go unnoticed with probability about
+    2**-64. The sum is order-free, so XLA computes it where the shards live (each device its part, then an all-reduce
+    of two words): nothing is gathered on one host, every process gets the same value, and a checkpoint saved on one
+    mesh verifies when restored onto another.
+    """
     x = jnp.asarray(x)
-    values = x.astype(jnp.float32)
-    return [list(x.shape), str(x.dtype), float(jnp.sum(values)), float(jnp.sum(values * values))]
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    lanes = _checksum_lanes(x)
+    lanes = np.asarray(lanes.addressable_shards[0].data)
+    return "".join(f"{int(v):08x}" for v in lanes)
 
 
-def fingerprint(tree) -> list:
-    """Per leaf (in tree order): [shape, dtype, sum, sum of squares], the values summed in float32 on device."""
-    return [_leaf_fingerprint(leaf) for leaf in jax.tree.leaves(tree)]
+def _path(keys) -> str:
+    return jax.tree_util.keystr(keys, simple=True, separator=".")
 
 
-def _fingerprints_match(saved: list, restored: list) -> str | None:
-    """None when they match; otherwise a description of the first leaf that does not."""
-    if len(saved) != len(restored):
-        return f"{len(restored)} arrays restored, {len(saved)} saved"
-    for i, (a, b) in enumerate(zip(saved, restored, strict=True)):
-        if a[:2] != b[:2]:
-            return f"array {i}: shape/dtype {b[:2]} restored, {a[:2]} saved"
-        for name, u, v in (("sum", a[2], b[2]), ("sum of squares", a[3], b[3])):
-            if not np.isclose(u, v, rtol=1e-5, atol=1e-6, equal_nan=True):
-                return f"array {i}: {name} {v!r} restored, {u!r} saved"
-    return None
+def _layout(tree) -> dict[str, tuple[list[int], str]]:
+    """{dotted path: (shape, dtype)} of the leaves of a pytree of arrays or ShapeDtypeStructs, in tree order."""
+    out = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = _path(keys)
+        if path in out:
+            raise ValueError(f"two leaves share the path {path!r}; rename one")
+        out[path] = (list(leaf.shape), str(np.dtype(leaf.dtype)))
+    return out
+
+
+def array_records(tree) -> dict[str, dict]:
+    """{dotted path: {"shape", "dtype", "checksum"}} for every leaf of ``tree`` (what a checkpoint records)."""
+    layout = _layout(tree)
+    sums = [checksum(leaf) for leaf in jax.tree.leaves(tree)]
+    return {
+        path: {"shape": shape, "dtype": dtype, "checksum": value}
+        for (path, (shape, dtype)), value in zip(layout.items(), sums, strict=True)
+    }
+
+
+def _digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), digest_size=16).hexdigest()
+
+
+def layout_differences(name: str, recorded: dict[str, dict], target) -> list[str]:
+    """One line per leaf of item ``name`` whose path, shape or dtype differs between a checkpoint and a target."""
+    wanted = _layout(target)
+    lines = []
+    for path, (shape, dtype) in wanted.items():
+        key = f"{name}.{path}" if path else name
+        saved = recorded.get(path)
+        if saved is None:
+            lines.append(f"{key}: {dtype}{shape} in this config, absent from the checkpoint")
+        elif (saved["shape"], saved["dtype"]) != (shape, dtype):
+            lines.append(f"{key}: {dtype}{shape} in this config, {saved['dtype']}{saved['shape']} in the checkpoint")
+    for path, saved in recorded.items():
+        if path not in wanted:
+            key = f"{name}.{path}" if path else name
+            lines.append(f"{key}: {saved['dtype']}{saved['shape']} in the checkpoint, absent from this config")
+    return lines
 
 
 class Checkpointer:
@@ -66,6 +182,7 @@ class Checkpointer:
       directory: checkpoint folder (created if missing).
       keep: how many of the newest checkpoints to keep.
       async_save: write in a background thread; :meth:`wait` blocks until the pending write is on disk.
+      read_only: never create, clean up or move anything (corrupt steps are reported and left in place).
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
@@ -88,10 +205,14 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, items: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Start writing ``items`` ({name: pytree of arrays}) and ``meta`` (JSON-able) as checkpoint ``step``."""
+        """Start writing ``items`` ({name: pytree of arrays}) and ``meta`` (JSON-able) as checkpoint ``step``.
+
+        The checksums are computed before this returns (on device; two words per array reach the host)."""
         if "meta" in items:
             raise ValueError("'meta' is reserved for the JSON item; rename the array item")
-        meta = {**meta, "step": int(step), "fingerprint": {name: fingerprint(tree) for name, tree in items.items()}}
+        meta = {**meta, "step": int(step), "arrays": {name: array_records(tree) for name, tree in items.items()}}
+        meta = json.loads(json.dumps(meta))  # the form it is read back in (string keys), so the digest matches
+        meta["digest"] = _digest(meta)
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self._manager.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
 
@@ -103,55 +224,89 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def _read_meta(self, step: int) -> dict:
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 -- an unreadable JSON item is a corrupt step, whatever the error
+            raise CorruptCheckpoint(f"its JSON item cannot be read ({_first_line(e)})") from e
+        if not isinstance(meta, dict) or "arrays" not in meta or "digest" not in meta:
+            raise CorruptCheckpoint("its JSON item has no checksums (missing, or written by an older qlx)")
+        if meta["digest"] != _digest(meta):
+            raise CorruptCheckpoint("its JSON item does not match its digest (changed after it was written)")
+        return meta
+
     def _restore_step(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        meta = self._read_meta(step)
+        differences = []
+        for name, target in targets.items():
+            if name not in meta["arrays"]:
+                differences.append(f"{name}: in this config, absent from the checkpoint")
+            else:
+                differences += layout_differences(name, meta["arrays"][name], target)
+        if differences:
+            raise CheckpointMismatch(self.directory, step, differences, meta)
         args = {
             name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
             for name, target in targets.items()
         }
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
-        meta = restored["meta"]
-        if not isinstance(meta, dict) or "fingerprint" not in meta:
-            raise CheckpointError("meta is missing or has no fingerprint")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 -- the layout matched, so a failure to read is damaged data
+            raise CorruptCheckpoint(f"its arrays cannot be read ({_first_line(e)})") from e
         items = {name: restored[name] for name in targets}
         for name, tree in items.items():
-            mismatch = _fingerprints_match(meta["fingerprint"].get(name, []), fingerprint(tree))
-            if mismatch:
-                raise CheckpointError(f"item {name!r} differs from what was saved ({mismatch})")
+            for path, record in array_records(tree).items():
+                saved = meta["arrays"][name][path]["checksum"]
+                if record["checksum"] != saved:
+                    key = f"{name}.{path}" if path else name
+                    raise CorruptCheckpoint(f"{key}: checksum {record['checksum']} read back, {saved} when saved")
         return items, meta
 
     def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any], dict] | None:
-        """The newest checkpoint that restores cleanly, as (step, {name: pytree}, meta); None when there is none.
+        """The newest checkpoint that passes its checks, as (step, {name: pytree}, meta); None when there is none.
 
         ``targets`` maps item names to pytrees with the structure, shapes, dtypes and shardings to restore into
-        (arrays, or ``jax.ShapeDtypeStruct`` with a sharding); only those items are read. A checkpoint that fails to
-        restore or to match its fingerprint is reported as corrupt, moved to ``corrupt-<step>`` (left in place when
-        read-only) and the previous one is tried.
+        (arrays, or ``jax.ShapeDtypeStruct`` with a sharding); only those items are read. Raises
+        :class:`CheckpointMismatch` (touching nothing) when a checkpoint's layout differs from ``targets``; a corrupt
+        step is reported, moved to ``corrupt-<step>`` (left in place when read-only) and the previous one tried;
+        :class:`NoUsableCheckpoint` when steps existed and all were corrupt.
         """
-        for step in reversed(self.steps()):
+        failures = []
+        steps = self.steps()
+        for step in reversed(steps):
             try:
                 items, meta = self._restore_step(step, targets)
-            except Exception as e:  # noqa: BLE001 -- any failure to read a checkpoint means it is unusable
-                self._quarantine(step, e)
+            except CorruptCheckpoint as e:
+                moved = self._set_aside(step, "corrupt", f"is corrupt: {e}")
+                failures.append(f"step {step}: {e} ({f'moved to {moved}' if moved else 'left in place'})")
                 continue
             return step, items, meta
+        if failures:
+            raise NoUsableCheckpoint(f"no usable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
 
-    def _quarantine(self, step: int, error: Exception) -> None:
+    def set_aside_all(self, why: str) -> list[Path]:
+        """Move every step to ``superseded-<step>``, logging each with ``why``; the folders they went to."""
+        return [self._set_aside(step, "superseded", why) for step in self.steps()]
+
+    def _set_aside(self, step: int, prefix: str, why: str) -> Path | None:
+        """Move step folder ``step`` to ``<prefix>-<step>`` (``.2``, ``.3``... when taken) with a warning saying
+        which step, ``why`` and where it went; the new folder (None when read-only: then it stays in place)."""
         source = self.directory / str(step)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         if self.read_only:
-            log.warning("checkpoint %s is corrupt or incomplete (%s); trying the previous checkpoint", source, reason)
-            return
-        destination = self.directory / f"corrupt-{step}"
+            log.warning("checkpoint step %d (%s) %s; left in place (read-only)", step, source, why)
+            return None
+        destination = self.directory / f"{prefix}-{step}"
         n = 1
         while destination.exists():
             n += 1
-            destination = self.directory / f"corrupt-{step}.{n}"
-        log.warning(
-            "checkpoint %s is corrupt or incomplete (%s); moved to %s, trying the previous checkpoint",
-            source,
-            reason,
-            destination,
-        )
+            destination = self.directory / f"{prefix}-{step}.{n}"
         shutil.move(str(source), str(destination))
         self._manager.reload()
+        log.warning("checkpoint step %d (%s) %s; moved to %s", step, source, why, destination)
+        return destination
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"

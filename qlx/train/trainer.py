@@ -5,7 +5,9 @@
 1. checks the config, data files and tokenizer (:func:`qlx.train.preflight.preflight`) before any compute;
 2. builds the mesh and the model's abstract state; resumes from the newest good checkpoint of the run folder if
    there is one, else starts from ``train.init_from`` (a previous stage's run, a Hugging Face folder) or fresh
-   weights;
+   weights. Checkpoints that no longer fit the config (shapes, tree structure, optimizer state), or a run folder
+   whose every checkpoint failed its integrity check, stop the run here with an error naming what differs, unless
+   ``train.restart`` allows starting over;
 3. runs steps up to ``train.steps``: each writes its metrics (JSONL + TensorBoard) and advances the progress bar;
    a step with a non-finite loss or gradient is skipped with its reason logged, and ``train.max_nonfinite_steps`` of
    those in a row stop the run;
@@ -30,11 +32,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qlx.config import Config, to_dict
+from qlx.config import Config, ConfigError, to_dict
 from qlx.mesh import axis_rules, make_mesh
 from qlx.models import build_model, load_hf, state_shardings
 from qlx.models.sharding import Layout
-from qlx.train.checkpoint import Checkpointer, CheckpointError
+from qlx.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatch, NoUsableCheckpoint
 from qlx.train.metrics import MetricsWriter
 from qlx.train.optim import make_optimizer
 from qlx.train.preflight import ARCHITECTURE_KEYS, preflight
@@ -103,9 +105,12 @@ def _initial_params(config: Config, mesh, rules, abstract_params):
         shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
         return jax.device_put(hf_params, shardings)
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    restored = Checkpointer(folder, read_only=True).restore_latest({"params": abstract_params})
+    try:
+        restored = Checkpointer(folder, read_only=True).restore_latest({"params": abstract_params})
+    except CheckpointError as e:
+        raise ConfigError("train.init_from", str(e)) from None
     if restored is None:
-        raise CheckpointError(f"train.init_from: no usable checkpoint in {folder}")
+        raise ConfigError("train.init_from", f"no checkpoint in {folder}")
     step, items, _ = restored
     log.info("starting from %s step %d", folder, step)
     return items["params"]
@@ -124,6 +129,65 @@ def load_model(config: Config, source: str | Path):
         abstract_params,
     )
     return policy.model(params, rest)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """One line per dotted config key whose value differs between two config dicts (``to_dict`` form)."""
+    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    missing = "(not set)"
+    return [
+        f"{key}: {a.get(key, missing)!r} then, {b.get(key, missing)!r} now"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def _mismatch_error(error: CheckpointMismatch, config: Config, run_dir: Path) -> ConfigError:
+    """The error for a run folder whose checkpoints do not fit the config: what differs and the ways out."""
+    old = error.meta.get("config")
+    if old is None and (run_dir / "config.yaml").is_file():
+        old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    changes = config_changes(old, to_dict(config)) if old else []
+    changed = f" Config keys changed since it was saved: {'; '.join(changes)}." if changes else ""
+    return ConfigError(
+        "train.run_dir",
+        f"{error}.{changed} Nothing was trained and nothing on disk was changed. Ways out: put this run in a new "
+        f"train.run_dir (with train.init_from={run_dir} to start from these parameters, if the model's shapes are "
+        "unchanged); or set train.restart=true to move these checkpoints aside (checkpoints/superseded-<step>) and "
+        "start over from step 0 here.",
+    )
+
+
+def _restore(config: Config, checkpointer: Checkpointer, targets: dict, run_dir: Path):
+    """The run folder's newest good checkpoint (see ``Checkpointer.restore_latest``), None to start from step 0.
+
+    Checkpoints that do not fit the config, or a folder whose every checkpoint is corrupt, stop the run with a
+    ConfigError before any training, unless ``train.restart`` is set: then the run starts over (and says so)."""
+    try:
+        return checkpointer.restore_latest(targets)
+    except CheckpointMismatch as e:
+        if not config.train.restart:
+            raise _mismatch_error(e, config, run_dir) from None
+        checkpointer.set_aside_all(f"does not fit this config (train.restart=true; {e.differences[0]})")
+    except NoUsableCheckpoint as e:
+        if not config.train.restart:
+            raise ConfigError(
+                "train.restart",
+                f"{e}. Refusing to start over: put the good files back, or set train.restart=true to start from "
+                "step 0 in this run folder.",
+            ) from None
+    log.warning("train.restart=true: starting %s over from step 0", run_dir)
+    return None
 
 
 def _write_config(config: Config, run_dir: Path) -> None:
@@ -200,7 +264,11 @@ def train(config: Config) -> TrainResult:
         "opt_state": _with_shardings(jax.eval_shape(optimizer.init, abstract_params), opt_shardings),
         "extra": {"rng": rng, **job.extra_state()},
     }
-    restored = checkpointer.restore_latest(targets)
+    try:
+        restored = _restore(config, checkpointer, targets, run_dir)
+    except ConfigError:
+        checkpointer.close()
+        raise
     if restored is not None:
         start, items, meta = restored
         params, opt_state = items["params"], items["opt_state"]
@@ -218,7 +286,7 @@ def train(config: Config) -> TrainResult:
 
     def save(step: int) -> None:
         items = {"params": params, "opt_state": opt_state, "extra": {"rng": rng, **job.extra_state()}}
-        checkpointer.save(step, items, {**job.meta(), "nonfinite_streak": streak})
+        checkpointer.save(step, items, {**job.meta(), "nonfinite_streak": streak, "config": to_dict(config)})
 
     status, step = "done", start
     bar = tqdm(
