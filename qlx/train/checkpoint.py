@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ _SEEDS = (0x243F6A88, 0x85A308D3)
 
 @jax.jit
 def _checksum_lanes(x):
+    """uint32[2]: the two lanes of :func:`checksum` (positions wrap at 2**32 words)."""
     w = _words(x)
     position = jnp.zeros(w.shape, jnp.uint32)
     stride = 1
@@ -114,16 +116,21 @@ def checksum(x) -> str:
 
     Per lane ``s`` (two): ``sum_i fmix32(w_i + fmix32(i * 0x9E3779B9 + seed_s)) mod 2**32`` over the array's bits as
     uint32 words ``w_i`` at flat position ``i``. For a fixed position the term is a bijection of the word, so changing
-    any one word (any single flipped bit) always changes both lanes; other changes go unnoticed with probability about
-    2**-64. The sum is order-free, so XLA computes it where the shards live (each device its part, then an all-reduce
-    of two words): nothing is gathered on one host, every process gets the same value, and a checkpoint saved on one
-    mesh verifies when restored onto another.
+    any one word (any single flipped bit) always changes both lanes; random damage to several words goes unnoticed with
+    probability about 2**-64 (it guards against damage, not forgery: it is not a cryptographic hash). The sum is
+    order-free, so XLA computes it where the shards live (each device its part, then an all-reduce of two words):
+    nothing is gathered on one host, every process gets the same value, and a checkpoint saved on one mesh verifies
+    when restored onto another. With several processes it is a collective: every process calls it
+    for the same arrays in the same order (as :meth:`Checkpointer.save` and restores do).
     """
     x = jnp.asarray(x)
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     lanes = _checksum_lanes(x)
-    lanes = np.asarray(lanes.addressable_shards[0].data)
+    if lanes.is_fully_replicated:
+        lanes = np.asarray(lanes.addressable_data(0))
+    else:
+        lanes = np.asarray(multihost_utils.process_allgather(lanes, tiled=True))
     return "".join(f"{int(v):08x}" for v in lanes)
 
 
@@ -301,7 +308,10 @@ class Checkpointer:
         while destination.exists():
             n += 1
             destination = self.directory / f"{prefix}-{step}.{n}"
-        shutil.move(str(source), str(destination))
+        if jax.process_index() == 0:
+            shutil.move(str(source), str(destination))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"qlx checkpoint set aside {step}")
         self._manager.reload()
         log.warning("checkpoint step %d (%s) %s; moved to %s", step, source, why, destination)
         return destination
