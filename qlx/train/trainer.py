@@ -141,7 +141,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
+def _config_changes(old: dict, new: dict) -> list[str]:
     """One line per dotted config key whose value differs between two config dicts (``to_dict`` form)."""
     a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
     missing = "(not set)"
@@ -157,8 +157,13 @@ def _mismatch_error(error: CheckpointMismatch, config: Config, run_dir: Path) ->
     old = error.meta.get("config")
     if old is None and (run_dir / "config.yaml").is_file():
         old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    changes = config_changes(old, to_dict(config)) if old else []
-    changed = f" Config keys changed since it was saved: {'; '.join(changes)}." if changes else ""
+    changes = _config_changes(old, to_dict(config)) if old else []
+    if changes:
+        changed = f" Config keys changed since it was saved: {'; '.join(changes)}."
+    else:
+        changed = (
+            " No config key differs from the one it was saved with: the layout changed with the code." if old else ""
+        )
     return ConfigError(
         "train.run_dir",
         f"{error}.{changed} Nothing was trained and nothing on disk was changed. Ways out: put this run in a new "
