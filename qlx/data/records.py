@@ -84,7 +84,14 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "context_ref": (dict, type(None)),
 }
 """The JSON type(s) each record field must have (``bool`` never counts as ``int``; ``null`` only where listed)."""
-_JSON_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
+_JSON_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    list: "a list",
+    type(None): "null",
+}
 
 
 def _type_name(value) -> str:
