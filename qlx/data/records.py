@@ -45,17 +45,9 @@ class Record:
     context_ref: dict | None = None
 
     def __post_init__(self):
-        if self.task_type not in TASK_TYPES:
-            raise ValueError(f"record {self.id}: task_type {self.task_type!r} is not one of {TASK_TYPES}")
-        if self.answer_type not in ANSWER_TYPES:
-            raise ValueError(f"record {self.id}: answer_type {self.answer_type!r} is not one of {ANSWER_TYPES}")
-        if (self.context is None) == (self.context_ref is None):
-            raise ValueError(f"record {self.id}: exactly one of context and context_ref must be set")
-        if self.options is not None and (len(self.options) != 4 or self.answer not in "ABCD" or not self.answer):
-            raise ValueError(f"record {self.id}: options need 4 entries and an answer letter A-D, got {self.answer!r}")
-        for key in ("docs", "facts", "program"):
-            if key not in self.evidence:
-                raise ValueError(f"record {self.id}: evidence lacks {key!r}")
+        problem = _value_problem({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if problem is not None:
+            raise ValueError(f"record {self.id}: {problem[0]}: {problem[1]}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
@@ -98,32 +90,37 @@ def _type_name(value) -> str:
     return "null" if value is None else "true/false" if isinstance(value, bool) else _JSON_NAMES.get(type(value), "?")
 
 
-def _check_fields(data: dict, where: str) -> None:
+def _type_problem(data: dict) -> tuple[str, str] | None:
+    """(field, problem) of the first field whose JSON type is not in :data:`FIELD_TYPES`, else None."""
     for name, types in FIELD_TYPES.items():
-        if name not in data:
-            continue
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        value = data.get(name)
+        if name in data and (isinstance(value, bool) or not isinstance(value, types)):
             want = " or ".join(_JSON_NAMES[t] for t in types)
-            raise RecordError(where, name, f"expected {want}, got {_type_name(value)} {json.dumps(value)[:60]}")
+            return name, f"expected {want}, got {_type_name(value)} {json.dumps(value)[:60]}"
+    return None
+
+
+def _value_problem(data: dict) -> tuple[str, str] | None:
+    """(field, problem) of the first field of a well-typed record with a value outside its rules, else None."""
     for name, allowed in (("task_type", TASK_TYPES), ("answer_type", ANSWER_TYPES)):
         if data[name] not in allowed:
-            raise RecordError(where, name, f"{data[name]!r} is not one of {', '.join(allowed)}")
+            return name, f"{data[name]!r} is not one of {', '.join(allowed)}"
     for name in ("hops", "length_tokens"):
         if data[name] < 0:
-            raise RecordError(where, name, f"must be >= 0, got {data[name]}")
+            return name, f"must be >= 0, got {data[name]}"
     if not data["id"]:
-        raise RecordError(where, "id", "must not be empty")
+        return "id", "must not be empty"
     options = data.get("options")
     if options is not None and not (len(options) == 4 and all(isinstance(o, str) for o in options)):
-        raise RecordError(where, "options", "must be null or a list of 4 strings")
+        return "options", "must be null or a list of 4 strings"
     if options is not None and data["answer"] not in ("A", "B", "C", "D"):
-        raise RecordError(where, "answer", f"a record with options needs an answer letter A-D, got {data['answer']!r}")
+        return "answer", f"a record with options needs an answer letter A-D, got {data['answer']!r}"
     if (data.get("context") is None) == (data.get("context_ref") is None):
-        raise RecordError(where, "context", "exactly one of context and context_ref must be set (the other null)")
+        return "context", "exactly one of context and context_ref must be set (the other null)"
     missing = [key for key in ("docs", "facts", "program") if key not in data["evidence"]]
     if missing:
-        raise RecordError(where, "evidence", f"lacks {', '.join(missing)}")
+        return "evidence", f"lacks {', '.join(missing)}"
+    return None
 
 
 def _check_context_ref(ref: dict, where: str, base_dir: Path) -> Path:
@@ -168,7 +165,9 @@ def parse_record(raw: bytes | str, *, where: str, base_dir: str | Path | None = 
         raise RecordError(where, None, f"missing keys {missing}")
     if unknown:
         raise RecordError(where, None, f"unknown keys {unknown}")
-    _check_fields(data, where)
+    problem = _type_problem(data) or _value_problem(data)
+    if problem is not None:
+        raise RecordError(where, *problem)
     if base_dir is not None and data.get("context_ref") is not None:
         _check_context_ref(data["context_ref"], where, Path(base_dir))
     return Record(**data)
