@@ -13,6 +13,7 @@ Unknown keys, wrong types and inconsistent values all fail before any compute st
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -33,6 +34,14 @@ class ConfigError(ValueError):
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def _check_finite(config) -> None:
+    """Every float field of a config dataclass is finite (``.inf`` and ``.nan`` are YAML floats too)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), field.name, f"must be a finite number (got {value})")
 
 
 def _divisors(n: int) -> str:
@@ -58,6 +67,7 @@ class RopeScalingConfig:
     attention_factor: float | None = None
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.factor >= 1.0, "factor", f"must be >= 1 (got {self.factor})")
         _check(self.original_max_position_embeddings > 0, "original_max_position_embeddings", "must be positive")
         _check(self.beta_fast > self.beta_slow, "beta_fast", f"must exceed beta_slow ({self.beta_slow})")
@@ -120,6 +130,7 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        _check_finite(self)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             _check(getattr(self, name) > 0, name, f"must be positive (got {getattr(self, name)})")
         _check(
@@ -219,6 +230,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.learning_rate > 0, "learning_rate", f"must be positive (got {self.learning_rate})")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.decay_steps >= 0, "decay_steps", "must be >= 0 (0: no decay)")
@@ -278,6 +290,7 @@ class TrainConfig:
     sft_prompt_weight: float = 0.0
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
         _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0: the whole step in one pass)")
@@ -321,6 +334,7 @@ class RLConfig:
     reward: Literal["recipe", "exact"] = "recipe"
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.group_size >= 2, "group_size", f"must be >= 2 to estimate advantages (got {self.group_size})")
         _check(self.h_low >= 0, "h_low", f"must be >= 0 (got {self.h_low})")
         _check(self.h_high > self.h_low, "h_high", f"must exceed h_low ({self.h_low}) (got {self.h_high})")
@@ -344,6 +358,7 @@ class RolloutConfig:
     top_k: int = 0
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.temperature > 0, "temperature", f"must be positive (got {self.temperature})")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
         _check(self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
@@ -377,7 +392,8 @@ class DataConfig:
     max_pass_rate: float = 1.0
 
     def __post_init__(self):
-        _check(self.max_input_tokens >= 1, "max_input_tokens", "must be >= 1")
+        _check_finite(self)
+        _check(self.max_input_tokens >= 16, "max_input_tokens", f"must be >= 16 (got {self.max_input_tokens})")
         _check(self.max_output_tokens >= 1, "max_output_tokens", "must be >= 1")
         _check(len(set(self.task_types)) == len(self.task_types), "task_types", "has duplicates")
         _check(self.refilter_k >= 0, "refilter_k", "must be >= 0 (0: off)")
@@ -395,7 +411,7 @@ class Config:
 
     model: architecture (ModelConfig).
     mesh: device mesh (MeshConfig).
-    seed: seed of parameter initialisation, data order and rollout sampling.
+    seed: seed of parameter initialisation, data order and rollout sampling; in [0, 2**63).
     train: the training loop (TrainConfig).
     rl: the RL objective (RLConfig).
     rollout: rollout sampling (RolloutConfig).
@@ -409,6 +425,9 @@ class Config:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63) (got {self.seed})")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,17 @@ def test_include_cycle_is_reported(tmp_path):
         ("mesh.data=0", "mesh.data", "positive integer or -1"),
         ("mesh.data=-1", "mesh.fsdp", "only one mesh axis may be -1"),
         ("seed=1.5", "seed", "expected an integer"),
+        ("seed=-1", "seed", r"must be in \[0, 2\*\*63\) \(got -1\)"),
+        ("train.optimizer.learning_rate=.inf", "train.optimizer.learning_rate", "finite number .got inf"),
+        ("train.optimizer.learning_rate=.nan", "train.optimizer.learning_rate", "finite number .got nan"),
+        ("train.optimizer.learning_rate=-1e-6", "train.optimizer.learning_rate", "must be positive"),
+        ("train.optimizer.grad_clip=-.inf", "train.optimizer.grad_clip", "finite number"),
+        ("rollout.temperature=.inf", "rollout.temperature", "finite number"),
+        ("rl.h_high=.nan", "rl.h_high", "finite number"),
+        ("model.rope_theta=.inf", "model.rope_theta", "finite number"),
+        ("model.rope_scaling={factor: .inf}", "model.rope_scaling.factor", "finite number"),
+        ("data.max_input_tokens=8", "data.max_input_tokens", "must be >= 16"),
+        ("data.max_pass_rate=.nan", "data.max_pass_rate", "finite number"),
     ],
 )
 def test_bad_values_name_the_key(override, key, hint):

@@ -181,3 +181,12 @@ def test_bad_inputs_name_the_problem(tok, tmp_path):
         render_chat([{"role": "user", "content": "a"}], mode="fast")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "data"), [("tokenizer.json", b'{"bad": 1'), ("tokenizer.json", b"\xff\xfe"),
+                                            ("sp.model", b"garbage")])  # fmt: skip
+def test_corrupt_tokenizer_files_raise_value_error_naming_the_file(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    for path in (tmp_path, tmp_path / name):
+        with pytest.raises(ValueError, match=rf"{tmp_path / name}: not a valid tokenizer file"):
+            load_tokenizer(path)

@@ -1,10 +1,12 @@
 """Reward verifiers: hand-written cases per function, the registry, and fuzzing for no-raise and bounded time."""
 
+import contextlib
 import difflib
+import random
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qlx.rl import rewards as R
@@ -140,3 +142,73 @@ def test_one_megabyte_responses_score_in_bounded_time(response):
     for task in ("mc", "multihop", "reading", "numerical", "dialogue"):
         assert 0.0 <= R.rule_reward(task, response, gold) <= 1.0
     assert time.perf_counter() - start < 10.0  # a generous bound on a loaded 2-core machine; typically < 1 s
+
+
+# Adversarial shapes for backtracking regexes and quadratic matchers: one short piece repeated to 30K-100K
+# characters between a short head and tail ("1" + 30,000 spaces + "x" made the numerical gold check take ~2 s).
+_PIECES = [" ", "1", "1 ", "1,", "1.", ",", ".", "-", "1..", "\n", "\t ", "the answer is ", "\\boxed{", "```json"]
+_PIECES += ["|---", "</think>", "(", "{", "A) ", "12 %", "k"]
+_HEADS = st.sampled_from(["", "1", "the answer is 5", "```", "|", "-", "aZ9x"])
+_TAILS = st.sampled_from(["", "x", "1", "%", "```", "}", "|x"])
+_CALL_BOUND_S = 1.0  # linear work on 100K characters: <= 0.2 s even at load 18; the quadratic cases took 2-20 s
+
+
+@st.composite
+def _adversarial_text(draw):
+    piece = draw(st.sampled_from(_PIECES) | st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=4))
+    size = draw(st.integers(30_000, 100_000))
+    return draw(_HEADS) + piece * (size // len(piece)) + draw(_TAILS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=_adversarial_text(), short=st.one_of(_TRICKY, st.just("the answer is 5")))
+@example(text="1" + " " * 30_000 + "x", short="the answer is 5")  # the issue's case
+@example(text="```json" + "\n" * 30_000 + "{", short="")
+@example(text=" " * 30_000 + "x", short="")
+def test_property_every_reward_is_bounded_on_adversarial_gold_and_response(text, short):
+    """Each verifier, with the long adversarial text as the gold and as the response, returns in bounded time."""
+    from qlx.data.llm import parse_json_reply
+    from qlx.data.prompts import extract_final_answer
+    from qlx.data.tables import parse_markdown_tables
+
+    sides = {"gold": (short, text), "response": (text, short), "both": (text, text[::-1])}
+    calls = [
+        (f"{task} {side}", lambda t=task, a=args: R.rule_reward(t, *a))
+        for task in ("mc", "multihop", "reading", "numerical", "dialogue")
+        for side, args in sides.items()
+    ]
+    calls += [
+        ("extract_final_answer", lambda: extract_final_answer(text)),
+        ("parse_markdown_tables", lambda: parse_markdown_tables("| a |\n" + text)),
+    ]
+    for name, call in calls:
+        start = time.perf_counter()
+        call()
+        assert time.perf_counter() - start < _CALL_BOUND_S, name
+    start = time.perf_counter()
+    with contextlib.suppress(ValueError):
+        parse_json_reply(text)
+    assert time.perf_counter() - start < _CALL_BOUND_S, "parse_json_reply"
+
+
+def test_dialogue_ratio_is_exact_within_max_chars_and_one_for_equal_long_strings():
+    rng = random.Random(0)
+    gold = "".join(rng.choice("abcdefgh ") for _ in range(3000))
+    response = gold[:1000] + "zz" + gold[1200:]
+    want = difflib.SequenceMatcher(None, response, gold).ratio()
+    assert R.sequence_ratio(response, gold) == pytest.approx(want)
+    long_gold = "".join(chr(0x4E00 + rng.randrange(101)) for _ in range(50_000))
+    assert R.sequence_ratio(long_gold, long_gold) == 1.0
+    assert 0.0 < R.sequence_ratio(long_gold[:-1], long_gold) < 1.0
+
+
+def test_number_answer_and_json_fences_unchanged_by_the_linear_rewrite():
+    assert R.is_number_answer("  12.5 % ") and R.is_number_answer("3 Million") and R.is_number_answer("-1,000")
+    assert (
+        not R.is_number_answer("1" + " " * 100 + "x") and not R.is_number_answer("1 2") and not R.is_number_answer("")
+    )
+    from qlx.data.llm import parse_json_reply
+
+    assert parse_json_reply('ok ```json\n{"a": 1}\n``` done') == {"a": 1}
+    assert parse_json_reply("```\n[1, 2]```") == [1, 2]
+    assert parse_json_reply('prose {"b": [2]} more') == {"b": [2]}

@@ -4,6 +4,7 @@ batching, error responses, and `qlx serve`'s loading of Hugging Face and qlx che
 import http.client
 import json
 import random
+import socket
 import threading
 from urllib.parse import urlparse
 
@@ -264,3 +265,67 @@ def build_args(ckpt):
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)
     return parser.parse_args(["--ckpt", str(ckpt), "--port", "0", "--max-model-len", "64"])
+
+
+def _raw(url, request: bytes):
+    """Send raw request bytes on a fresh connection; (status, headers, JSON payload or None)."""
+    parts = urlparse(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        data = response.read()
+    return response.status, dict(response.getheaders()), json.loads(data) if data else None
+
+
+def _post_bytes(path, body: bytes, headers=b""):
+    return b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers + (
+        b"Content-Length: %d\r\n\r\n" % len(body) if b"Content-Length" not in headers else b"\r\n") + body  # fmt: skip
+
+
+_COMPLETION = '{"model": "tiny", "prompt": %s}'
+_CHAT = '{"model": "tiny", "messages": [{"role": "user", "content": %s}]}'
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "param"),
+    [
+        (_post_bytes("/v1/completions", (_COMPLETION % '"ab\\ud800"').encode()), 400, "prompt"),
+        (_post_bytes("/v1/completions", (_COMPLETION % '["ok", "\\udfff"]').encode()), 400, "prompt[1]"),
+        (_post_bytes("/v1/chat/completions", (_CHAT % '"\\ud800"').encode()), 400, "messages[0].content"),
+        (_post_bytes("/v1/chat/completions", (_CHAT % '[{"type": "text", "text": "\\ud83d"}]').encode()), 400,
+         "messages[0].content[0].text"),
+        (_post_bytes("/v1/completions", b'{"model": "tiny", "prompt": "a", "\\ud800": 1}'), 400, "\ud800"),
+        (_post_bytes("/v1/completions", (_COMPLETION % ("[" * 40 + "1" + "]" * 40)).encode()), 400, "prompt"),
+        (_post_bytes("/v1/completions", (_COMPLETION % ("[" * 1900 + "]" * 1900)).encode()), 400, None),
+        (_post_bytes("/v1/completions", b'{"model": "tiny", "prompt": "a", "temperature": NaN}'), 400, None),
+        (_post_bytes("/v1/completions", b"", b"Content-Length: -5\r\n"), 400, None),
+        (_post_bytes("/v1/completions", b"{}", b"Content-Length: 2x\r\n"), 400, None),
+        (_post_bytes("/v1/completions", b"{}", b"Content-Length: 2\r\nContent-Length: 3\r\n"), 400, None),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", 411, None),
+        (b"FOO /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", 501, None),
+        (b"GET /v1/models extra-word HTTP/1.1\r\nHost: x\r\n\r\n", 400, None),
+    ],
+    ids=["surrogate", "surrogate_list", "chat_surrogate", "chat_part_surrogate", "surrogate_key", "nested_40",
+         "nested_1900", "nan", "negative_length", "bad_length", "two_lengths", "no_length", "unknown_method",
+         "bad_request_line"],
+)  # fmt: skip
+def test_hostile_requests_get_json_4xx_and_the_server_keeps_serving(url, client, request_bytes, status, param):
+    got, headers, payload = _raw(url, request_bytes)
+    assert got == status and headers["Content-Type"] == "application/json", (got, payload)
+    assert payload["error"]["param"] == param and payload["error"]["message"]
+    assert client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("PUT", "/v1/completions", "POST"), ("DELETE", "/v1/models", "GET"), ("PATCH", "/v1/chat/completions", "POST"),
+     ("OPTIONS", "/health", "GET")],
+)  # fmt: skip
+def test_unsupported_methods_get_json_405_with_allow(url, client, method, path, allow):
+    body = b'{"model": "tiny"}'
+    got, headers, payload = _raw(url, b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        method.encode(), path.encode(), len(body), body))  # fmt: skip
+    assert (got, headers["Allow"], headers["Content-Type"]) == (405, allow, "application/json")
+    assert payload["error"]["code"] == "method_not_allowed" and method in payload["error"]["message"]
+    assert client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None

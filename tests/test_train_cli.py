@@ -1,6 +1,7 @@
 """`qlx train` refuses bad configs and data before any compute, and the loop stops on repeated non-finite steps."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,9 @@ def toy(tmp_path_factory):
         (["train.mode=rl", "train.micro_batch_size=1000"], "train.micro_batch_size: 1000 exceeds the 32 sequences"),
         (["train.init_from=nowhere"], "train.init_from: nowhere does not exist"),
         (["data.max_input_tokens=4000"], "exceeds model.max_position_embeddings (512)"),
+        (["data.max_input_tokens=24"], "data.max_input_tokens: 24 is too small: the prompt of record"),
+        (["seed=-1"], "seed: must be in [0, 2**63) (got -1)"),
+        (["train.optimizer.learning_rate=.inf"], "train.optimizer.learning_rate: must be a finite number (got inf)"),
     ],
 )
 def test_bad_config_fails_before_compute(toy, capsys, overrides, message):
@@ -59,6 +63,46 @@ def test_malformed_record_names_file_and_line(toy, tmp_path, capsys):
     args = ["train", "--config", str(path), "--set", f"data.train_files=[{bad}]"]
     assert main(args + ["--set", f"train.run_dir={tmp_path / 'r'}"]) == 2
     assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_malformed_records_are_counted_and_listed_before_compute(toy, tmp_path, capsys):
+    """Every malformed line is reported with file:line and field (none dropped, none left for a training step)."""
+    _, path, data = toy
+    lines = Path(data["data"]["train_files"][0]).read_text().splitlines()
+    record = json.loads(lines[0])
+    bad_lines = {
+        "null": "null",
+        "question": json.dumps({**record, "question": None}),
+        "context": json.dumps({**record, "context": 12}),
+        "task_type": json.dumps({**record, "task_type": "poetry"}),
+        "context_ref": json.dumps({**record, "context": None, "context_ref": {"path": "gone.txt", "chars": 5}}),
+        "utf8": json.dumps({**record, "question": "caf\u00e9?"}, ensure_ascii=False),
+    }
+    bad = tmp_path / "bad.jsonl"
+    body = "\n".join([lines[0], *bad_lines.values(), lines[1]]).encode().replace("é".encode(), b"\xe9")
+    bad.write_bytes(body + b"\n")
+    run_dir = tmp_path / "r"
+    assert (
+        main(
+            ["train", "--config", str(path), "--set", f"data.train_files=[{bad}]", "--set", f"train.run_dir={run_dir}"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "data.train_files: 6 of 8 records are malformed" in err, err
+    for lineno, field in enumerate(
+        [
+            "",
+            "question: expected a string, got null",
+            "context: expected a string or null",
+            "task_type: 'poetry' is not one of",
+            "context_ref: ",
+            "invalid UTF-8 at byte",
+        ],
+        2,
+    ):
+        assert f"{bad}:{lineno}: {field}" in err, (lineno, err)
+    assert not run_dir.exists()
 
 
 def test_init_from_other_architecture_is_refused(toy, tmp_path):
@@ -90,3 +134,19 @@ def test_repeated_nonfinite_steps_stop_the_run(toy, tmp_path):
     assert [r["skipped"] for r in records] == [0, 1, 1, 1]
     assert isinstance(records[1]["loss"], str) or records[1]["grad_norm"] != records[1]["grad_norm"]
     assert json.loads((tmp_path / "r" / "status.json").read_text()) == {"step": 4, "status": "stopped"}
+
+
+def test_max_input_tokens_minimum_is_exact(toy, tmp_path):
+    """The minimum preflight names is the smallest max_input_tokens that encodes every record (the template plus the
+    two context tokens middle truncation keeps)."""
+    from qlx.train.preflight import preflight
+
+    _, _, data = toy
+    with pytest.raises(ConfigError, match="need at least") as info:
+        preflight(config_from_dict(data, ["data.max_input_tokens=24"]))
+    assert info.value.key == "data.max_input_tokens"
+    needed = int(re.search(r"need at least (\d+)", str(info.value)).group(1))
+    dataset = preflight(config_from_dict(data, [f"data.max_input_tokens={needed}"])).dataset
+    assert max(len(dataset.prompt(i)) for i in range(len(dataset))) <= needed
+    with pytest.raises(ConfigError, match=f"{needed - 1} is too small"):
+        preflight(config_from_dict(data, [f"data.max_input_tokens={needed - 1}"]))

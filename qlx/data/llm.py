@@ -66,6 +66,9 @@ def _content(payload: bytes) -> str:
     return content
 
 
+_FENCE = "```"
+
+
 def strip_thinking(text: str) -> str:
     """The text after the last ``</think>`` (the whole text when there is none)."""
     return text.rsplit("</think>", 1)[-1].strip()
@@ -74,9 +77,10 @@ def strip_thinking(text: str) -> str:
 def parse_json_reply(text: str):
     """The JSON object or array in a model reply (code fences and surrounding prose ignored); ``ValueError`` if none."""
     text = strip_thinking(text)
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
-    if fenced:
-        text = fenced.group(1)
+    start = text.find(_FENCE)
+    end = text.find(_FENCE, start + len(_FENCE)) if start >= 0 else -1
+    if end >= 0:  # str.find, not a regex: a fence followed by a long blank run must not backtrack quadratically
+        text = text[start + len(_FENCE) : end].removeprefix("json")
     starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
     if not starts:
         raise ValueError(f"no JSON in reply {text[:120]!r}")

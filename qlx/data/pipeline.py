@@ -9,7 +9,6 @@ Long contexts stored as files are never read whole when truncated: only enough o
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qlx.data.prompts import chat_pieces
-from qlx.data.records import Record, read_context
+from qlx.data.records import Record, RecordError, parse_record, read_context, utf8_error
 from qlx.data.tokenizer import CHAT_MODES, Tokenizer
 
 OVERFLOW = ("truncate", "drop")
@@ -42,38 +41,63 @@ class StageLimits:
 
 
 class JsonlRecords:
-    """Random access to the records of JSONL files (line offsets indexed once); items are raw JSON lines."""
+    """Random access to the records of JSONL files (line offsets indexed once). Item ``i`` is ``(record, folder,
+    where)``: the line validated by :func:`~qlx.data.records.parse_record` when read (a malformed line raises a
+    RecordError naming ``file:line`` and the field), the folder its context reference is relative to, ``file:line``."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [Path(p) for p in paths]
-        self._index: list[tuple[int, int]] = []
+        self._index: list[tuple[int, int, int]] = []
         for i, path in enumerate(self.paths):
             with open(path, "rb") as f:
                 offset = 0
-                for line in f:
+                for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        self._index.append((i, offset))
+                        self._index.append((i, offset, lineno))
                     offset += len(line)
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> bytes:
-        file_index, offset = self._index[i]
-        with open(self.paths[file_index], "rb") as f:
+    def __getitem__(self, i: int) -> tuple[Record, Path, str]:
+        file_index, offset, lineno = self._index[i]
+        path = self.paths[file_index]
+        with open(path, "rb") as f:
             f.seek(offset)
-            return f.readline()
+            raw = f.readline()
+        where = f"{path}:{lineno}"
+        return parse_record(raw, where=where, base_dir=path.parent), path.parent, where
+
+
+class ArrayRecords:
+    """Random access to the records of ArrayRecord files; items as :class:`JsonlRecords`' (``where`` is
+    ``file[index]``)."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        import grain
+
+        self.paths = [Path(p) for p in paths]
+        self._sources = [grain.sources.ArrayRecordDataSource([str(p)]) for p in self.paths]
+        self._starts = np.cumsum([0] + [len(source) for source in self._sources])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> tuple[Record, Path, str]:
+        file_index = int(np.searchsorted(self._starts, i, side="right")) - 1
+        path, local = self.paths[file_index], i - int(self._starts[file_index])
+        where = f"{path}[{local}]"
+        return parse_record(self._sources[file_index][local], where=where, base_dir=path.parent), path.parent, where
 
 
 def records_source(paths: Sequence[str | Path]):
-    """A random-access source over ``.jsonl`` or ``.array_record`` files (one kind per call)."""
+    """A random-access source over ``.jsonl`` or ``.array_record`` files (one kind per call); items are
+    ``(record, folder, where)``."""
     suffixes = {Path(p).suffix for p in paths}
     if suffixes == {".jsonl"}:
         return JsonlRecords(paths)
     if suffixes == {".array_record"}:
-        import grain
-
-        return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        return ArrayRecords(paths)
     raise ValueError(f"record files must all be .jsonl or all .array_record, got {sorted(suffixes)}")
 
 
@@ -139,7 +163,11 @@ def make_dataset(
 ):
     """A ``grain.MapDataset`` of encoded records: this process's shard (``jax.process_index()`` of
     ``jax.process_count()`` unless given), shuffled with ``seed``, repeated ``num_epochs`` times (``None``: forever).
-    Dropped records read as ``None`` by index and are skipped when iterating."""
+    Dropped records read as ``None`` by index and are skipped when iterating.
+
+    Every record is validated when it is read (:func:`~qlx.data.records.parse_record`): a malformed one raises a
+    RecordError naming ``file:line`` and the field, never skipped; :func:`~qlx.data.records.scan_jsonl` checks whole
+    files up front. Context references are relative to each record's own file."""
     import grain
 
     if shard_index is None or shard_count is None:
@@ -148,15 +176,20 @@ def make_dataset(
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard {shard_index} of {shard_count}: need 0 <= index < count")
-    base_dir = Path(paths[0]).parent
 
-    def decode(raw: bytes) -> Record:
-        return Record.from_dict(json.loads(raw), where=f"{base_dir} record")
+    def encode(item: tuple[Record, Path, str]) -> dict | None:
+        record, folder, where = item
+        try:
+            return encode_record(record, tokenizer, limits, folder)
+        except UnicodeDecodeError:
+            file = folder / record.context_ref["path"]
+            raise RecordError(where, "context_ref", f"{file}: {utf8_error(file)}") from None
+        except ValueError as e:  # the prompt without its context does not fit limits.max_input_tokens
+            raise RecordError(where, None, str(e)) from None
 
     ds = grain.MapDataset.source(records_source(paths))[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(decode).map(lambda record: encode_record(record, tokenizer, limits, base_dir))
-    return ds.filter(lambda element: element is not None)
+    return ds.map(encode).filter(lambda element: element is not None)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from qlx.data.documents import Document, Table
 
-_SEPARATOR_ROW = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+_SEPARATOR_ROW = re.compile(r"\|?\s*+:?-{3,}+:?\s*+(?:\|\s*+:?-{3,}+:?\s*+)*+\|?")  # fullmatch on a stripped line
 _NUMBER = re.compile(r"^\(?[-+]?[$€£]?\d[\d,]*(\.\d+)?\)?%?$")
 
 
@@ -61,7 +61,7 @@ def parse_markdown_tables(text: str) -> list[Table]:
         starts.append(starts[-1] + len(line))
     tables, i = [], 0
     while i + 1 < len(lines):
-        if "|" in lines[i] and _SEPARATOR_ROW.match(lines[i + 1].rstrip("\r\n")):
+        if "|" in lines[i] and _SEPARATOR_ROW.fullmatch(lines[i + 1].strip()):
             header, _ = _row_cells(lines[i].rstrip("\r\n"), starts[i])
             rows, spans = [], []
             j = i + 2

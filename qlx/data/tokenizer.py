@@ -229,7 +229,9 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A ``tokenizer.json`` / sentencepiece ``.model`` file, or a directory holding one (``tokenizer.json`` first)."""
+    """A ``tokenizer.json`` / sentencepiece ``.model`` file, or a directory holding one (``tokenizer.json`` first).
+
+    A missing file raises FileNotFoundError, an unreadable or corrupt one ValueError naming it."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / "tokenizer.json", path / "tokenizer.model", *sorted(path.glob("*.model"))]
@@ -239,15 +241,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer file not found")
-    if path.suffix == ".json":
-        import tokenizers
+    if path.suffix not in (".json", ".model"):
+        raise ValueError(f"{path}: expected a tokenizer.json or a sentencepiece .model file")
+    try:
+        if path.suffix == ".json":
+            import tokenizers
 
-        return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)))
-    if path.suffix == ".model":
+            return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)))
         import sentencepiece
 
         return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(path)))
-    raise ValueError(f"{path}: expected a tokenizer.json or a sentencepiece .model file")
+    except Exception as e:  # noqa: BLE001 - both libraries raise plain Exception / RuntimeError on a corrupt file
+        raise ValueError(f"{path}: not a valid tokenizer file ({e})") from None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 2048, min_frequency: int = 2) -> HFTokenizer:

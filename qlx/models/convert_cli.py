@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from qlx.config import ConfigError, load_config, to_dict
-from qlx.models.hf import DEFAULT_MAX_SHARD_BYTES, CheckpointError, config_from_hf, convert_hf, read_json, save_hf
-from qlx.models.safetensors_io import SafetensorsError
+from qlx.config import load_config, to_dict
+from qlx.models.hf import DEFAULT_MAX_SHARD_BYTES, config_from_hf, convert_hf, read_json, save_hf
 
 DTYPES = ("float32", "bfloat16")
 
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         _convert(args)
-    except (CheckpointError, ConfigError, SafetensorsError) as e:
+    except (OSError, ValueError) as e:  # CheckpointError, ConfigError, SafetensorsError, unreadable files
         print(f"qlx convert: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -50,6 +50,38 @@ class CheckpointError(ValueError):
 # config.json <-> ModelConfig
 
 
+_INT_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "decoder_sparse_step",
+)  # fmt: skip
+_FLOAT_KEYS = ("rms_norm_eps", "initializer_range", "router_aux_loss_coef", "rope_theta")
+_MAPPING_KEYS = ("rope_parameters", "rope_scaling")
+
+
+def _check_value_types(hf: dict, source: str) -> None:
+    """CheckpointError naming the first ``config.json`` key whose value has the wrong JSON type (null is left to
+    the key's default)."""
+
+    def bad(key, want):
+        return CheckpointError(f"{source}: {key}: expected {want}, got {hf[key]!r}")
+
+    for key in _INT_KEYS:
+        if hf.get(key) is not None and (isinstance(hf[key], bool) or not isinstance(hf[key], int)):
+            raise bad(key, "an integer")
+    for key in _FLOAT_KEYS:
+        if hf.get(key) is not None and (isinstance(hf[key], bool) or not isinstance(hf[key], int | float)):
+            raise bad(key, "a number")
+    for key in _MAPPING_KEYS:
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise bad(key, "an object")
+    if hf.get("architectures") is not None and not isinstance(hf["architectures"], list):
+        raise bad("architectures", "a list of class names")
+    layers = hf.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+
+
 def _rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScalingConfig | None]:
     """(rope_theta, YaRN scaling or None) from either transformers 5 ``rope_parameters`` or legacy keys."""
     params = dict(hf.get("rope_parameters") or {})
@@ -87,6 +119,7 @@ def _rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScalingConfig | Non
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Hugging Face Qwen3 / Qwen3-MoE ``config.json`` mapping; unsupported features are refused."""
+    _check_value_types(hf, source)
     architectures = hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), str(hf.get("model_type")))]
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
         raise CheckpointError(
@@ -293,13 +326,21 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file as a dict; CheckpointError naming the file when missing or invalid."""
+    """A JSON file holding an object, as a dict; CheckpointError naming the file when missing, unreadable, not UTF-8,
+    not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def tensor_index(directory: Path) -> dict[str, TensorInfo]:

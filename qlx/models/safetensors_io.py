@@ -51,8 +51,58 @@ class TensorInfo:
     end: int
 
 
+MAX_HEADER_BYTES = 100_000_000
+"""The largest header accepted (the ``safetensors`` library's own limit)."""
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise SafetensorsError(f"key {duplicate!r} appears twice")
+    return dict(pairs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry; SafetensorsError naming the file and tensor otherwise."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise SafetensorsError(f"{where}: entry must be an object with dtype, shape and data_offsets")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise SafetensorsError(f"{where}: entry lacks {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise SafetensorsError(f"{where}: data_offsets must be two integers [begin, end], got {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise SafetensorsError(f"{where}: data_offsets [{begin}, {end}] need 0 <= begin <= end")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise SafetensorsError(
+            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but {dtype} {shape} needs {expected}"
+        )
+    return dtype, tuple(shape), begin, end
+
+
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of one safetensors file, by name, with their dtype, shape and byte range checked."""
+    """The tensors of one safetensors file, by name, validated before any tensor byte is read.
+
+    The checks are the ``safetensors`` library's: a header length within the file (and at most
+    :data:`MAX_HEADER_BYTES`); a header that is one JSON object without repeated keys; ``__metadata__`` (optional)
+    an object of strings; every other entry an object with a known ``dtype``, a ``shape`` of non-negative integers
+    and ``data_offsets`` ``[begin, end]`` with ``0 <= begin <= end`` and ``end - begin == itemsize × prod(shape)``;
+    and the entries, sorted by ``begin``, tile the data section exactly (no overlap, no gap, nothing past its end).
+    Anything else raises :class:`SafetensorsError` naming the file and, where one is at fault, the tensor.
+    """
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -60,32 +110,37 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if len(raw) != 8:
             raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8:
-            raise SafetensorsError(f"{path}: header length {header_len} exceeds the file size {size}")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise SafetensorsError(
+                f"{path}: header length {header_len} exceeds the file size {size} or the {MAX_HEADER_BYTES}-byte limit"
+            )
         try:
-            header = json.loads(f.read(header_len))
+            header = json.loads(f.read(header_len), object_pairs_hook=_pairs_without_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON: {e}") from None
+        except SafetensorsError as e:
+            raise SafetensorsError(f"{path}: header: {e}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header must be a JSON object of tensors, got {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise SafetensorsError(f"{path}: __metadata__ must be an object of strings")
     base = 8 + header_len
-    infos = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = entry.get("dtype")
-        if dtype not in DTYPES:
-            raise SafetensorsError(
-                f"{path}: tensor {name} has unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}"
-            )
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if end - begin != expected or base + end > size:
-            raise SafetensorsError(
-                f"{path}: tensor {name} ({dtype} {list(shape)}) has byte range [{begin}, {end}) but needs {expected} "
-                f"bytes inside a data section of {size - base} bytes"
-            )
-        infos[name] = TensorInfo(name, path, dtype, shape, base + begin, base + end)
-    return infos
+    data_size = size - base
+    entries = {name: _entry(path, name, entry) for name, entry in header.items() if name != "__metadata__"}
+    covered, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != covered:
+            what = f"overlaps tensor {previous}" if begin < covered else f"leaves a gap of {begin - covered} bytes"
+            raise SafetensorsError(f"{path}: tensor {name}: data_offsets [{begin}, {end}] {what}")
+        covered, previous = end, name
+    if covered != data_size:
+        culprit = f"tensor {previous} ends at {covered}" if previous else "no tensors"
+        raise SafetensorsError(f"{path}: {culprit}, but the data section holds {data_size} bytes")
+    return {
+        name: TensorInfo(name, path, dtype, shape, base + begin, base + end)
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
 
 
 class Reader:

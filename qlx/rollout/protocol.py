@@ -53,14 +53,16 @@ class ServeLimits:
     max_model_len: prompt tokens + max_tokens of every prompt must fit in this.
     max_rows: prompts × n of one request (also the most rows the batching worker runs together).
     max_body_bytes: largest accepted request body.
+    max_json_depth: deepest nesting of arrays and objects in a body (a chat request needs 5).
     """
 
     max_model_len: int = 4096
     max_rows: int = 16
     max_body_bytes: int = 8 << 20
+    max_json_depth: int = 32
 
     def __post_init__(self):
-        for name in ("max_model_len", "max_rows", "max_body_bytes"):
+        for name in ("max_model_len", "max_rows", "max_body_bytes", "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be >= 1 (got {getattr(self, name)})")
 
@@ -227,6 +229,36 @@ def _chat_prompt(body: dict, tokenizer, chat_mode: str) -> tuple[int, ...]:
     return tuple(tokenizer.apply_chat_template(rendered, add_generation_prompt=True, mode=mode))
 
 
+def check_json_values(body: Any, *, max_depth: int) -> None:
+    """Raise APIError 400 naming the field when a string of the decoded ``body`` (a key or a value) is not valid
+    Unicode (a lone surrogate, which JSON's ``"\\ud800"`` escape can produce), or when arrays and objects nest deeper
+    than ``max_depth``. Iterative and linear in the body's size."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= max_depth:
+                field = path.split(".")[0].split("[")[0] or None  # the top-level field (the full path is long)
+                raise _bad(f"'{field or 'body'}' nests arrays and objects deeper than {max_depth} levels", field)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                child = f"{path}[{key}]" if isinstance(value, list) else f"{path}.{key}" if path else key
+                if isinstance(key, str):
+                    _check_unicode(key, child)
+                stack.append((item, child, depth + 1))
+        elif isinstance(value, str):
+            _check_unicode(value, path or None)
+
+
+def _check_unicode(text: str, param: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(
+            f"'{param or 'body'}' is not valid Unicode: {e.reason} at character {e.start}", param, "invalid_unicode"
+        ) from None
+
+
 def parse_request(
     endpoint: str,
     body: Any,
@@ -242,6 +274,7 @@ def parse_request(
     field on anything malformed, unsupported or too large."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
+    check_json_values(body, max_depth=limits.max_json_depth)
     unknown = sorted(set(body) - _FIELDS[endpoint])
     if unknown:
         raise _bad(f"unsupported parameter '{unknown[0]}'", unknown[0], "unsupported_parameter")

@@ -20,10 +20,12 @@ import dataclasses
 import json
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qlx.rollout.engine import GenerateResult, SamplingSpec, generate_rows
@@ -41,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 _DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this size so the client sees the 413
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclasses.dataclass
@@ -233,11 +240,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         logger.info("%s - %s", self.address_string(), format % args)
 
-    def _send_json(self, status: int, payload: object, *, close: bool = False) -> None:
+    def _send_json(self, status: int, payload: object, *, close: bool = False, headers: dict | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -278,24 +287,58 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, an unknown method: 501) as OpenAI JSON, not HTML."""
+        error = APIError(code, message or HTTPStatus(code).phrase)
+        if self.command == "HEAD" or code < 200 or code in (204, 304):
+            self.send_response(code, message)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            return
+        self._send_error(error, close=True)
+
+    def _method_not_allowed(self) -> None:
+        """405 with ``Allow`` for the methods this server has no handler for on a known path (404 on others)."""
+        length = self.headers.get("Content-Length", "").strip()
+        if _DIGITS.fullmatch(length):
+            self._drain(int(length))
+        path = self.path.split("?")[0].rstrip("/")
+        allow = "POST" if path in _ENDPOINTS else "GET" if path.startswith("/v1/models") or path == "/health" else None
+        if allow is None:
+            self._send_error(APIError(404, f"unknown path {path!r}", code="not_found"), close=True)
+            return
+        self._send_json(
+            405,
+            APIError(405, f"{path} takes {allow}, not {self.command}", code="method_not_allowed").body(),
+            close=True,
+            headers={"Allow": allow},
+        )
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _method_not_allowed  # noqa: N815
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a body of ``length`` bytes (none above _DRAIN_LIMIT), so the client reads the answer."""
+        remaining = length if length <= _DRAIN_LIMIT else 0
+        while remaining > 0:
+            data = self.rfile.read(min(remaining, 1 << 16))
+            if not data:
+                break
+            remaining -= len(data)
+
     def _read_body(self) -> bytes | None:
         """The request body, or None after answering with an error (missing length, oversized, bad encoding)."""
-        length_header = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length_header is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or not lengths:
             self._send_error(APIError(411, "send the request body with a Content-Length header"), close=True)
             return None
-        try:
-            length = int(length_header)
-        except ValueError:
-            self._send_error(APIError(400, f"bad Content-Length {length_header!r}"), close=True)
+        if len(set(lengths)) != 1 or not _DIGITS.fullmatch(lengths[0].strip()):
+            shown = lengths[0] if len(lengths) == 1 else lengths
+            self._send_error(APIError(400, f"bad Content-Length {shown!r}: need one non-negative integer"), close=True)
             return None
+        length = int(lengths[0])
         if length > self.server.limits.max_body_bytes:
-            remaining = length if length <= _DRAIN_LIMIT else 0
-            while remaining > 0:
-                data = self.rfile.read(min(remaining, 1 << 16))
-                if not data:
-                    break
-                remaining -= len(data)
+            self._drain(length)
             self._send_error(
                 APIError(
                     413,
@@ -323,9 +366,13 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            payload = json.loads(body, parse_constant=_refuse_constant)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
             self._send_error(APIError(400, f"request body is not valid JSON: {error}", code="invalid_json"))
+            return
+        except RecursionError:
+            depth = self.server.limits.max_json_depth
+            self._send_error(APIError(400, f"request body nests deeper than {depth} levels", code="invalid_json"))
             return
         try:
             response, events = self.server.complete(_ENDPOINTS[path], payload)

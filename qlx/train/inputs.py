@@ -11,23 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qlx.data.pipeline import StageLimits, encode_record
-from qlx.data.records import Record, read_jsonl
+from qlx.data.records import Record, scan_jsonl
 from qlx.data.tokenizer import Tokenizer
 
 
-def load_records(paths: Sequence[str | Path]) -> tuple[list[Record], list[Path]]:
+def load_records(paths: Sequence[str | Path], *, max_problems: int = 20) -> tuple[list[Record], list[Path]]:
     """All records of the JSONL files, and the folder of each one's file (where its context references point).
 
-    A missing file or a malformed line raises an error naming it (``file:line``).
+    Every line is validated (:func:`qlx.data.records.scan_jsonl`: field types, referenced files, UTF-8). A missing
+    file raises FileNotFoundError; malformed lines raise one ValueError that counts them all and lists the first
+    ``max_problems`` as ``file:line: field: problem``.
     """
-    records, folders = [], []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        for record in read_jsonl(path):
-            records.append(record)
-            folders.append(path.parent)
-    return records, folders
+    scan = scan_jsonl(paths, max_problems=max_problems)
+    if scan.count:
+        raise ValueError(scan.summary())
+    return scan.records, scan.folders
 
 
 def target_text(record: Record) -> str:

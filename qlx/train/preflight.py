@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import yaml
 
 from qlx.config import Config, ConfigError
@@ -78,6 +79,24 @@ def _check_init_from(config: Config) -> None:
         raise ConfigError(key, f"{path} holds a different architecture: {', '.join(mismatch)}")
 
 
+def _check_prompt_template(config: Config, records: list, tokenizer) -> None:
+    """data.max_input_tokens must hold every record's prompt without its context (chat template, question, options)
+    plus two context tokens (the head and tail that middle truncation keeps)."""
+    from qlx.data.prompts import chat_pieces
+
+    pieces = [chat_pieces(r.question, r.options, mode=config.data.chat_mode) for r in records]
+    counts = tokenizer.count_batch([before for before, _ in pieces]) + tokenizer.count_batch([a for _, a in pieces])
+    worst = int(np.argmax(counts))
+    needed = int(counts[worst]) + 2
+    if needed > config.data.max_input_tokens:
+        raise ConfigError(
+            "data.max_input_tokens",
+            f"{config.data.max_input_tokens} is too small: the prompt of record {records[worst].id} takes "
+            f"{int(counts[worst])} tokens without its context (chat template, question, options); need at least "
+            f"{needed}",
+        )
+
+
 def preflight(config: Config) -> Prepared:
     """Validate ``config`` for ``qlx train`` and load the data; raises ConfigError naming what is wrong."""
     data, train = config.data, config.train
@@ -140,6 +159,7 @@ def preflight(config: Config) -> Prepared:
         missing = [t for t in task_types if t not in VERIFIERS]
         if missing:
             raise ConfigError("data.task_types", f"no reward verifier for {missing}; known: {sorted(VERIFIERS)}")
+    _check_prompt_template(config, records, tokenizer)
     builder = PromptBuilder(tokenizer, max_input_tokens=data.max_input_tokens, chat_mode=data.chat_mode)
     try:
         dataset = Dataset(records, folders, builder, task_types)

@@ -110,13 +110,15 @@ def parse_number(text):
 
 
 _NUMBER_ANSWER = re.compile(
-    r"\s*[-+−]?[\d.,]*\d\s*(%|percent|thousand|million|billion|trillion|k|m|bn)?\s*", re.IGNORECASE
+    r"[-+−]?[\d.,]*\d(?:\s*+(?:%|percent|thousand|million|billion|trillion|k|m|bn))?", re.IGNORECASE
 )
 
 
 def is_number_answer(text):
-    """Whether ``text`` is one number (thousands separators, a percent sign or scale word allowed) and nothing else."""
-    return _NUMBER_ANSWER.fullmatch(text) is not None
+    """Whether ``text`` is one number (thousands separators, a percent sign or scale word allowed) and nothing else.
+
+    Matched on the stripped text with one possessive whitespace run, so no input backtracks quadratically."""
+    return _NUMBER_ANSWER.fullmatch(text.strip()) is not None
 
 
 def numeric_match(pred, gold, *, rel_tol=1e-2):
@@ -128,20 +130,22 @@ def numeric_match(pred, gold, *, rel_tol=1e-2):
     return float(any(math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9) for a in p for b in g if math.isfinite(a)))
 
 
-def sequence_ratio(response, gold, *, prefix="", max_factor=4):
+def sequence_ratio(response, gold, *, prefix="", max_chars=4096):
     """MRCR score: 0 unless the response (after thinking, leading whitespace dropped) starts with ``prefix``; else
     difflib.SequenceMatcher(None, response, gold).ratio() with the prefix removed from both.
 
-    Responses longer than max_factor·len(gold) + 1024 characters are matched on that many leading characters
-    while the ratio keeps their full length: 2·M / (len(response) + len(gold)), a lower bound of the exact ratio
-    (which is at most 2·len(gold) / (len(response) + len(gold)) anyway). This bounds the time on huge responses.
+    SequenceMatcher takes time quadratic in the lengths on unfavourable text (a 16K-character gold with ~100
+    distinct characters already takes seconds), so both strings are matched on at most their ``max_chars`` leading
+    characters while the ratio keeps their full lengths: 2·M / (len(response) + len(gold)), where M is the matched
+    size of the heads. Equal strings score 1 whatever their length. Strings within
+    ``max_chars`` get the exact ratio.
     """
     text = strip_thinking(response).lstrip()
     if not text.startswith(prefix):
         return 0.0
     text, gold = text[len(prefix) :], gold.removeprefix(prefix)
-    if not text and not gold:
+    if text == gold:
         return 1.0
-    head = text[: max_factor * len(gold) + 1024]
-    matched = sum(block.size for block in difflib.SequenceMatcher(None, head, gold).get_matching_blocks())
+    matcher = difflib.SequenceMatcher(None, text[:max_chars], gold[:max_chars])
+    matched = sum(block.size for block in matcher.get_matching_blocks())
     return 2.0 * matched / (len(text) + len(gold))
