@@ -127,18 +127,23 @@ class Judge:
             raise ValueError(f"judge prompt must be one of {sorted(PROMPTS)}, got {prompt!r}")
         self.client, self.prompt, self.cache, self.max_tokens = client, prompt, cache, max_tokens
         self.failures = 0
+        self._locks, self._guard = {}, threading.Lock()
 
     def __call__(self, problem, prediction, gold):
         messages = judge_messages(self.prompt, problem, prediction, gold)
         key = JudgeCache.key(self.client.config.model, messages)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return hit
-        try:
-            reply = self.client.chat(messages, temperature=0.0, max_tokens=self.max_tokens)
-        except LLMError as error:
-            self.failures += 1
-            log.warning("judge failed (%s); the item scores 0 from the judge", error)
-            return ""
-        if self.cache is not None:
-            self.cache.put(key, reply)
-        return reply
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one request per distinct prompt, even from concurrent callers
+            if self.cache is not None and (hit := self.cache.get(key)) is not None:
+                return hit
+            try:
+                reply = self.client.chat(messages, temperature=0.0, max_tokens=self.max_tokens)
+            except LLMError as error:
+                with self._guard:
+                    self.failures += 1
+                log.warning("judge failed (%s); the item scores 0 from the judge", error)
+                return ""
+            if self.cache is not None:
+                self.cache.put(key, reply)
+            return reply
