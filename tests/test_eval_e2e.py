@@ -176,24 +176,24 @@ def test_six_benchmarks_resume_rescore_compare(served, tmp_path, capsys):
 
 def test_resume_after_sigkill_loses_and_repeats_nothing(served, tmp_path):
     out = tmp_path / "killed"
-    args = _args(served, out, "--benchmarks", "longbench_v2,docmath", "--samples", "2", "--concurrency", "1")
+    args = _args(served, out, "--benchmarks", "longbench_v2", "--samples", "2", "--concurrency", "1")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "qlx.cli", *args], env=env, stderr=subprocess.DEVNULL)
     store = out / "generations.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not store.exists() or len(store.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not store.exists() or len(store.read_text().splitlines()) < 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = store.read_text().splitlines()
-    assert 3 <= len(before) < 10, "killed mid-run"
+    assert 2 <= len(before) < 6, "killed mid-run"
     with store.open("a") as f:
         f.write('{"key": "torn')  # a write cut by the kill
     assert cli_main(args) == 0
     after = store.read_text().splitlines()
     assert after[: len(before)] == before, "stored generations are never rewritten"
     keys = [json.loads(line)["key"] for line in after]
-    assert len(keys) == len(set(keys)) == 10  # (3 + 2 items) × 2 samples, each once
+    assert len(keys) == len(set(keys)) == 6  # 3 items × 2 samples, each once
 
 
 def test_ckpt_backend_in_process(served, tmp_path):
