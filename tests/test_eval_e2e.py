@@ -23,22 +23,7 @@ from qlx.models import build_model
 from qlx.rollout import serve_in_thread
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "harbour",
-    "crane",
-    "river",
-    "silo",
-    "poem",
-    "tapir",
-    "answer",
-    "question",
-    "paris",
-    "lyon",
-]
+WORDS = ["alpha", "beta", "gamma", "delta", "harbour", "crane", "river", "silo", "poem", "tapir", "grain", "north"]
 
 
 def _text(n, seed):

@@ -1,7 +1,9 @@
 """qlx.eval's pure functions against cases built by hand from docs/eval-rules.md (every edge case it names)."""
 
+import ast
 import difflib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +308,20 @@ def test_aggregate_splits_and_rates():
     ]
     lb1 += [{"id": "qasper/3", "score": 1.0, "split": {"dataset": "qasper"}}]
     assert E.aggregate("longbench_v1_qa", lb1)["score"]["mean"] == 20.0  # macro over the 5 subsets
+
+
+def _imports(folder):
+    root = Path(__file__).resolve().parents[1] / folder
+    for path in [root] if root.is_file() else root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from ((path.name, a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield path.name, node.module
+
+
+def test_layer_rules_for_eval_and_the_shared_client():
+    assert not [(f, m) for f, m in _imports("qlx/eval") if m.startswith("qlx.train")]
+    rl_outside = {m for _, m in _imports("qlx/rl") if m.startswith("qlx.") and not m.startswith("qlx.rl")}
+    assert rl_outside <= {"qlx.openai_client"}, rl_outside
+    assert {m for _, m in _imports("qlx/openai_client.py") if m.startswith("qlx")} == set()

@@ -174,7 +174,7 @@ def _backend(args):
 
 
 def _score_and_report(out, args, meta):
-    from qlx.eval.report import write_report
+    from qlx.eval.report import render_markdown, write_report
     from qlx.eval.runner import read_generations, score_rows, write_scores
 
     rows = read_generations(out)
@@ -193,8 +193,6 @@ def _score_and_report(out, args, meta):
     else:
         meta["judge"] = "none (QL scores are rule-only)"
     report = write_report(out, scored, meta=meta)
-    from qlx.eval.report import render_markdown
-
     print(render_markdown(report).split("\n## ")[0])
     return report
 

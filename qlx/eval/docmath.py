@@ -13,7 +13,7 @@ here means the official comparison on a rule-extracted answer (see README).
 import math
 import re
 
-from qlx.eval.records import Item, RecordError, find_files, load_records, require
+from qlx.eval.records import Item, Loaded, RecordError, find_files, load_records, require
 from qlx.eval.scoring import Score, check_protocol, rule_or_judge
 from qlx.eval.text import spell_answer_text, substitute
 from qlx.rl.rewards.text import last_boxed
@@ -62,8 +62,6 @@ def _item_for(subset):
 
 def load(root):
     """Items of every ``{subset}_{split}`` file under ``root``; the subset comes from the file name."""
-    from qlx.eval.records import Loaded
-
     loaded = Loaded([], [], [])
     files = find_files(root, ("*testmini*.json", "*testmini*.jsonl", "*.json", "*.jsonl"), "DocMath")
     for path in files:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -253,9 +254,8 @@ def generate(requests, backend, store, *, protocol, progress=True):
 
 
 def score_rows(rows, *, judges=None, parser=None, progress=True):
-    """Score stored generation rows (``judges``: {"eq": judge, "frames": judge} or None); returns score rows."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Score stored generation rows (``judges``: {"eq": judge, "frames": judge} or None); returns score rows, in
+    order (judge calls run on 8 threads)."""
     judges = judges or {}
 
     def one(row):
