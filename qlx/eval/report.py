@@ -74,6 +74,7 @@ def plot_score_vs_length(score_rows, path):
     ax.set_xlabel("prompt tokens (before truncation; bin lower edge)")
     ax.set_ylabel("score (100 × mean)")
     ax.set_ylim(-2, 102)
+    ax.set_title("qlx eval: score against prompt length")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
