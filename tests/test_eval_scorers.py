@@ -325,3 +325,28 @@ def test_layer_rules_for_eval_and_the_shared_client():
     rl_outside = {m for _, m in _imports("qlx/rl") if m.startswith("qlx.") and not m.startswith("qlx.rl")}
     assert rl_outside <= {"qlx.openai_client"}, rl_outside
     assert {m for _, m in _imports("qlx/openai_client.py") if m.startswith("qlx")} == set()
+
+
+class _CharTokenizer:
+    """One id per character: truncation is checkable by eye."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, *, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+def test_prompt_truncation_in_model_tokens():
+    from qlx.eval.runner import truncate_messages
+
+    tok = _CharTokenizer()
+    doc = "abcdefghijklmnopqrst"
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": doc}]
+    out, total, cut = truncate_messages(msgs, tok, 13, "longbench_v2")
+    assert (total, cut) == (23, True) and out[0] == msgs[0] and out[1]["content"] == "abcdepqrst"  # 3 + 10 = 13
+    out, _, _ = truncate_messages(msgs, tok, 12, "longbench_v1")
+    assert out[1]["content"] == "abcdqrst"  # 2·floor(9/2) = 8 characters
+    assert truncate_messages(msgs, tok, 0, "longbench_v2") == (msgs, 23, False)  # 0: off
+    chat = [*msgs, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+    assert truncate_messages(chat, tok, 5, "longbench_v2") == (chat, 25, False)  # multi-turn: never cut

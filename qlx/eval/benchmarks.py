@@ -62,8 +62,9 @@ def _by_item(rows):
 def aggregate(benchmark, rows, *, seed=0):
     """The report of one benchmark from its scored rows (dicts with ``id``, ``score`` and ``split``; one row per
     (item, sample)): 100 × mean with a 95% bootstrap interval overall and per split label, the macro-average over
-    subsets where the benchmark's column is one (LongBench v1 QA), and the rates of truncated prompts
-    (``truncated``), empty answers (``empty``) and responses without ``</think>`` (``missing_think_end``)."""
+    subsets where the benchmark's column is one (LongBench v1 QA), and the rates (percent of rows) of truncated
+    prompts (``truncated``), multi-turn prompts over the budget sent whole (``over_budget``), empty answers
+    (``empty``) and responses without ``</think>`` (``missing_think_end``)."""
     mod = module(benchmark)
     items = _by_item(rows)
     groups = [[r["score"] for r in group] for group in items.values()]
@@ -78,7 +79,7 @@ def aggregate(benchmark, rows, *, seed=0):
             label: _ci([g for g, s in zip(groups, splits, strict=True) if s.get(key) == label], seed=seed)
             for label in labels
         }
-    for rate in ("truncated", "empty", "missing_think_end"):
+    for rate in ("truncated", "over_budget", "empty", "missing_think_end"):
         flagged = [r for r in rows if rate in r]
         if flagged:
             report["rates"][rate] = round(100 * sum(bool(r[rate]) for r in flagged) / len(flagged), 2)

@@ -61,6 +61,7 @@ class Request:
     messages: list
     prompt_tokens: int
     truncated: bool
+    over_budget: bool
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -135,9 +136,10 @@ def build_requests(items, config, tokenizer, overrides=None):
             b = mrcr.mrcr_bin(n_tokens)
             item.split["bin"] = "out-of-range" if b is None else mrcr.BIN_NAMES[b]
         settings = {**_generation(item, config), **(overrides or {})}
+        over = 0 < config.max_input_tokens < prompt_tokens and not truncated  # a multi-turn prompt sent whole
         for sample in range(config.samples):
             seed = request_seed(config.seed, item.benchmark, item.id, sample)
-            requests.append(Request(item, sample, seed, messages, prompt_tokens, truncated, **settings))
+            requests.append(Request(item, sample, seed, messages, prompt_tokens, truncated, over, **settings))
     return requests, outside
 
 
@@ -237,6 +239,7 @@ def generate(requests, backend, store, *, protocol, progress=True):
                 "prompt_hash": prompt_hash(request.messages),
                 "prompt_tokens": request.prompt_tokens,
                 "truncated": request.truncated,
+                "over_budget": request.over_budget,
                 "generation": {
                     "max_new_tokens": request.max_new_tokens,
                     "temperature": request.temperature,
@@ -278,6 +281,7 @@ def score_rows(rows, *, judges=None, parser=None, progress=True):
             "split": row["split"],
             "prompt_tokens": row["prompt_tokens"],
             "truncated": row["truncated"],
+            "over_budget": row.get("over_budget", False),
             "empty": extracted is None or not str(extracted).strip(),
             "missing_think_end": THINK_CLOSE not in row["response"],
             "finish_reason": row.get("finish_reason"),
