@@ -31,7 +31,7 @@ class Stub:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append((self.path, dict(self.headers), body))
+                stub.requests.append((self.path, self.headers, body))  # case-insensitive names
                 status, payload, *delay = stub.respond(body, len(stub.requests))
                 if delay:
                     time.sleep(delay[0])

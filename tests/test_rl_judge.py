@@ -16,7 +16,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, dict(self.headers), body))
+        self.server.requests.append((self.path, self.headers, body))  # case-insensitive names
         kind, arg = self.server.actions.pop(0) if self.server.actions else ("reply", "[[NO]]")
         if kind == "sleep":  # the client times out first; nothing is sent
             time.sleep(arg)

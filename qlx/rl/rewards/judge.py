@@ -1,15 +1,15 @@
 """LLM judge: asks an OpenAI-compatible chat-completions endpoint whether two answers are equivalent.
 
-The one place in ``qlx.rl`` that does I/O. Standard library only (urllib). Any failure — connection refused, timeout,
-HTTP error, malformed reply — is retried, and after the last retry the judge returns None with a logged warning, so
-the caller keeps the rule's verdict.
+The one place in ``qlx.rl`` that does I/O, through the project's one client (:mod:`qlx.openai_client`, which imports
+only ``openai``). Connection errors, timeouts, HTTP 429/5xx and malformed replies are retried; when the endpoint
+keeps failing (or answers another HTTP error) the judge returns None with a logged warning, so the caller keeps the
+rule's verdict.
 """
 
 import dataclasses
-import json
 import logging
-import time
-import urllib.request
+
+from qlx.openai_client import ClientConfig, LLMError, OpenAIClient
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,16 @@ class Judge:
 
     def __init__(self, config):
         self.config = config
-
-    def _request(self, payload):
-        cfg = self.config
-        headers = {"Content-Type": "application/json"}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
-        url = cfg.base_url.rstrip("/") + "/chat/completions"
-        req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
-            body = json.loads(resp.read(4 * 2**20))
-        content = body["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise ValueError(f"reply content is {type(content).__name__}, not a string")
-        return content
+        self.client = OpenAIClient(
+            ClientConfig(
+                config.base_url,
+                config.model,
+                config.api_key,
+                timeout_s=config.timeout,
+                max_retries=config.retries,
+                backoff_s=config.backoff,
+            )
+        )
 
     def equivalent(self, question, pred, gold):
         cfg = self.config
@@ -88,19 +84,9 @@ class Judge:
                 ),
             },
         ]
-        payload = {
-            "model": cfg.model,
-            "messages": messages,
-            "temperature": cfg.temperature,
-            "max_tokens": cfg.max_tokens,
-        }
-        error = None
-        for attempt in range(cfg.retries + 1):
-            if attempt:
-                time.sleep(cfg.backoff * 2 ** (attempt - 1))
-            try:
-                return parse_verdict(self._request(payload))
-            except Exception as exc:  # any failure degrades to the rule verdict
-                error = exc
-        log.warning("judge at %s failed %d times (%r); keeping the rule verdict", cfg.base_url, cfg.retries + 1, error)
-        return None
+        try:
+            reply = self.client.chat(messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+        except LLMError as error:  # any failure degrades to the rule verdict
+            log.warning("judge failed %d times (%s); keeping the rule verdict", error.attempts, error)
+            return None
+        return parse_verdict(reply)
