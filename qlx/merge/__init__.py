@@ -5,6 +5,7 @@
   time, resumable; ``qlx merge`` is its command line.
 """
 
+from qlx.merge.checkpoint import merge_checkpoints
 from qlx.merge.methods import METHODS, MergeError, MergeParams, merge_params, merge_tensor, topk_mask
 
-__all__ = ["METHODS", "MergeError", "MergeParams", "merge_params", "merge_tensor", "topk_mask"]
+__all__ = ["METHODS", "MergeError", "MergeParams", "merge_checkpoints", "merge_params", "merge_tensor", "topk_mask"]
