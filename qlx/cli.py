@@ -15,6 +15,7 @@ COMMANDS = {
     "serve": ("qlx.rollout.serve_cli", "OpenAI-compatible HTTP server over a checkpoint"),
     "train": ("qlx.train.cli", "SFT / RL training (the recipe)"),
     "plot": ("qlx.train.plot_cli", "draw reward, entropy and length curves of a run to PNG"),
+    "pipeline": ("qlx.train.pipeline_cli", "run the recipe's stages (RL stages, memory expert, merge) as one command"),
     "merge": ("qlx.merge.cli", "merge checkpoints (SCE, TIES, DARE, task arithmetic, linear), streamed"),
 }
 
