@@ -16,6 +16,8 @@ COMMANDS = {
     "train": ("qlx.train.cli", "SFT / RL training (the recipe)"),
     "plot": ("qlx.train.plot_cli", "draw reward, entropy and length curves of a run to PNG"),
     "eval": ("qlx.eval.cli", "evaluate a model on the recipe's long-context benchmarks (resumable, judged, reported)"),
+    "pipeline": ("qlx.train.pipeline_cli", "run the recipe's stages (RL stages, memory expert, merge) as one command"),
+    "merge": ("qlx.merge.cli", "merge checkpoints (SCE, TIES, DARE, task arithmetic, linear), streamed"),
 }
 
 

@@ -464,9 +464,9 @@ def _prepare_output(directory: Path, overwrite: bool) -> None:
             file.unlink()
 
 
-def _write_shards(directory: Path, tensors: list[TensorToWrite], max_shard_bytes: int) -> list[str]:
-    """Write ``tensors`` in order into shards of at most ``max_shard_bytes`` (one tensor may exceed it alone);
-    a single shard is ``model.safetensors``, several get ``model-0000i-of-0000n.safetensors`` and an index."""
+def plan_shards(tensors: list[TensorToWrite], max_shard_bytes: int) -> list[tuple[str, list[TensorToWrite]]]:
+    """``tensors`` in order, grouped into shards of at most ``max_shard_bytes`` (one tensor may exceed it alone), with
+    their file names: a single shard is ``model.safetensors``, several are ``model-0000i-of-0000n.safetensors``."""
     shards: list[list[TensorToWrite]] = [[]]
     size = 0
     for t in tensors:
@@ -477,15 +477,26 @@ def _write_shards(directory: Path, tensors: list[TensorToWrite], max_shard_bytes
         size += t.nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="write", unit="shard", disable=None):
-        write_file(directory / name, shard)
-    if n > 1:
+    return list(zip(names, shards, strict=True))
+
+
+def write_index(directory: Path, plan: list[tuple[str, list[TensorToWrite]]]) -> None:
+    """``model.safetensors.index.json`` for a sharded ``plan`` (nothing for a single shard)."""
+    if len(plan) > 1:
         index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+            "metadata": {"total_size": sum(t.nbytes for _, shard in plan for t in shard)},
+            "weight_map": {t.name: name for name, shard in plan for t in shard},
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return names
+
+
+def _write_shards(directory: Path, tensors: list[TensorToWrite], max_shard_bytes: int) -> list[str]:
+    """Write ``tensors`` in order into the shards of :func:`plan_shards`, plus the index when sharded."""
+    plan = plan_shards(tensors, max_shard_bytes)
+    for name, shard in tqdm(plan, desc="write", unit="shard", disable=None):
+        write_file(directory / name, shard)
+    write_index(directory, plan)
+    return [name for name, _ in plan]
 
 
 def save_hf(
