@@ -95,6 +95,12 @@ class ModelConfig:
         flash attention), "ring" (sequence-parallel ring attention over the mesh axis "seq").
     moe_backend: expert compute: "auto" (ragged_dot on TPU/GPU, blocked sort-by-expert on CPU), "ragged", "blocked".
     moe_block_size: rows per block for the blocked MoE path.
+    moe_ep_transport: expert parallelism on a mesh with expert > 1 (``qlx.models.moe_ep``): "auto" ("dense" on CPU,
+        "ragged" on TPU / GPU), "ragged" (ragged_all_to_all), "ring" (all-gather tokens, psum_scatter results),
+        "dense" (fixed-buffer all_to_all), "xla" (no shard_map: XLA's automatic partitioning, for comparison).
+    moe_capacity_factor: expert-parallel receive buffer per device, as a multiple of its own token x top-k
+        assignments; None is dropless (worst-case buffer, EP x). Overflow is dropped by a fixed rule (see
+        ``qlx.models.moe_ep``) and reported as aux["moe_dropped_fraction"].
     dtype: compute dtype of activations ("float32" or "bfloat16").
     param_dtype: storage dtype of parameters.
     remat: rematerialise each decoder layer in the backward pass (saves activation memory).
@@ -124,6 +130,8 @@ class ModelConfig:
     attention: Literal["reference", "flash", "ring"] = "reference"
     moe_backend: Literal["auto", "ragged", "blocked"] = "auto"
     moe_block_size: int = 128
+    moe_ep_transport: Literal["auto", "ragged", "ring", "dense", "xla"] = "auto"
+    moe_capacity_factor: float | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
@@ -143,6 +151,11 @@ class ModelConfig:
         _check(self.rope_theta > 0, "rope_theta", "must be positive")
         _check(self.max_position_embeddings > 0, "max_position_embeddings", "must be positive")
         _check(self.moe_block_size > 0, "moe_block_size", "must be positive")
+        _check(
+            self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+            "moe_capacity_factor",
+            f"must be positive or null (dropless) (got {self.moe_capacity_factor})",
+        )
         bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         _check(not bad_layers, "mlp_only_layers", f"indices {bad_layers} outside [0, {self.num_layers})")
         if self.family == "qwen3" or self.mlp_only_layers or self.decoder_sparse_step != 1:

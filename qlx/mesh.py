@@ -5,8 +5,11 @@ Parameters and activations name their dimensions logically (``("embed", "mlp")``
 list of candidate mesh axes; :func:`logical_to_spec` turns a tuple of logical names into a ``PartitionSpec``, taking
 for each dimension the candidates not already used by an earlier dimension of the same array. So a weight
 ``("embed", "mlp")`` becomes ``P("fsdp", "tensor")``, while activations ``("batch", "length", "embed")`` become
-``P(("data", "fsdp"), "seq", None)``: the batch already took ``fsdp``. A new layout is a rules change, not a code
-change (``mesh.rules`` in the config overrides entries).
+``P(("data", "fsdp", "expert"), "seq", None)``: the batch already took ``fsdp``. The batch also takes ``expert``
+(as MaxText's ``activation_batch`` does): attention and the dense layers split their tokens over the expert axis
+instead of repeating the same work on every expert shard, and the MoE's shard_map (``qlx.models.moe_ep``) finds
+the tokens already spread over ``expert``. A new layout is a rules change, not a code change (``mesh.rules`` in the
+config overrides entries).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from qlx.config import MESH_AXES, MeshConfig
 # logical name -> mesh axes it may be sharded over (in order; a dimension gets all candidates still unused).
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": ("seq",),
     # parameters (and the matching activation dimensions)
     "embed": ("fsdp",),

@@ -52,8 +52,9 @@ def test_rules_table_maps_parameters_and_activations():
     assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
     assert logical_to_spec(("experts", "embed", "mlp")) == P("expert", "fsdp", "tensor")
     assert logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
-    assert logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp"), "seq", None)
-    assert logical_to_spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), "seq", "tensor", None)
+    assert logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp", "expert"), "seq", None)
+    heads = P(("data", "fsdp", "expert"), "seq", "tensor", None)
+    assert logical_to_spec(("batch", "length", "heads", "head_dim")) == heads
     assert logical_to_spec((None, "kv_heads")) == P(None, "tensor")
 
 

@@ -59,12 +59,15 @@ def expert_outputs_reference(x_td, experts_tk, w_gate_up_edgi, w_down_eid):
 
 
 def expert_outputs_ragged(x_td, experts_tk, w_gate_up_edgi, w_down_eid):
-    """Each assignment's expert output [T, k, D] with rows sorted by expert and ``jax.lax.ragged_dot``."""
+    """Each assignment's expert output [T, k, D] with rows sorted by expert and ``jax.lax.ragged_dot``.
+
+    Assignments with an expert id outside [0, E) sort last, past every group, where ``ragged_dot`` writes zeros."""
     t, k = experts_tk.shape
     num_experts, d, _, i = w_gate_up_edgi.shape
     flat_a = experts_tk.reshape(t * k)
+    flat_a = jnp.where((flat_a >= 0) & (flat_a < num_experts), flat_a, num_experts)
     order = jnp.argsort(flat_a, stable=True)
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1, mode="drop")
     x_sorted = x_td[order // k]
     gate_up = jax.lax.ragged_dot(x_sorted, w_gate_up_edgi.reshape(num_experts, d, 2 * i), group_sizes)
     y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate_up[:, :i]) * gate_up[:, i:], w_down_eid, group_sizes)
@@ -97,6 +100,8 @@ def experts(
     x [T, D]; weights [T, k]; experts [T, k] (int); w_gate_up [E, D, 2, I] (gate, up); w_down [E, I, D].
     expert_weights: ``split_experts(w_gate_up, w_down)`` computed once by the caller (the blocked backend splits
     the stacked weights itself otherwise; the ragged backend ignores it).
+    An expert id outside [0, E) marks an assignment without an expert here (padding, or one that expert
+    parallelism sends elsewhere): it adds nothing to y, gets zero gradients and no matmul work in either backend.
     """
     if resolve_backend(backend) == "blocked":
         if expert_weights is None:

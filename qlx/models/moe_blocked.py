@@ -81,22 +81,30 @@ def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
 
 
 def block_layout(experts_tk: jax.Array, num_experts: int, block_size: int) -> BlockLayout:
-    """Sort the T*k assignments by expert (stable) and pad every expert's group to a multiple of block_size."""
+    """Sort the T*k assignments by expert (stable) and pad every expert's group to a multiple of block_size.
+
+    An expert id outside [0, E) (e.g. E: a padding token, or an assignment expert parallelism dropped or routed to
+    another device) gets no row: its slot is NB * bs (out of range) and it fills no block."""
     t, k = experts_tk.shape
     a = t * k
     nb = num_blocks(a, num_experts, block_size)
     flat_a = experts_tk.reshape(a).astype(jnp.int32)
+    real_a = (flat_a >= 0) & (flat_a < num_experts)
+    flat_a = jnp.where(real_a, flat_a, num_experts)
     order = jnp.argsort(flat_a, stable=True)
     sorted_experts = flat_a[order]
-    sizes_e = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1)
+    sizes_e = jnp.zeros((num_experts,), jnp.int32).at[flat_a].add(1, mode="drop")
     blocks_e = -(-sizes_e // block_size)
     block_end_e = jnp.cumsum(blocks_e)
     block_start_e = block_end_e - blocks_e
     row_start_e = jnp.cumsum(sizes_e) - sizes_e
-    rank = jnp.arange(a, dtype=jnp.int32) - row_start_e[sorted_experts]
-    slot_sorted = block_start_e[sorted_experts] * block_size + rank
+    safe_sorted = jnp.minimum(sorted_experts, num_experts - 1)
+    rank = jnp.arange(a, dtype=jnp.int32) - row_start_e[safe_sorted]
+    slot_sorted = jnp.where(
+        sorted_experts < num_experts, block_start_e[safe_sorted] * block_size + rank, nb * block_size
+    )
     slot_a = jnp.zeros((a,), jnp.int32).at[order].set(slot_sorted)
-    row_token_p = jnp.full((nb * block_size,), t, jnp.int32).at[slot_sorted].set(order // k)
+    row_token_p = jnp.full((nb * block_size,), t, jnp.int32).at[slot_sorted].set(order // k, mode="drop")
     block_expert_n = jnp.searchsorted(block_end_e, jnp.arange(nb, dtype=jnp.int32), side="right")
     return BlockLayout(
         row_token_p=row_token_p,
@@ -127,6 +135,13 @@ def blocked_moe(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n,
     and scatter-adds the weighted rows into y; blocks n >= num_used_blocks are skipped.
     """
     return _scan_forward(x_td, row_weight_p, expert_weights, row_token_p, block_expert_n, num_used_blocks)[0]
+
+
+def _zeros(shape, dtype, *operands):
+    """Zeros of ``shape`` that vary over the manual mesh axes of all ``operands`` (inside a shard_map, scan and
+    cond need carries and branches of the same varying axes as the values computed from the operands)."""
+    seed = sum(jnp.zeros_like(leaf, shape=(), dtype=jnp.float32) for leaf in jax.tree.leaves(operands))
+    return jnp.zeros_like(seed, shape=shape, dtype=dtype)
 
 
 def _per_expert(expert_weights: ExpertWeights, block_fn):
@@ -166,11 +181,13 @@ def _scan_forward(x_td, row_weight_p, expert_weights, row_token_p, block_expert_
             return y_td.at[rows_b].add(weights_b[:, None] * out_bd), (gu_bf, out_bd)
 
         def skip(y_td):
-            return y_td, (jnp.zeros((bs, f), x_td.dtype), jnp.zeros((bs, d), x_td.dtype))
+            operands = (x_td, row_weight_p, expert_weights)
+            return y_td, (_zeros((bs, f), x_td.dtype, *operands), _zeros((bs, d), x_td.dtype, *operands))
 
         return jax.lax.cond(n < num_used_blocks, compute, skip, y_td)
 
-    y_td, saved = jax.lax.scan(body, jnp.zeros((t + 1, d), x_td.dtype), (steps, rows_nb, weights_nb, block_expert_n))
+    init = _zeros((t + 1, d), x_td.dtype, x_td, row_weight_p, expert_weights)
+    y_td, saved = jax.lax.scan(body, init, (steps, rows_nb, weights_nb, block_expert_n))
     return y_td[:t], saved
 
 
@@ -218,15 +235,16 @@ def _bwd(residuals, dy_td):
             return (dx_td, d_gate_up, d_down), d_weights_b
 
         def skip(grads):
-            return grads, jnp.zeros(rows_b.shape, row_weight_p.dtype)
+            return grads, _zeros(rows_b.shape, row_weight_p.dtype, x_td, dy_td, expert_weights, out_nbd)
 
         return jax.lax.cond(n < num_used_blocks, compute, skip, grads)
 
     num_experts = expert_weights.num_experts
+    operands = (x_td, dy_td, row_weight_p, expert_weights, gu_nbf)
     init = (
-        jnp.zeros((t + 1, d), x_td.dtype),
-        jnp.zeros((num_experts, *expert_weights.gate_up[0].shape), f32),
-        jnp.zeros((num_experts, *expert_weights.down[0].shape), f32),
+        _zeros((t + 1, d), x_td.dtype, *operands),
+        _zeros((num_experts, *expert_weights.gate_up[0].shape), f32, *operands),
+        _zeros((num_experts, *expert_weights.down[0].shape), f32, *operands),
     )
     (dx_td, d_gate_up, d_down), d_weights_nb = jax.lax.scan(
         body, init, (steps, rows_nb, weights_nb, block_expert_n, gu_nbf, out_nbd)
@@ -256,13 +274,16 @@ def effective_block_size(num_assignments: int, num_experts: int, block_size: int
 def experts_blocked(x_td, weights_tk, experts_tk, expert_weights: ExpertWeights, *, block_size: int):
     """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) via the blocked scan. Returns [T, D].
 
-    expert_weights from :func:`split_experts`; blocks hold :func:`effective_block_size` rows.
+    expert_weights from :func:`split_experts`; blocks hold :func:`effective_block_size` rows. Assignments whose
+    expert id is outside [0, E) contribute nothing (see :func:`block_layout`).
     """
     num_experts = expert_weights.num_experts
     bs = effective_block_size(experts_tk.size, num_experts, block_size)
     layout = block_layout(experts_tk, num_experts, bs)
     row_weight_p = (
-        jnp.zeros(layout.row_token_p.shape, x_td.dtype).at[layout.slot_a].set(weights_tk.reshape(-1).astype(x_td.dtype))
+        jnp.zeros(layout.row_token_p.shape, x_td.dtype)
+        .at[layout.slot_a]
+        .set(weights_tk.reshape(-1).astype(x_td.dtype), mode="drop")
     )
     return blocked_moe(
         x_td, row_weight_p, expert_weights, layout.row_token_p, layout.block_expert_n, layout.num_used_blocks

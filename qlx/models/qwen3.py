@@ -31,6 +31,7 @@ from qlx.models.moe import (
     router_stats,
     split_experts,
 )
+from qlx.models.moe_ep import EXPERT_AXIS, ep_experts, resolve_transport, token_axes
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
 
@@ -114,27 +115,54 @@ class MoE(nnx.Module):
             return None
         return split_experts(self.gate_up[...].astype(dtype), self.down[...].astype(dtype))
 
-    def __call__(self, x_btd, *, layout: Layout, expert_weights: ExpertWeights | None = None):
-        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E])).
+    def __call__(
+        self, x_btd, *, layout: Layout, expert_weights: ExpertWeights | None = None, valid_bt: jax.Array | None = None
+    ):
+        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E], drops [2])).
 
+        drops = (dropped assignments, routed assignments) of expert parallelism's capacity rule (0 dropped without
+        it). On a mesh with expert > 1 the experts run in ``qlx.models.moe_ep``'s shard_map (``moe_ep_transport``);
+        valid_bt (bool [B, T], None: all valid) marks the tokens that are routed: padding is never sent.
         expert_weights: this layer's :meth:`expert_weights` in x's dtype, precomputed (a decode loop splits once
-        instead of once per step); computed here when None."""
+        instead of once per step); computed here when None. Expert parallelism splits its local experts itself and
+        ignores it."""
         c, dt = self.config, x_btd.dtype
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
+        valid_t = jnp.ones((b * t,), bool) if valid_bt is None else valid_bt.reshape(b * t)
         logits_te = jnp.matmul(x_td, self.router[...].astype(dt), preferred_element_type=jnp.float32)
         weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
-        y_td = experts(
-            x_td,
-            weights_tk,
-            experts_tk,
-            self.gate_up[...].astype(dt),
-            self.down[...].astype(dt),
-            backend=c.moe_backend,
-            block_size=c.moe_block_size,
-            expert_weights=expert_weights,
-        )
-        return layout.constrain(y_td.reshape(b, t, d), BTD), router_stats(experts_tk, probs_te)
+        mesh = layout.mesh
+        if mesh is not None and mesh.shape[EXPERT_AXIS] > 1 and resolve_transport(c.moe_ep_transport) != "xla":
+            y_td, drops = ep_experts(
+                x_td,
+                weights_tk,
+                experts_tk,
+                valid_t,
+                self.gate_up[...].astype(dt),
+                self.down[...].astype(dt),
+                mesh=mesh,
+                rules=dict(layout.rules),
+                token_axes=token_axes(mesh, dict(layout.rules), x_btd.shape),
+                transport=c.moe_ep_transport,
+                capacity_factor=c.moe_capacity_factor,
+                backend=c.moe_backend,
+                block_size=c.moe_block_size,
+            )
+        else:
+            y_td = experts(
+                x_td,
+                weights_tk,
+                jnp.where(valid_t[:, None], experts_tk, c.num_experts),
+                self.gate_up[...].astype(dt),
+                self.down[...].astype(dt),
+                backend=c.moe_backend,
+                block_size=c.moe_block_size,
+                expert_weights=expert_weights,
+            )
+            drops = jnp.stack([jnp.zeros((), jnp.float32), jnp.sum(valid_t).astype(jnp.float32) * experts_tk.shape[1]])
+        counts_e, prob_sums_e = router_stats(experts_tk, probs_te)
+        return layout.constrain(y_td.reshape(b, t, d), BTD), (counts_e, prob_sums_e, drops)
 
 
 class DecoderLayer(nnx.Module):
@@ -180,7 +208,9 @@ class Qwen3ForCausalLM(nnx.Module):
     ``hidden_states`` takes the same arguments and returns the final-norm hidden [B, T, D] in place of logits;
     ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied); ``expert_weights()``
     splits the MoE experts once for a loop of calls (``hidden_states(..., expert_weights=...)``). aux is
-    {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models)}.
+    {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models),
+    "moe_dropped_fraction": assignments dropped by expert parallelism's capacity (``model.moe_capacity_factor``)
+    over all routed assignments of all MoE layers (0 when dropless)}.
     Segment ids restrict attention to equal ids (packing); they do not combine with a cache.
     With ``model.attention="ring"`` (no cache) the forward runs sequence-parallel over the mesh axis ``seq`` (R
     devices): tokens, segment ids and positions are permuted once to the zig-zag layout of
@@ -276,7 +306,7 @@ class Qwen3ForCausalLM(nnx.Module):
         if c.remat and cache is None:
             run = nnx.remat(run)
         new_k, new_v = [], []
-        counts = prob_sums = None
+        counts = prob_sums = drops = None
         num_moe = 0
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -288,6 +318,7 @@ class Qwen3ForCausalLM(nnx.Module):
             if stats is not None:
                 counts = stats[0] if counts is None else counts + stats[0]
                 prob_sums = stats[1] if prob_sums is None else prob_sums + stats[1]
+                drops = stats[2] if drops is None else drops + stats[2]
                 num_moe += 1
         x = self.final_norm(x)
         outputs = [x if ring is None else layout.constrain(unbalance_tokens(x, ring), BTD)]
@@ -299,7 +330,8 @@ class Qwen3ForCausalLM(nnx.Module):
                 if counts is None
                 else load_balancing_loss(counts, prob_sums, b * t * num_moe, c.num_experts)
             )
-            outputs.append({"load_balancing_loss": loss})
+            dropped = jnp.zeros((), jnp.float32) if drops is None else drops[0] / jnp.maximum(drops[1], 1.0)
+            outputs.append({"load_balancing_loss": loss, "moe_dropped_fraction": dropped})
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False):
