@@ -73,6 +73,21 @@ class RopeScalingConfig:
         _check(self.beta_fast > self.beta_slow, "beta_fast", f"must exceed beta_slow ({self.beta_slow})")
 
 
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "minimal",
+    "minimal_with_context",
+    "save_dot_with_context_except_mlp",
+    "save_dot_except_mlpwi",
+    "save_dot_except_mlp",
+    "save_qkv_proj",
+    "save_out_proj",
+    "qkv_proj_offloaded",
+    "minimal_offloaded",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Qwen3 (dense) or Qwen3-MoE decoder, in Hugging Face's terms.
@@ -103,7 +118,18 @@ class ModelConfig:
         ``qlx.models.moe_ep``) and reported as aux["moe_dropped_fraction"].
     dtype: compute dtype of activations ("float32" or "bfloat16").
     param_dtype: storage dtype of parameters.
-    remat: rematerialise each decoder layer in the backward pass (saves activation memory).
+    remat: what each decoder layer keeps for the backward pass, a policy named as MaxText names them (one of
+        REMAT_POLICIES; ``qlx.models.remat`` builds them from ``checkpoint_name`` tags on the projections):
+        "none" keeps every activation; "full" keeps only the layer input and recomputes the rest; "minimal" keeps
+        every weight matmul output (dots without batch dimensions); "minimal_with_context" also the attention
+        output; "save_dot_with_context_except_mlp" / "save_dot_except_mlpwi" / "save_dot_except_mlp" /
+        "save_qkv_proj" / "save_out_proj" keep the named projections; "qkv_proj_offloaded" / "minimal_offloaded"
+        move what they keep to host memory (backends with a "pinned_host" memory). true means "full" and false
+        "none" (the values before policies existed).
+    scan_layers: run the decoder stack as ``lax.scan`` over layer parameters stacked [L, ...] on the unsharded
+        logical axis "layers" (compile time independent of depth). "auto" scans when every layer is of one kind
+        (no mlp_only_layers and decoder_sparse_step 1, or a dense model) and keeps a non-uniform stack unrolled;
+        true scans each run of consecutive same-kind layers (a stack per run; see ``layer_runs``); false unrolls.
     initializer_range: std of the normal initialiser for freshly built models.
     """
 
@@ -134,7 +160,8 @@ class ModelConfig:
     moe_capacity_factor: float | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    remat: bool | str = "none"
+    scan_layers: bool | Literal["auto"] = "auto"
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -170,6 +197,29 @@ class ModelConfig:
             _check(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
             _check(self.decoder_sparse_step >= 1, "decoder_sparse_step", "must be >= 1")
         _check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _check(
+            self.remat in REMAT_POLICIES,
+            "remat",
+            f"unknown policy {self.remat!r}; valid values: true, false, {', '.join(REMAT_POLICIES)}",
+        )
+
+    @property
+    def layer_runs(self) -> tuple[tuple[int, int], ...]:
+        """[start, stop) of each run of consecutive layers of one kind (dense MLP or MoE), in order."""
+        runs: list[list[int]] = []
+        for i in range(self.num_layers):
+            if runs and self.is_moe_layer(i) == self.is_moe_layer(runs[-1][0]):
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        return tuple((start, stop) for start, stop in runs)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the decoder runs scanned (``scan_layers`` resolved: "auto" scans a uniform stack)."""
+        return len(self.layer_runs) == 1 if self.scan_layers == "auto" else bool(self.scan_layers)
 
     @property
     def num_query_groups(self) -> int:

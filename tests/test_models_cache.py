@@ -87,7 +87,7 @@ def test_precomputed_expert_weights_match_per_call_split(moe_model):
     """hidden_states with expert_weights() split once (as the decode loop does) equals splitting inside each call;
     the split arrays are the stacked experts; dense models and the ragged backend need none."""
     per_layer = moe_model.expert_weights()
-    moe_layer = moe_model.layers[0].mlp
+    moe_layer = moe_model.layer_modules()[0].mlp
     gate_up, down = np.asarray(moe_layer.gate_up[...]), np.asarray(moe_layer.down[...])
     np.testing.assert_array_equal(per_layer[0].gate_up[5], gate_up[5].reshape(gate_up.shape[1], -1))
     np.testing.assert_array_equal(per_layer[0].down[5], down[5])

@@ -1,5 +1,6 @@
 """Sharded forward on 8 fake CPU devices: (data=2, expert=2, tensor=2) and fsdp=8 meshes equal the single-device
-forward, parameters are sharded as the logical-axis rules say, and build_model creates them sharded."""
+forward, parameters are sharded as the logical-axis rules say, and build_model creates them sharded. tiny-moe's
+layers are uniform, so the model is scanned: layer parameters are stacked [L, ...] on the unsharded axis "layers"."""
 
 from pathlib import Path
 
@@ -21,9 +22,9 @@ EXPECTED = {
     "data=2,expert=2,tensor=2": (
         {"data": 2, "expert": 2, "tensor": 2, "fsdp": 1},
         {
-            ("layers", 0, "mlp", "gate_up"): (P("expert", "fsdp", None, "tensor"), (4, 64, 2, 16)),
-            ("layers", 0, "attn", "q"): (P("fsdp", "tensor", None), (64, 2, 16)),
-            ("layers", 1, "attn", "k"): (P("fsdp", "tensor", None), (64, 1, 16)),
+            ("stacks", 0, "mlp", "gate_up"): (P(None, "expert", "fsdp", None, "tensor"), (2, 4, 64, 2, 16)),
+            ("stacks", 0, "attn", "q"): (P(None, "fsdp", "tensor", None), (2, 64, 2, 16)),
+            ("stacks", 0, "attn", "k"): (P(None, "fsdp", "tensor", None), (2, 64, 1, 16)),
             ("embed",): (P("tensor", "fsdp"), (256, 64)),
             ("lm_head",): (P("fsdp", "tensor"), (64, 256)),
         },
@@ -31,8 +32,8 @@ EXPECTED = {
     "fsdp=8": (
         {"fsdp": 8},
         {
-            ("layers", 0, "mlp", "gate_up"): (P("expert", "fsdp", None, "tensor"), (8, 8, 2, 32)),
-            ("layers", 1, "mlp", "down"): (P("expert", "tensor", "fsdp"), (8, 32, 8)),
+            ("stacks", 0, "mlp", "gate_up"): (P(None, "expert", "fsdp", None, "tensor"), (2, 8, 8, 2, 32)),
+            ("stacks", 0, "mlp", "down"): (P(None, "expert", "tensor", "fsdp"), (2, 8, 32, 8)),
             ("embed",): (P("tensor", "fsdp"), (512, 8)),
         },
     ),
@@ -85,6 +86,6 @@ def test_build_model_creates_parameters_sharded(model):
     want = state_shardings(nnx.state(sharded), mesh)
     for (path, var), (_, sharding) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(want), strict=True):
         assert var.get_value().sharding == sharding.get_value(), path
-    gate_up = sharded.layers[1].mlp.gate_up[...]
-    assert gate_up.addressable_shards[0].data.shape == (4, 32, 2, 16)
-    np.testing.assert_array_equal(gate_up, model.layers[1].mlp.gate_up[...])
+    gate_up = sharded.stacks[0].mlp.gate_up[...]
+    assert gate_up.addressable_shards[0].data.shape == (2, 4, 32, 2, 16)
+    np.testing.assert_array_equal(gate_up, model.stacks[0].mlp.gate_up[...])

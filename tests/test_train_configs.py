@@ -35,7 +35,7 @@ def test_qwen3_30b_a3b_platform_stages(platform, devices, stage):
     assert (c.model.param_dtype, c.model.dtype, c.model.remat, c.model.attention) == (
         "float32",
         "bfloat16",
-        True,
+        "full",
         "ring",
     )
     assert c.mesh.rules == {"embed": ["fsdp", "seq"]}

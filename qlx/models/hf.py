@@ -2,10 +2,12 @@
 
 Supported architectures: ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM``. Weights are read tensor by tensor from
 memory-mapped safetensors files (one file, or shards listed in ``model.safetensors.index.json``) and placed straight
-into their final (sharded, with a mesh) layout with ``jax.make_array_from_callback``; stacked expert weights are
-filled one expert at a time (gate and up into their halves of the fused ``gate_up``) into one preallocated host
-array. So the host never holds more than one parameter
-beyond the model itself. Pickle checkpoints (.bin / .pt) are refused.
+into their final (sharded, with a mesh) layout with ``jax.make_array_from_callback``: each device's block is filled
+from the tensors (or parts of tensors) that fall inside it, so a device reads only its slice and the host holds one
+device block at a time, never a whole stacked parameter (stacked experts, gate and up halves of the fused
+``gate_up``, and the layer stacks of a scanned model). Pickle checkpoints (.bin / .pt) are refused. A scanned model
+(``scan_layers``) maps layer i of run r to index i - start_r of ``stacks.{r}.…``; ``save_hf`` writes it one layer at
+a time.
 
 Name mapping (HF -> qlx; HF linear weights are [out, in], ours [in, out]):
   model.embed_tokens.weight -> embed               lm_head.weight -> lm_head (transposed; absent when tied)
@@ -19,6 +21,7 @@ Name mapping (HF -> qlx; HF linear weights are [out, in], ours [in, out]):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +36,7 @@ from qlx.config import ConfigError, ModelConfig, RopeScalingConfig
 from qlx.models.qwen3 import Qwen3ForCausalLM
 from qlx.models.safetensors_io import DTYPES, Reader, TensorInfo, TensorToWrite, read_header, write_file
 from qlx.models.sharding import Layout, state_shardings
+from qlx.models.stacking import layer_location
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
@@ -247,13 +251,15 @@ class TensorSpec:
     """One HF tensor: its name, the qlx parameter path, the qlx shape of its part of the parameter, the layout
     transform ("copy", "transpose", "in_heads" [H*K, D] <-> [D, H, K], "out_heads" [D, H*K] <-> [H, K, D]) and
     ``index``, the numpy index of that part in the parameter (``()``: all of it; ``(e,)``: expert e of a stacked
-    weight; ``(e, slice(None), 0)``: expert e's gate half of the fused ``gate_up`` [E, D, 2, I])."""
+    weight; ``(e, slice(None), 0)``: expert e's gate half of the fused ``gate_up`` [E, D, 2, I]). ``stacked``: the
+    parameter is a layer stack and ``index[0]`` is the layer's place in it."""
 
     name: str
     path: tuple
     shape: tuple[int, ...]
     transform: str
     index: tuple = ()
+    stacked: bool = False
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -266,9 +272,14 @@ class TensorSpec:
         return (self.shape[2], self.shape[0] * self.shape[1])
 
     def to_qlx(self, hf_array: np.ndarray) -> np.ndarray:
+        """The qlx layout of ``hf_array`` as a view (no copy: slicing it reads only the slice)."""
         if self.transform == "copy":
             return hf_array
-        return hf_array.T.reshape(self.shape)
+        if self.transform == "transpose":
+            return hf_array.T
+        if self.transform == "in_heads":
+            return hf_array.reshape(self.shape[1], self.shape[2], self.shape[0]).transpose(2, 0, 1)
+        return hf_array.reshape(self.shape[2], self.shape[0], self.shape[1]).transpose(1, 2, 0)
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         if self.transform == "copy":
@@ -280,8 +291,22 @@ class TensorSpec:
         return array.reshape(-1, self.shape[2]).T
 
 
+def _in_stack(spec: TensorSpec, config: ModelConfig) -> TensorSpec:
+    """A layer tensor's spec for a scanned model: ``layers.{i}.…`` -> ``stacks.{r}.…`` at index (i - start_r, ...)."""
+    if spec.path[0] != "layers":
+        return spec
+    r, j = layer_location(config, spec.path[1])
+    return dataclasses.replace(spec, path=("stacks", r, *spec.path[2:]), index=(j, *spec.index), stacked=True)
+
+
 def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
-    """Every tensor of the HF checkpoint for ``config``, in the order Hugging Face lists them."""
+    """Every tensor of the HF checkpoint for ``config``, in the order Hugging Face lists them (parameter paths of
+    the scanned layout when ``config.scanned``)."""
+    specs = _unrolled_specs(config)
+    return [_in_stack(s, config) for s in specs] if config.scanned else specs
+
+
+def _unrolled_specs(config: ModelConfig) -> list[TensorSpec]:
     c = config
     d, h, kv, k = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     specs = [TensorSpec("model.embed_tokens.weight", ("embed",), (c.vocab_size, d), "copy")]
@@ -409,16 +434,39 @@ def check_tensors(specs: list[TensorSpec], infos: dict[str, TensorInfo], config:
         raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
 
 
-def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForCausalLM:
+def _read_block(group: list[TensorSpec], infos, reader: Reader, shape, index, np_dtype) -> np.ndarray:
+    """The part ``index`` (a tuple of slices, as ``jax.make_array_from_callback`` gives) of a parameter of ``shape``
+    made of the tensors ``group``: each tensor that falls inside it is read (only its part inside) and placed."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+    block = np.empty(tuple(stop - start for start, stop in bounds), np_dtype)
+    for spec in group:
+        where = spec.index + (ALL,) * (len(shape) - len(spec.index))
+        dest, src = [], []
+        for at, (start, stop) in zip(where, bounds, strict=True):
+            if isinstance(at, int):
+                if not start <= at < stop:
+                    break
+                dest.append(at - start)
+            else:
+                dest.append(ALL)
+                src.append(slice(start, stop))
+        else:
+            block[tuple(dest)] = spec.to_qlx(reader.get(infos[spec.name]))[tuple(src)]
+    return block
+
+
+def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None, scan_layers="auto") -> Qwen3ForCausalLM:
     """Load a Hugging Face Qwen3 / Qwen3-MoE directory into a model; ``model(tokens)`` -> logits [B, T, V].
 
     dtype: parameter and compute dtype ("float32" or "bfloat16"). mesh: place each parameter straight into its
     sharded layout on this mesh (logical-axis ``rules`` optional); None puts the model on the default device.
+    scan_layers: ``ModelConfig.scan_layers`` of the model ("auto": scanned when its layers are uniform).
     """
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     config = config_from_hf(read_json(directory / "config.json"), dtype=dtype, source=str(directory / "config.json"))
+    config = dataclasses.replace(config, scan_layers=scan_layers)
     infos = tensor_index(directory)
     specs = tensor_specs(config)
     reader = Reader()
@@ -437,16 +485,12 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None) -> Qwen3ForC
         if group is None:
             raise CheckpointError(f"internal: parameter {'.'.join(map(str, param_path))} has no Hugging Face tensor")
         shape = var.get_value().shape
-        host = np.empty(shape, np_dtype)
-        for s in group:
-            host[s.index] = s.to_qlx(reader.get(infos[s.name]))
+        read = functools.partial(_read_block, group, infos, reader, shape, np_dtype=np_dtype)
         if mesh is None:
-            array = jax.device_put(host)
+            array = jax.device_put(read((ALL,) * len(shape)))
         else:
-            sharding = flat_shardings[param_path].get_value()
-            array = jax.make_array_from_callback(shape, sharding, lambda index, host=host: host[index])
+            array = jax.make_array_from_callback(shape, flat_shardings[param_path].get_value(), read)
         loaded.append((param_path, var.replace(array)))
-        del host
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
@@ -520,11 +564,13 @@ def save_hf(
     current: dict[tuple, np.ndarray] = {}
 
     def producer(spec: TensorSpec):
-        def produce():
-            if spec.path not in current:
+        def produce():  # one parameter (one layer of a stacked one) on the host at a time
+            key, index = (spec.path + spec.index[:1], spec.index[1:]) if spec.stacked else (spec.path, spec.index)
+            if key not in current:
                 current.clear()
-                current[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
-            value = current[spec.path][spec.index]
+                value = flat[spec.path].get_value()
+                current[key] = np.asarray(jax.device_get(value[spec.index[0]] if spec.stacked else value))
+            value = current[key][index]
             return np.ascontiguousarray(spec.to_hf(value))
 
         return produce

@@ -7,10 +7,14 @@ Parameter layouts (logical axes in brackets; ``qlx.mesh.LOGICAL_AXIS_RULES`` map
   mlp.gate / mlp.up [D, I] (embed, mlp)       mlp.down [I, D] (mlp, embed)
   moe.router [D, E] (embed, -)                moe.gate_up [E, D, 2, I] (experts, embed, -, mlp): gate, up
   moe.down [E, I, D] (experts, mlp, embed)    norms [D] (norm)
+Unrolled (``model.scanned`` false), layer i's parameters are ``layers.{i}.…``; scanned, the layers of run r
+(``ModelConfig.layer_runs``) are ``stacks.{r}.…`` with a leading [L_r] axis named "layers" (see qlx.models.stacking).
 Activations are constrained as (batch, length, embed | heads | kv_heads | mlp | vocab).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +36,10 @@ from qlx.models.moe import (
     split_experts,
 )
 from qlx.models.moe_ep import EXPERT_AXIS, ep_experts, resolve_transport, token_axes
+from qlx.models.remat import checkpoint_name, remat
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
+from qlx.models.stacking import layer_location, layer_state, stack_modules
 
 BTD = ("batch", "length", "embed")
 
@@ -63,6 +69,9 @@ class Attention(nnx.Module):
         q = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.q[...].astype(dt)), BTD[:2] + ("heads", None))
         k = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.k[...].astype(dt)), BTD[:2] + ("kv_heads", None))
         v = layout.constrain(jnp.einsum("btd,dhk->bthk", x_btd, self.v[...].astype(dt)), BTD[:2] + ("kv_heads", None))
+        q, k, v = (
+            checkpoint_name(a, n) for a, n in zip((q, k, v), ("query_proj", "key_proj", "value_proj"), strict=True)
+        )
         q = apply_rope(self.q_norm(q), cos_btk, sin_btk)
         k = apply_rope(self.k_norm(k), cos_btk, sin_btk)
         backend = self.config.attention
@@ -72,8 +81,9 @@ class Attention(nnx.Module):
         else:
             new_kv = (write_kv(kv[0], k, positions_bt), write_kv(kv[1], v, positions_bt))
             out = attention(q, new_kv[0].astype(dt), new_kv[1].astype(dt), backend=backend, q_positions_bt=positions_bt)
-        out = layout.constrain(out, BTD[:2] + ("heads", None))
-        return layout.constrain(jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), BTD), new_kv
+        out = checkpoint_name(layout.constrain(out, BTD[:2] + ("heads", None)), "context")
+        out = layout.constrain(jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), BTD)
+        return checkpoint_name(out, "out_proj"), new_kv
 
 
 class MLP(nnx.Module):
@@ -88,7 +98,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd, *, layout: Layout):
         dt = x_btd.dtype
-        h = jax.nn.silu(x_btd @ self.gate[...].astype(dt)) * (x_btd @ self.up[...].astype(dt))
+        gate = checkpoint_name(x_btd @ self.gate[...].astype(dt), "mlpwi_0")
+        h = jax.nn.silu(gate) * checkpoint_name(x_btd @ self.up[...].astype(dt), "mlpwi_1")
         h = layout.constrain(h, BTD[:2] + ("mlp",))
         return layout.constrain(h @ self.down[...].astype(dt), BTD), None
 
@@ -194,7 +205,7 @@ class DecoderLayer(nnx.Module):
             m, stats = self.mlp(h, layout=layout)
         else:
             m, stats = self.mlp(h, layout=layout, expert_weights=expert_weights)
-        return x_btd + m, new_kv, stats
+        return x_btd + checkpoint_name(m, "mlpwo"), new_kv, stats
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -225,7 +236,11 @@ class Qwen3ForCausalLM(nnx.Module):
         self.config = config
         self.layout = Layout() if layout is None else layout
         self.embed = normal_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), std, dtype)
-        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+        layers = [DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)]
+        if c.scanned:  # built layer by layer, then stacked: a seed gives the same weights in either layout
+            self.stacks = nnx.List([stack_modules(layers[start:stop]) for start, stop in c.layer_runs])
+        else:
+            self.layers = nnx.List(layers)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, logical_axis="norm", param_dtype=dtype)
         if not c.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), std, dtype)
@@ -244,9 +259,20 @@ class Qwen3ForCausalLM(nnx.Module):
         once, outside the loop, and passes it in. Without it, each call splits again."""
         dtype = jnp.dtype(self.config.dtype)
         per_layer = tuple(
-            layer.mlp.expert_weights(dtype) if isinstance(layer.mlp, MoE) else None for layer in self.layers
+            layer.mlp.expert_weights(dtype) if isinstance(layer.mlp, MoE) else None for layer in self.layer_modules()
         )
         return None if all(w is None for w in per_layer) else per_layer
+
+    def layer_modules(self) -> list[DecoderLayer]:
+        """Every decoder layer as its own module, in order (scanned: static slices of the stacks)."""
+        if not self.config.scanned:
+            return list(self.layers)
+        split = [nnx.split(stack) for stack in self.stacks]
+        out = []
+        for i in range(self.config.num_layers):
+            r, j = layer_location(self.config, i)
+            out.append(nnx.merge(split[r][0], layer_state(split[r][1], j)))
+        return out
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """Empty cache (zeros, lengths 0) for ``batch`` rows of up to ``max_len`` tokens; sharded on the mesh.
@@ -298,28 +324,55 @@ class Qwen3ForCausalLM(nnx.Module):
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
         x = layout.constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.dtype), BTD)
 
-        def run(layer, x, cos, sin, seg, kv, pos, layer_experts):
+        def run(graphdef, state, x, kv=None, layer_experts=None):
+            layer = nnx.merge(graphdef, state)
             return layer(
-                x, cos, sin, layout=layout, segment_ids_bt=seg, kv=kv, positions_bt=pos, expert_weights=layer_experts
+                x,
+                cos_btk,
+                sin_btk,
+                layout=layout,
+                segment_ids_bt=segment_ids_bt,
+                kv=kv,
+                positions_bt=positions_bt,
+                expert_weights=layer_experts,
             )
 
-        if c.remat and cache is None:
-            run = nnx.remat(run)
         new_k, new_v = [], []
         counts = prob_sums = drops = None
         num_moe = 0
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            layer_experts = None if expert_weights is None else expert_weights[i]
-            x, written, stats = run(layer, x, cos_btk, sin_btk, segment_ids_bt, kv, positions_bt, layer_experts)
-            if written is not None:
-                new_k.append(written[0])
-                new_v.append(written[1])
+
+        def add_stats(stats, layers):
+            nonlocal counts, prob_sums, drops, num_moe
             if stats is not None:
                 counts = stats[0] if counts is None else counts + stats[0]
                 prob_sums = stats[1] if prob_sums is None else prob_sums + stats[1]
                 drops = stats[2] if drops is None else drops + stats[2]
-                num_moe += 1
+                num_moe += layers
+
+        if c.scanned and cache is None:
+            for stack, (start, stop) in zip(self.stacks, c.layer_runs, strict=True):
+                graphdef, state = nnx.split(stack)
+
+                def body(x, layer_state_, graphdef=graphdef):
+                    x, _, stats = run(graphdef, layer_state_, x)
+                    return x, stats
+
+                x, stats = jax.lax.scan(remat(body, c.remat, scanned=True), x, state)
+                add_stats(None if stats is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), stats), stop - start)
+        else:
+            # Unrolled layers, and every call with a KV cache (prefill / decode keep one cache array per layer).
+            for i, layer in enumerate(self.layer_modules()):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                layer_experts = None if expert_weights is None else expert_weights[i]
+                graphdef, state = nnx.split(layer)
+                step = functools.partial(run, graphdef)
+                if cache is None:
+                    step = remat(step, c.remat, scanned=False)
+                x, written, stats = step(state, x, kv, layer_experts)
+                if written is not None:
+                    new_k.append(written[0])
+                    new_v.append(written[1])
+                add_stats(stats, 1)
         x = self.final_norm(x)
         outputs = [x if ring is None else layout.constrain(unbalance_tokens(x, ring), BTD)]
         if cache is not None:

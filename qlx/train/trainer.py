@@ -101,7 +101,8 @@ def _initial_params(config: Config, mesh, rules, abstract_params):
         return Policy.split(build_model(config.model, seed=config.seed, mesh=mesh, rules=rules))[1]
     path = Path(source)
     if (path / "config.json").is_file():
-        hf_params = Policy.split(load_hf(path, dtype=config.model.param_dtype, mesh=mesh))[1]
+        hf = load_hf(path, dtype=config.model.param_dtype, mesh=mesh, scan_layers=config.model.scan_layers)
+        hf_params = Policy.split(hf)[1]
         shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
         return jax.device_put(hf_params, shardings)
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
