@@ -195,8 +195,9 @@ class LocalBackend:
                 if room < 1:
                     yield request, ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's {max_len}")
                     continue
-                spec = SamplingSpec(room, request.temperature, request.top_p, 0, self.stop_ids, request.seed, 0)
-                chunk.append(request), prompts.append(ids), specs.append(spec)
+                chunk.append(request)
+                prompts.append(ids)
+                specs.append(SamplingSpec(room, request.temperature, request.top_p, 0, self.stop_ids, request.seed, 0))
             if not chunk:
                 continue
             result = generate_rows(self.model, prompts, specs)
