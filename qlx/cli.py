@@ -15,6 +15,7 @@ COMMANDS = {
     "serve": ("qlx.rollout.serve_cli", "OpenAI-compatible HTTP server over a checkpoint"),
     "train": ("qlx.train.cli", "SFT / RL training (the recipe)"),
     "plot": ("qlx.train.plot_cli", "draw reward, entropy and length curves of a run to PNG"),
+    "plan": ("qlx.train.plan_cli", "per-device memory plan of a config on a TPU topology or GPUs (AOT compile)"),
 }
 
 
