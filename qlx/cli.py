@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": ("qlx.eval.cli", "evaluate a model on the recipe's long-context benchmarks (resumable, judged, reported)"),
     "pipeline": ("qlx.train.pipeline_cli", "run the recipe's stages (RL stages, memory expert, merge) as one command"),
     "merge": ("qlx.merge.cli", "merge checkpoints (SCE, TIES, DARE, task arithmetic, linear), streamed"),
+    "plan": ("qlx.train.plan_cli", "per-device memory plan of a config on a TPU topology or GPUs (AOT compile)"),
 }
 
 

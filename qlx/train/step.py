@@ -108,7 +108,7 @@ def accumulate_gradients(
         return (num_acc + num, grad_acc, aux_acc), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    aux_shape = jax.eval_shape(lambda: numerator(params, first)[1])
+    aux_shape = jax.eval_shape(lambda p, mb: numerator(p, mb)[1], params, first)  # traced args: remat-safe
     init = (
         jnp.zeros((), jnp.float32),
         jax.tree.map(jnp.zeros_like, params),

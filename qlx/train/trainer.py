@@ -78,20 +78,20 @@ def _abstract_model(config: Config, mesh, rules):
     return policy, _with_shardings(params, state_shardings(params, mesh, rules)), rest
 
 
-def _replicated_elsewhere(shardings, mesh):
-    """Shardings with every leaf not already on ``mesh`` replicated over it (scalars like Adam's step count)."""
+def _opt_state_shardings(optimizer, params, mesh):
+    """Shardings of ``optimizer.init(params)``: a leaf that mirrors a parameter (Adam's moments: same key path
+    suffix and shape) takes that parameter's sharding, every other leaf is replicated on the mesh. (XLA gives the
+    ``zeros_like`` moments of a jitted init no sharding of their own: they would be replicated on every device.)"""
+    by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree.leaves_with_path(params)}
 
-    def one(sharding):
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return sharding
+    def one(path, leaf):
+        for start in range(len(path)):
+            param = by_path.get(jax.tree_util.keystr(path[start:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, shardings)
-
-
-def _opt_state_shardings(optimizer, params, mesh):
-    """Where ``optimizer.init(params)`` puts its leaves, everything on the mesh (so every step compiles alike)."""
-    return _replicated_elsewhere(jax.jit(optimizer.init).lower(params).compile().output_shardings, mesh)
+    return jax.tree.map_with_path(one, jax.eval_shape(optimizer.init, params))
 
 
 def _initial_params(config: Config, mesh, rules, abstract_params):
