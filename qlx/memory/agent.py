@@ -397,70 +397,108 @@ def run(
     Returns a :class:`MemoryRollout`.
     """
     inputs = _prepare(model, tokenizer, questions, documents, config, samples_per_question, seed)
-    plan, b = inputs.plan, inputs.batch
-    mesh = model.layout.mesh
-    axes = batch_axes(model)
-    put = functools.partial(put_batch, mesh=mesh, batch_axes=axes)
-    put_window = (
-        jnp.asarray
-        if mesh is None or not axes
-        else lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, axes, *(None,) * (x.ndim - 2))))
-    )
-    sampling, stops, seed_b, trajectory_b = _sampling_arrays(config, inputs, seed)
-    sampling, stops, seed_b, trajectory_b = tuple(map(put, sampling)), put(stops), put(seed_b), put(trajectory_b)
-    rows_docs = [inputs.documents[q] for q in inputs.question_index]
-    num_chunks = np.array([-(-d.size // config.chunk_tokens) for d in rows_docs], np.int32)
-    k_max = int(num_chunks.max())
-    question = tuple(
-        map(put, _padded([inputs.question_ids[q] for q in inputs.question_index], b, config.max_question_tokens))
-    )
-
+    args = _DeviceArgs.build(model, inputs, config, seed)
+    plan, k_max = inputs.plan, int(args.num_chunks.max())
     graphdef, state = nnx.split(model)
-    no_memory_bm, no_memory_b = _padded([list(plan.no_memory)] * b, b, plan.memory_width)
-    cache = model.init_cache(b, plan.update.cache_len)
-    carry = (cache, put(no_memory_bm), put(no_memory_b))
-    w, c = config.window_chunks, config.chunk_tokens
+    carry = args.initial_carry(model)
     host_outputs, pending = [], None
-    for start in tqdm(range(0, k_max, w), desc="memory agent", unit="window", disable=not progress):
-        chunks = np.zeros((w, b, c), np.int32)
-        lengths = np.zeros((w, b), np.int32)
-        for t in range(start, min(start + w, k_max)):
-            for r, doc in enumerate(rows_docs):
-                piece = _chunk(doc, t, c)
-                chunks[t - start, r, : piece.size] = piece
-                lengths[t - start, r] = piece.size
-        turns = np.arange(start, start + w, dtype=np.uint32)
-        carry, outputs = _read_window(
-            graphdef, plan, state, carry, put_window(chunks), put_window(lengths), jnp.asarray(turns), question,
-            sampling, stops, seed_b, trajectory_b,
-        )  # fmt: skip
+    for start in tqdm(range(0, k_max, config.window_chunks), desc="memory agent", unit="window", disable=not progress):
+        carry, outputs = _read_window(graphdef, plan, state, carry, *args.window(start), *args.shared)
         if pending is not None:
             host_outputs.append(jax.device_get(pending))
         pending = outputs
     host_outputs.append(jax.device_get(pending))
     _, memory_bm, memory_len_b = carry
     del carry
-
-    live_b = np.arange(b) < inputs.rows
-    instructions = tuple(map(put, _padded([inputs.instruction_ids[q] for q in inputs.question_index], b,
-                                          config.max_instruction_tokens)))  # fmt: skip
-    final = jax.device_get(
-        _final_turn(
-            graphdef,
-            plan,
-            state,
-            (memory_bm, memory_len_b),
-            question,
-            instructions,
-            put(live_b),
-            sampling,
-            stops,
-            seed_b,
-            trajectory_b,
-        )  # fmt: skip
-    )
+    final = jax.device_get(_final_turn(graphdef, plan, state, (memory_bm, memory_len_b), *args.final_inputs()))
     update = [np.concatenate([o[k] for o in host_outputs], axis=0)[:k_max, : inputs.rows] for k in range(9)]
-    return _rollout(tokenizer, inputs, config, num_chunks, update, [x[: inputs.rows] for x in final])
+    return _rollout(tokenizer, inputs, config, args.num_chunks, update, [x[: inputs.rows] for x in final])
+
+
+@dataclasses.dataclass
+class _DeviceArgs:
+    """The device-side arguments of :func:`run`'s compiled functions, and the host windows of chunk ids."""
+
+    inputs: _Inputs
+    config: MemoryAgentConfig
+    put: object
+    put_window: object
+    rows_docs: list[np.ndarray]
+    num_chunks: np.ndarray
+    question: tuple[jax.Array, jax.Array]
+    shared: tuple  # question, sampling, stops, seeds, trajectories: the window's arguments after the chunks
+
+    @classmethod
+    def build(cls, model, inputs: _Inputs, config: MemoryAgentConfig, seed: int) -> _DeviceArgs:
+        mesh, axes, b = model.layout.mesh, batch_axes(model), inputs.batch
+        put = functools.partial(put_batch, mesh=mesh, batch_axes=axes)
+        put_window = (
+            jnp.asarray
+            if mesh is None or not axes
+            else lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, axes, *(None,) * (x.ndim - 2))))
+        )
+        sampling, stops, seed_b, trajectory_b = _sampling_arrays(config, inputs, seed)
+        rows_docs = [inputs.documents[q] for q in inputs.question_index]
+        questions = _padded([inputs.question_ids[q] for q in inputs.question_index], b, config.max_question_tokens)
+        question = tuple(map(put, questions))
+        shared = (question, tuple(map(put, sampling)), put(stops), put(seed_b), put(trajectory_b))
+        num_chunks = np.array([-(-d.size // config.chunk_tokens) for d in rows_docs], np.int32)
+        return cls(inputs, config, put, put_window, rows_docs, num_chunks, question, shared)
+
+    def initial_carry(self, model):
+        plan, b = self.inputs.plan, self.inputs.batch
+        memory_bm, memory_b = _padded([list(plan.no_memory)] * b, b, plan.memory_width)
+        return model.init_cache(b, plan.update.cache_len), self.put(memory_bm), self.put(memory_b)
+
+    def window(self, start: int):
+        """Chunk ids [W, B, C], chunk lengths [W, B] (0: row inactive) and turn numbers [W] of chunks start.."""
+        w, c, b = self.config.window_chunks, self.config.chunk_tokens, self.inputs.batch
+        chunks = np.zeros((w, b, c), np.int32)
+        lengths = np.zeros((w, b), np.int32)
+        for t in range(start, start + w):
+            for r, doc in enumerate(self.rows_docs):
+                piece = _chunk(doc, t, c)
+                chunks[t - start, r, : piece.size] = piece
+                lengths[t - start, r] = piece.size
+        turns = jnp.asarray(np.arange(start, start + w, dtype=np.uint32))
+        return self.put_window(chunks), self.put_window(lengths), turns
+
+    def final_inputs(self):
+        """The final turn's arguments after the memory: question, instructions, live rows, sampling, seeds."""
+        inputs, b = self.inputs, self.inputs.batch
+        ids = [inputs.instruction_ids[q] for q in inputs.question_index]
+        instructions = tuple(map(self.put, _padded(ids, b, self.config.max_instruction_tokens)))
+        question, sampling, stops, seed_b, trajectory_b = self.shared
+        live_b = self.put(np.arange(b) < inputs.rows)
+        return question, instructions, live_b, sampling, stops, seed_b, trajectory_b
+
+
+def memory_analysis(
+    model, tokenizer, questions, documents, config: MemoryAgentConfig, *, samples_per_question: int = 1
+) -> dict[str, dict[str, int]]:
+    """Compiled device memory (bytes) of the two executables :func:`run` uses for this batch: ``"window"`` (the
+    scan over ``window_chunks`` update turns) and ``"final"``, each as {argument, output, temp, alias, total}
+    (``total`` = argument + output + temp − alias). Nothing here depends on the documents' lengths."""
+    inputs = _prepare(model, tokenizer, questions, documents, config, samples_per_question, 0)
+    args = _DeviceArgs.build(model, inputs, config, 0)
+    graphdef, state = nnx.split(model)
+    carry = jax.eval_shape(lambda: args.initial_carry(model))
+    plan = inputs.plan
+    window = _read_window.lower(graphdef, plan, state, carry, *args.window(0), *args.shared).compile()
+    final = _final_turn.lower(graphdef, plan, state, carry[1:], *args.final_inputs()).compile()
+
+    def stats(compiled) -> dict[str, int]:
+        m = compiled.memory_analysis()
+        out = {
+            "argument": m.argument_size_in_bytes,
+            "output": m.output_size_in_bytes,
+            "temp": m.temp_size_in_bytes,
+            "alias": m.alias_size_in_bytes,
+        }
+        out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+        return out
+
+    return {"window": stats(window), "final": stats(final)}
 
 
 def _grid(update_kbn: np.ndarray, final_bn: np.ndarray, width: int) -> np.ndarray:
