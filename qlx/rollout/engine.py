@@ -152,7 +152,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np
     return arrays
 
 
-def _batch_axes(model) -> tuple[str, ...]:
+def batch_axes(model) -> tuple[str, ...]:
     """Mesh axes the batch dimension is sharded over (from the model's logical-axis rules)."""
     mesh = model.layout.mesh
     if mesh is None:
@@ -160,7 +160,7 @@ def _batch_axes(model) -> tuple[str, ...]:
     return tuple(axis for axis in dict(model.layout.rules).get("batch", ()) if mesh.shape[axis] > 1)
 
 
-def _put_batch(x: np.ndarray, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
+def put_batch(x: np.ndarray, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
     """A host array whose first dimension is the batch, on device (sharded over ``batch_axes`` on a mesh)."""
     if mesh is None or not batch_axes:
         return jnp.asarray(x)
@@ -182,14 +182,20 @@ def _expert_weights(graphdef, state):
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(3, 4))
 def _prefill_chunk(graphdef, state, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
+    """:func:`prefill_step` compiled, the model passed as ``nnx.split``; cache and last hidden state donated."""
+    model = nnx.merge(graphdef, state)
+    return prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, span=span)
+
+
+def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
     """Write one chunk of prompt positions [start, start + C) into the cache; keep each row's hidden state at its
     last prompt position (L_b − 1) when that position falls in this chunk. Positions past a row's prompt are
-    padding (position −1: not written, attends to nothing).
+    padding (position −1: not written, attends to nothing). Returns (cache, last_hidden_bd).
 
     The chunk runs on the first ``span`` cache slots only (span >= start + C): the slots after them hold nothing
-    its queries may see, so attention over the prefix gives the same result for less work.
+    its queries may see, so attention over the prefix gives the same result for less work. A traceable function
+    (the memory agent calls it inside its chunk loop); ``_prefill_chunk`` is its compiled form.
     """
-    model = nnx.merge(graphdef, state)
     chunk = tokens_bc.shape[1]
     positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
@@ -225,9 +231,48 @@ def _decode(
     *,
     out_len,
 ):
-    """The decode loop: returns tokens [B, out_len], log-probs [B, out_len], counts [B], stopped-by-token [B] and
-    the final cache (returned so that the donated cache buffers are updated in place)."""
+    """:func:`decode_loop` compiled, the model passed as ``nnx.split``; the cache donated."""
     model = nnx.merge(graphdef, state)
+    return decode_loop(
+        model,
+        expert_weights,
+        cache,
+        last_hidden_bd,
+        lengths_b,
+        max_new_b,
+        temperature_b,
+        top_p_b,
+        top_k_b,
+        stops_bs,
+        seeds_b3,
+        out_len=out_len,
+    )
+
+
+def decode_loop(
+    model,
+    expert_weights,
+    cache,
+    last_hidden_bd,
+    lengths_b,
+    max_new_b,
+    temperature_b,
+    top_p_b,
+    top_k_b,
+    stops_bs,
+    seeds_b3,
+    *,
+    out_len,
+):
+    """The decode loop after a prefill: returns tokens [B, out_len], log-probs [B, out_len], counts [B],
+    stopped-by-token [B] and the final cache (returned so that donated cache buffers are updated in place).
+
+    Row b draws from the hidden state ``last_hidden_bd[b]`` of its prompt (L_b = ``lengths_b[b]`` tokens), with the
+    sampling parameters of its row, stop ids ``stops_bs[b]`` (−1 = unused slot), and the random stream
+    ``seeds_b3[b]`` (uint32 seed lo, seed hi, stream; see :class:`SamplingSpec`). A row with ``max_new_b[b] == 0``
+    draws nothing. A traceable function (the memory agent calls it inside its chunk loop); ``_decode`` is its
+    compiled form.
+    """
     w_dv = model.lm_head_weight()
     keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
@@ -263,7 +308,7 @@ def _decode(
         return j + 1, cache, token_b, outs
 
     outs = (
-        jnp.zeros(batch, bool),
+        max_new_b <= 0,
         jnp.zeros(batch, bool),
         jnp.zeros(batch, jnp.int32),
         jnp.zeros((batch, out_len), jnp.int32),
@@ -300,8 +345,8 @@ def generate_rows(
 
     n = len(arrays)
     mesh = model.layout.mesh
-    batch_axes = _batch_axes(model)
-    batch = batch_bucket(n, math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1)
+    axes = batch_axes(model)
+    batch = batch_bucket(n, math.prod(mesh.shape[a] for a in axes) if axes else 1)
     longest = max(a.size for a in arrays)
     chunk = min(prefill_chunk, length_bucket(longest))
     prompt_len = round_up(longest, chunk)
@@ -326,7 +371,7 @@ def generate_rows(
         seeds[i] = (spec.seed % 2**32, (spec.seed >> 32) % 2**32, spec.stream % 2**32)
 
     graphdef, state = nnx.split(model)
-    put = functools.partial(_put_batch, mesh=mesh, batch_axes=batch_axes)
+    put = functools.partial(put_batch, mesh=mesh, batch_axes=axes)
     cache = _init_cache(graphdef, state, batch, cache_len)
     expert_weights = _expert_weights(graphdef, state)
     last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype)))

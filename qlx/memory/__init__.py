@@ -1,0 +1,30 @@
+"""qlx.memory: the memory agent, one compiled loop (lax.scan) over the chunks of a document (recipe §3.1).
+
+- ``MemoryAgentConfig``: chunk, memory and answer sizes, template, carry rule, sampling (``qlx.memory.config``).
+- ``run(model, tokenizer, questions, documents, config, *, samples_per_question=1, seed=0)`` -> ``MemoryRollout``:
+  every update turn inside one ``lax.scan`` over the chunk index, then the final-answer turn (``qlx.memory.agent``).
+- ``run_reference(...)``: the same agent as a Python loop over ``qlx.rollout.generate_rows`` calls (the oracle).
+- ``memory_analysis(...)``: compiled device memory of run's two executables (flat in document length).
+- ``MemoryTemplate``, ``TEMPLATES``: prompts with slots; ``carried_memory``: the carry rule (``qlx.memory.carry``).
+"""
+
+from qlx.memory.agent import FINAL_TURN, MemoryRollout, centre_truncate, memory_analysis, run, run_reference
+from qlx.memory.carry import CARRY_RULES, TagPatterns, carried_memory
+from qlx.memory.config import MemoryAgentConfig
+from qlx.memory.templates import TEMPLATES, MemoryTemplate, tokenize_template
+
+__all__ = [
+    "CARRY_RULES",
+    "FINAL_TURN",
+    "TEMPLATES",
+    "MemoryAgentConfig",
+    "MemoryRollout",
+    "MemoryTemplate",
+    "TagPatterns",
+    "carried_memory",
+    "centre_truncate",
+    "memory_analysis",
+    "run",
+    "run_reference",
+    "tokenize_template",
+]
