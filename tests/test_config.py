@@ -11,10 +11,22 @@ from qlx.config import ConfigError, ModelConfig, config_from_dict, parse_overrid
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+PIPELINES = {p for p in CONFIGS.rglob("*.yaml") if p.name == "pipeline.yaml" or p.name.endswith("-pipeline.yaml")}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(set(CONFIGS.rglob("*.yaml")) - PIPELINES), ids=lambda p: str(p.relative_to(CONFIGS))
+)
 def test_every_shipped_config_loads(path):
     config = qlx.load_config(path)
     assert isinstance(config, qlx.Config)
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_pipeline_loads(path):
+    from qlx.train.pipeline import load_pipeline
+
+    assert load_pipeline(path).stages
 
 
 def test_qwen3_30b_a3b_is_the_published_architecture():
