@@ -254,5 +254,5 @@ def test_convert_cli_from_qlx_config(tmp_path):
     ours = qlx.load_hf(tmp_path)
     np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), np.asarray(ours.embed[...]))
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    np.testing.assert_array_equal(q, np.asarray(ours.layers[0].attn.q[...]).reshape(64, -1).T)
+    np.testing.assert_array_equal(q, np.asarray(ours.layer_modules()[0].attn.q[...]).reshape(64, -1).T)
     assert qlx_main([*args, "--out-hf", str(tmp_path)]) == 2

@@ -46,7 +46,7 @@ def test_changed_model_key_is_refused_naming_it(finished, tmp_path, capsys):
     assert main(["train", "--config", str(path), "--set", "model.moe_intermediate_size=48"]) == 2
     err = capsys.readouterr().err
     assert "model.moe_intermediate_size: 32 then, 48 now" in err, err
-    assert "params.layers.0.mlp.down.value: float32[8, 48, 64] in this config, float32[8, 32, 64] in the" in err
+    assert "params.stacks.0.mlp.down.value: float32[1, 8, 48, 64] in this config, float32[1, 8, 32, 64] in the" in err
     assert "train.restart=true" in err and "train.init_from" in err and "train.run_dir" in err
     assert _files(run / "checkpoints") == before
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
