@@ -26,7 +26,7 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/qlx demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 25 tests
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

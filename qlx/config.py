@@ -88,6 +88,25 @@ REMAT_POLICIES = (
 )
 
 
+ARCHITECTURE_KEYS = (
+    "family",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_experts",
+    "moe_intermediate_size",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "tie_word_embeddings",
+)
+"""ModelConfig fields that fix parameter names and shapes: a starting checkpoint, and every model of a merge, must
+agree on all of them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Qwen3 (dense) or Qwen3-MoE decoder, in Hugging Face's terms.

@@ -11,7 +11,7 @@ max(CEM-strict, J-EQ) on SPELL's extracted answer.
 from qlx.eval import qa
 from qlx.eval.records import Item, RecordError, find_files, load_records, require
 from qlx.eval.scoring import check_protocol, judge_only
-from qlx.eval.text import strip_reasoning, substitute
+from qlx.eval.text import substitute
 
 NAME = "frames"
 TASK = "qa"
@@ -62,10 +62,7 @@ def messages(record, protocol):
     return qa.ql_messages(context(record), record["Prompt"])
 
 
-def extract(response, protocol):
-    """official: the whole stripped response (the autorater reads it); ql: SPELL's QA extractor."""
-    check_protocol(protocol)
-    return strip_reasoning(response, "qwenlong_l1") if protocol == "official" else qa.spell_extract(response)
+extract = qa.extract
 
 
 def score(response, record, protocol="ql", judge=None, parser=None):

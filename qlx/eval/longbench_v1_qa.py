@@ -12,7 +12,7 @@ SPELL do; a match with a later gold is lost).
 from qlx.eval import qa
 from qlx.eval.records import Item, Loaded, RecordError, find_files, load_records, require
 from qlx.eval.scoring import Score, check_protocol
-from qlx.eval.text import strip_reasoning, substitute, token_f1
+from qlx.eval.text import substitute, token_f1
 
 NAME = "longbench_v1_qa"
 TASK = "qa"
@@ -85,10 +85,7 @@ def messages(record, protocol):
     return qa.ql_messages(record["context"], record["input"])
 
 
-def extract(response, protocol):
-    """official: the whole output after the reasoning strip; ql: SPELL's QA extractor."""
-    check_protocol(protocol)
-    return strip_reasoning(response, "qwenlong_l1") if protocol == "official" else qa.spell_extract(response)
+extract = qa.extract
 
 
 def score(response, record, protocol="ql", judge=None, parser=None):

@@ -31,7 +31,7 @@ FIELDS = {
 SPLITS = ("difficulty", "length")
 GENERATION = {"official": {"temperature": 0.1, "top_p": 1.0, "max_new_tokens": 128}}
 
-OFFICIAL_TEMPLATE = """Please read the following text and answer the question below.
+_QUESTION = """Please read the following text and answer the question below.
 
 <text>
 $DOC$
@@ -44,22 +44,9 @@ Choices:
 (C) $C_C$
 (D) $C_D$
 
-Format your response as follows: "The correct answer is (insert answer here)"."""
-
-QL_TEMPLATE = """Please read the following text and answer the question below.
-
-<text>
-$DOC$
-</text>
-
-What is the correct answer to this question: $Q$
-Choices:
-(A) $C_A$
-(B) $C_B$
-(C) $C_C$
-(D) $C_D$
-
-Format your answer as follows: "The correct answer is (insert answer here).\""""
+"""
+OFFICIAL_TEMPLATE = _QUESTION + 'Format your response as follows: "The correct answer is (insert answer here)".'
+QL_TEMPLATE = _QUESTION + 'Format your answer as follows: "The correct answer is (insert answer here)."'
 
 
 def _item(record, path):

@@ -1,8 +1,8 @@
 """What the QA benchmarks (Frames, LongBench v1 QA, CorpusQA) share under the QL protocol: SPELL's reading prompt
 (``doc_general_qa``), SPELL's QA answer extractor, and the score max(CEM-strict, J-EQ judge)."""
 
-from qlx.eval.scoring import rule_or_judge
-from qlx.eval.text import cem, spell_answer_text, substitute
+from qlx.eval.scoring import check_protocol, rule_or_judge
+from qlx.eval.text import cem, spell_answer_text, strip_reasoning, substitute
 
 QL_TEMPLATE = """Please read the following text and answer the question below.
 
@@ -37,6 +37,13 @@ def spell_extract(response):
     if "insert answer here" in answer:
         return None
     return answer.split("\n", 1)[0].strip().strip(".")
+
+
+def extract(response, protocol):
+    """official: the whole output after the reasoning strip (an autorater or F1 reads it); ql: SPELL's QA
+    extractor (``spell_extract``)."""
+    check_protocol(protocol)
+    return strip_reasoning(response, "qwenlong_l1") if protocol == "official" else spell_extract(response)
 
 
 def ql_score(extracted, problem, gold, judge, parser):

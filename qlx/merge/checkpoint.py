@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from qlx.config import ARCHITECTURE_KEYS
 from qlx.merge.methods import DEFAULT_BLOCK_SIZE, MergeError, MergeParams, merge_flat, merge_params
 from qlx.models.hf import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -47,22 +48,6 @@ from qlx.models.hf import (
 from qlx.models.safetensors_io import DTYPES, Reader, TensorInfo, TensorToWrite, read_header, write_file
 
 PLAN_FILE = "merge-plan.json"
-# ModelConfig fields that fix tensor names and shapes: they must agree between the base and every model.
-SHAPE_FIELDS = (
-    "family",
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "num_experts",
-    "moe_intermediate_size",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-    "tie_word_embeddings",
-)
 
 
 @dataclasses.dataclass
@@ -84,7 +69,7 @@ def _open_checkpoint(directory: Path, role: str, base_config=None):
     try:
         hf_config = read_json(directory / "config.json")
         config = config_from_hf(hf_config, source=str(directory / "config.json"))
-        for field in SHAPE_FIELDS if base_config is not None else ():
+        for field in ARCHITECTURE_KEYS if base_config is not None else ():
             a, b = getattr(base_config, field), getattr(config, field)
             if a != b:
                 raise MergeError(f"config {field} = {b!r} but the base has {a!r}; the checkpoints cannot be merged")

@@ -14,26 +14,9 @@ import jax
 import numpy as np
 import yaml
 
-from qlx.config import Config, ConfigError
+from qlx.config import ARCHITECTURE_KEYS, Config, ConfigError
 from qlx.mesh import resolve_sizes
 from qlx.train.inputs import Dataset, PromptBuilder, load_records
-
-ARCHITECTURE_KEYS = (
-    "family",
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "num_experts",
-    "moe_intermediate_size",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-    "tie_word_embeddings",
-)
-"""ModelConfig fields that fix parameter shapes: a starting checkpoint must agree on all of them."""
 
 
 @dataclasses.dataclass
