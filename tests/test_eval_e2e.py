@@ -17,8 +17,9 @@ import pytest
 import qlx
 import qlx.eval as E
 from qlx.cli import main as cli_main
-from qlx.data.tokenizer import train_bpe_tokenizer
+from qlx.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from qlx.eval.runner import request_seed
+from qlx.memory import MemoryAgentConfig, run_reference
 from qlx.models import build_model
 from qlx.rollout import serve_in_thread
 
@@ -181,13 +182,62 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(served, tmp_path):
     assert len(keys) == len(set(keys)) == 6  # 3 items × 2 samples, each once
 
 
-def test_ckpt_backend_in_process(served, tmp_path):
+def _hf_checkpoint(served, tmp_path):
     ckpt = tmp_path / "hf"
     qlx.save_hf(served["model"], ckpt)
     (ckpt / "tokenizer.json").write_bytes(Path(served["tok"]).read_bytes())
+    return ckpt
+
+
+def test_ckpt_backend_in_process(served, tmp_path):
+    ckpt = _hf_checkpoint(served, tmp_path)
     out = tmp_path / "local"
     args = ["eval", "--benchmarks", "mrcr", "--data", str(served["data"]), "--out", str(out), "--ckpt", str(ckpt)]
     assert cli_main([*args, "--dtype", "float32", "--max-new-tokens", "4", "--quiet"]) == 0
     (row,) = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert row["usage"]["completion_tokens"] <= 4 and row["finish_reason"] in ("stop", "length")
     assert row["split"]["bin"] == "out-of-range"  # a 100-token conversation is below the card's first bin
+
+
+def test_memory_agent_backend_equals_the_reference_loop(served, tmp_path):
+    """--agent memory: each stored answer is the one qlx.memory.run_reference gives for the benchmark's
+    (document, question, instructions) split, the request's seed and settings (greedy, so token for token)."""
+    ckpt = _hf_checkpoint(served, tmp_path)
+    out = tmp_path / "memory"
+    args = ["eval", "--benchmarks", "longbench_v2,mrcr", "--data", str(served["data"]), "--out", str(out)]
+    args += ["--ckpt", str(ckpt), "--agent", "memory", "--chunk-tokens", "48", "--memory-tokens", "6", "--limit", "2"]
+    assert cli_main([*args, "--dtype", "float32", "--max-new-tokens", "4", "--temperature", "0", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sorted(r["benchmark"] for r in rows) == ["longbench_v2", "longbench_v2", "mrcr"]
+    assert max(r["memory_turns"] for r in rows) >= 2  # the 40-word LongBench-V2 context spans several chunks
+    tokenizer, model = load_tokenizer(served["tok"]), qlx.load_hf(ckpt, dtype="float32")
+    records = {
+        (b, i.id): i for b in ("longbench_v2", "mrcr") for i in E.benchmarks.module(b).load(served["data"] / b).items
+    }
+    for row in rows:
+        item = records[(row["benchmark"], row["id"])]
+        document, question, instructions = E.benchmarks.module(row["benchmark"]).memory_inputs(item.record, "ql")
+        config = MemoryAgentConfig(chunk_tokens=48, memory_tokens=6, final_tokens=4, temperature=0.0, top_p=0.95)
+        query = (question, instructions) if instructions else question
+        want = run_reference(model, tokenizer, [query], [document], config, seed=row["seed"])
+        assert row["response"] == want.answers[0] and row["memory_turns"] == int(want.num_chunks[0])
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--benchmarks",
+                "mrcr",
+                "--data",
+                str(served["data"]),
+                "--out",
+                str(out),
+                "--url",
+                served["url"],
+                "--model",
+                "tiny",
+                "--agent",
+                "memory",
+            ]
+        )
+        == 2
+    )

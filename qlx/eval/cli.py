@@ -3,6 +3,7 @@
   qlx eval --benchmarks mrcr,longbench_v2 --data DATA --out runs/eval1 --url http://127.0.0.1:8000/v1 \\
            --model qwen3 --tokenizer tok.json --judge-url https://api.deepseek.com/v1 --judge-model deepseek-chat
   qlx eval --benchmarks docmath --data DATA --out runs/eval2 --ckpt runs/stage4      # in-process qlx model
+  qlx eval --benchmarks mrcr --data DATA --out runs/eval3 --ckpt runs/stage4 --agent memory  # the memory agent
   qlx eval --rescore runs/eval1 [--judge-url ...]        re-score and re-judge the stored generations
   qlx eval --compare runs/eval1 runs/eval2               paired differences with 95% intervals
 
@@ -13,6 +14,7 @@ the same --out skips every generation already stored; the judge's replies are ca
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ from pathlib import Path
 from qlx.eval.benchmarks import NAMES
 
 log = logging.getLogger(__name__)
-_RUN_KEYS = ("benchmarks", "protocol", "generation", "model", "limit")
+_RUN_KEYS = ("benchmarks", "protocol", "generation", "model", "limit", "agent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ckpt", type=Path, help="in-process qlx model: a Hugging Face directory or a qlx run folder")
     add("--tokenizer", type=Path, help="the model's tokenizer (required with --url: truncation and MRCR bins)")
     add("--agent", choices=("none", "memory"), default="none", help="memory: through qlx.memory (ultra-long sets)")
+    add("--chunk-tokens", type=int, default=32768, help="--agent memory: document tokens per update turn")
+    add("--memory-tokens", type=int, default=15360, help="--agent memory: generation cap of an update turn")
+    add("--max-memory-tokens", type=int, help="--agent memory: cap on the carried memory (default: --memory-tokens)")
+    add("--max-chunks", type=int, help="--agent memory: centre-truncate longer documents to this many chunks")
+    add("--memory-template", choices=("qwenlong", "memagent"), default="qwenlong", help="--agent memory prompts")
     add("--protocol", choices=("ql", "official"), default="ql", help="scoring and default sampling protocol")
     add("--max-input-tokens", type=int, help="prompt budget (QL 131072; 0: no truncation)")
     add("--truncation", choices=("longbench_v2", "longbench_v1"), default="longbench_v2", help="middle truncation")
@@ -90,9 +97,10 @@ def _settings(args):
 
     official = args.protocol == "official"
     defaults = GenerationConfig()
+    budget = 0 if args.agent == "memory" else defaults.max_input_tokens  # the agent reads the whole document
     config = GenerationConfig(
         protocol=args.protocol,
-        max_input_tokens=defaults.max_input_tokens if args.max_input_tokens is None else args.max_input_tokens,
+        max_input_tokens=budget if args.max_input_tokens is None else args.max_input_tokens,
         truncation=args.truncation,
         max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
         temperature=defaults.temperature if args.temperature is None else args.temperature,
@@ -169,8 +177,27 @@ def _backend(args):
 
     tokenizer = load_serving_tokenizer(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, dtype=args.dtype)
+    if args.agent == "memory":
+        from qlx.eval.memory_backend import MemoryAgentBackend
+
+        config = _memory_config(args)
+        return MemoryAgentBackend(model, tokenizer, config, protocol=args.protocol, model_id=str(args.ckpt)), tokenizer
     backend = LocalBackend(model, tokenizer, model_id=str(args.ckpt), chat_mode=args.chat_mode, batch=args.batch)
     return backend, tokenizer
+
+
+def _memory_config(args):
+    """The memory agent's settings from the flags (sampling and the final cap come per request)."""
+    from qlx.memory import MemoryAgentConfig
+
+    return MemoryAgentConfig(
+        chunk_tokens=args.chunk_tokens,
+        memory_tokens=args.memory_tokens,
+        max_memory_tokens=args.max_memory_tokens,
+        max_chunks=args.max_chunks,
+        template=args.memory_template,
+        chat_mode=args.chat_mode,
+    )
 
 
 def _score_and_report(out, args, meta):
@@ -201,15 +228,12 @@ def _evaluate(args):
     from qlx.eval.runner import build_requests, generate
     from qlx.eval.store import GenerationStore, write_atomic
 
-    if args.agent == "memory":
-        raise UsageError(
-            "--agent memory is not available yet: it runs through qlx.memory, which has not landed in this "
-            "checkout; evaluate single-pass (omit --agent)"
-        )
     if args.data is None or args.out is None:
         raise UsageError("--data and --out are required (or --rescore DIR / --compare A B)")
     if (args.url is None) == (args.ckpt is None):
         raise UsageError("pass exactly one backend: --url URL --model ID, or --ckpt DIR")
+    if args.agent == "memory" and args.ckpt is None:
+        raise UsageError("--agent memory runs the memory agent in process: pass --ckpt DIR (not --url)")
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = sorted(set(benchmarks) - set(NAMES))
     if unknown:
@@ -220,6 +244,8 @@ def _evaluate(args):
     model_id = args.model or str(args.ckpt)
     generation = {**vars(config), **overrides}
     run = {"benchmarks": benchmarks, "protocol": args.protocol, "generation": generation, "model": model_id}
+    if args.agent == "memory":
+        run["agent"] = dataclasses.asdict(_memory_config(args))
     run["limit"] = args.limit
     _check_run(args.out, run)
     items, load_report = _load(benchmarks, args.data, args.limit)

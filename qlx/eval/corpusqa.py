@@ -45,6 +45,16 @@ def messages(record, protocol):
     return [{"role": m["role"], "content": m["content"]} for m in record["prompt"]]
 
 
+MEMORY_FORMAT = 'Finish with one line "The answer is: " followed by your answer.'
+
+
+def memory_inputs(record, protocol):
+    """(the prompt's text, which embeds the corpus; the question; a format line asking for the "The answer is: "
+    cue the extractor reads) for the memory agent (INFERRED: the paper does not give its memory-agent prompt)."""
+    check_protocol(protocol)
+    return "\n\n".join(m["content"] for m in record["prompt"]), record["question"], MEMORY_FORMAT
+
+
 def _cue_line(text):
     hit = _CUE.search(text)
     return hit.group(1).strip() if hit else text.strip()

@@ -32,16 +32,19 @@ OFFICIAL_SYSTEM = (
     "the answer is {final answer}'. The final answer should be a numeric value."
 )
 OFFICIAL_USER = "{context}\n\nQuestion: {question}\n\nLet's think step by step to answer the given question."
-QL_TEMPLATE = """You are an expert in document analysis and numerical reasoning. Read the following text, reason \
+QL_FORMAT = (
+    'Please reason step by step, and format your answer as follows: "Therefore, the answer is (insert answer here)."'
+)
+QL_TEMPLATE = f"""You are an expert in document analysis and numerical reasoning. Read the following text, reason \
 step by step, and finish with "Therefore, the answer is (insert answer here)"; the answer should be a number.
 
 <text>
-{context}
+{{context}}
 </text>
 
-Question: {question}
+Question: {{question}}
 
-Please reason step by step, and format your answer as follows: "Therefore, the answer is (insert answer here).\""""
+{QL_FORMAT}"""
 
 _FILE = re.compile(r"(complong|compshort|simplong|simpshort)[_-](testmini|test)")
 
@@ -87,6 +90,12 @@ def messages(record, protocol):
             {"role": "user", "content": substitute(OFFICIAL_USER, values)},
         ]
     return [{"role": "user", "content": substitute(QL_TEMPLATE, values)}]
+
+
+def memory_inputs(record, protocol):
+    """(paragraphs, question, QL's format line) for the memory agent, in both protocols."""
+    check_protocol(protocol)
+    return context(record), f"Question: {record['question']}", QL_FORMAT
 
 
 _NUM = r"=?≈?`?%?\$?°?£?€?¥?-?[0-9.,]+"

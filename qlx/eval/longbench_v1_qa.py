@@ -88,6 +88,12 @@ def messages(record, protocol):
 extract = qa.extract
 
 
+def memory_inputs(record, protocol):
+    """(context, input, format line) for the memory agent, in both protocols."""
+    check_protocol(protocol)
+    return qa.memory_inputs(record["context"], record["input"])
+
+
 def score(response, record, protocol="ql", judge=None, parser=None):
     extracted = extract(response, protocol)
     if protocol == "official":

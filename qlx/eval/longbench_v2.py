@@ -31,22 +31,25 @@ FIELDS = {
 SPLITS = ("difficulty", "length")
 GENERATION = {"official": {"temperature": 0.1, "top_p": 1.0, "max_new_tokens": 128}}
 
-_QUESTION = """Please read the following text and answer the question below.
+_READ = """Please read the following text and answer the question below.
 
 <text>
 $DOC$
 </text>
 
-What is the correct answer to this question: $Q$
+"""
+_QUESTION = """What is the correct answer to this question: $Q$
 Choices:
 (A) $C_A$
 (B) $C_B$
 (C) $C_C$
-(D) $C_D$
-
-"""
-OFFICIAL_TEMPLATE = _QUESTION + 'Format your response as follows: "The correct answer is (insert answer here)".'
-QL_TEMPLATE = _QUESTION + 'Format your answer as follows: "The correct answer is (insert answer here)."'
+(D) $C_D$"""
+FORMATS = {
+    "official": 'Format your response as follows: "The correct answer is (insert answer here)".',
+    "ql": 'Format your answer as follows: "The correct answer is (insert answer here)."',
+}
+OFFICIAL_TEMPLATE = f"{_READ}{_QUESTION}\n\n{FORMATS['official']}"
+QL_TEMPLATE = f"{_READ}{_QUESTION}\n\n{FORMATS['ql']}"
 
 
 def _item(record, path):
@@ -63,14 +66,24 @@ def load(root):
     return load_records(find_files(root, ("data.json", "*.json", "*.jsonl"), "LongBench-V2"), NAME, _item)
 
 
+def _values(record):
+    values = {"$DOC$": record["context"].strip(), "$Q$": record["question"].strip()}
+    values.update({f"$C_{x}$": record[f"choice_{x}"].strip() for x in LETTERS})
+    return values
+
+
 def messages(record, protocol):
     """One user message: the official ``0shot.txt`` prompt, or QL's SPELL ``doc_mc`` prompt (without SPELL's
     4-space indentation of the question block); fields stripped, placeholders filled in one pass."""
     check_protocol(protocol)
     template = OFFICIAL_TEMPLATE if protocol == "official" else QL_TEMPLATE
-    values = {"$DOC$": record["context"].strip(), "$Q$": record["question"].strip()}
-    values.update({f"$C_{x}$": record[f"choice_{x}"].strip() for x in LETTERS})
-    return [{"role": "user", "content": substitute(template, values)}]
+    return [{"role": "user", "content": substitute(template, _values(record))}]
+
+
+def memory_inputs(record, protocol):
+    """(document, question with its choices, the protocol's format line) for the memory agent."""
+    check_protocol(protocol)
+    return record["context"].strip(), substitute(_QUESTION, _values(record)), FORMATS[protocol]
 
 
 _OFFICIAL = (re.compile(r"The correct answer is \(([A-D])\)"), re.compile(r"The correct answer is ([A-D])"))

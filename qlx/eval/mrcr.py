@@ -78,6 +78,14 @@ def messages(record, protocol):
     return json.loads(record["prompt"])
 
 
+def memory_inputs(record, protocol):
+    """(the conversation before the last message, as "role: content" paragraphs; the last user message, which names
+    the needle and the prefix; no instructions) for the memory agent."""
+    conversation = messages(record, protocol)
+    document = "\n\n".join(f"{m['role']}: {m['content']}" for m in conversation[:-1])
+    return document, conversation[-1]["content"], ""
+
+
 def grade(response, answer, prefix):
     """The dataset card's grader: 0 unless ``response`` starts with ``prefix`` (exact, no trimming); else
     ``SequenceMatcher(None, response - prefix, answer - prefix).ratio()`` with library defaults."""

@@ -4,15 +4,16 @@
 from qlx.eval.scoring import check_protocol, rule_or_judge
 from qlx.eval.text import cem, spell_answer_text, strip_reasoning, substitute
 
-QL_TEMPLATE = """Please read the following text and answer the question below.
+FORMAT = 'Format your response as follows: "The correct answer is (insert answer here)."'
+QL_TEMPLATE = f"""Please read the following text and answer the question below.
 
 <text>
-{context}
+{{context}}
 </text>
 
-Question: {question}
+Question: {{question}}
 
-Format your response as follows: "The correct answer is (insert answer here).\""""
+{FORMAT}"""
 CUES = ("the answer is", "correct answer is", "answer is")
 _DEEPSEEK_TOKENS = ("<｜Assistant｜>", "<｜end▁of▁sentence｜>")
 
@@ -20,6 +21,11 @@ _DEEPSEEK_TOKENS = ("<｜Assistant｜>", "<｜end▁of▁sentence｜>")
 def ql_messages(context, question):
     """One user message: the reading instruction, the ``<text>`` block, ``Question: ...`` and the cue line."""
     return [{"role": "user", "content": substitute(QL_TEMPLATE, {"{context}": context, "{question}": question})}]
+
+
+def memory_inputs(context, question):
+    """(document, question, instructions) for the memory agent: the reading prompt without its ``<text>`` block."""
+    return context, f"Question: {question}", FORMAT
 
 
 def spell_extract(response):
