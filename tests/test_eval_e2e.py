@@ -241,3 +241,24 @@ def test_memory_agent_backend_equals_the_reference_loop(served, tmp_path):
         )
         == 2
     )
+
+
+def test_memory_inputs_are_the_single_pass_prompt_split(tmp_path):
+    """What the memory agent reads (document) and is asked (question, format line) is what the benchmark's own QL
+    prompt holds: all three occur in it (CorpusQA: its question field and the agent's own format line; MRCR: the
+    document is the conversation before the last message)."""
+    _write_data(tmp_path)
+    for name in E.NAMES:
+        mod = E.benchmarks.module(name)
+        for item in mod.load(tmp_path / name).items:
+            prompt = "\n".join(m["content"] for m in mod.messages(item.record, "ql"))
+            document, question, instructions = mod.memory_inputs(item.record, "ql")
+            # CorpusQA's question is its record's own field (the released prompt embeds it after the corpus)
+            assert question.strip() and question in (item.record["question"] if name == "corpusqa" else prompt), name
+            if name == "mrcr":
+                conversation = mod.messages(item.record, "ql")
+                assert all(m["content"] in document for m in conversation[:-1]) and not instructions
+            else:
+                assert document.strip() and document in prompt, name
+            if name != "corpusqa":
+                assert instructions in prompt, name
