@@ -70,6 +70,21 @@ def test_mrcr_jsonl(tmp_path):
     assert E.module("mrcr").messages(loaded.items[0].record, "ql") == conv
 
 
+def test_mrcr_parquet_release_layout(tmp_path):
+    """The Dec-2025 layout ({k}needle/{k}needle_{0,1}.parquet): rows read with their place ("file:row N")."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    conv = [{"role": "user", "content": "write a poem"}, {"role": "user", "content": "Prepend Zz9 to the 1st poem."}]
+    row = {"prompt": json.dumps(conv), "answer": "Zz9 a poem", "random_string_to_prepend": "Zz9", "n_needles": 2}
+    (tmp_path / "2needle").mkdir()
+    pq.write_table(pa.Table.from_pylist([row, {**row, "answer": "no prefix"}]), tmp_path / "2needle/2needle_0.parquet")
+    pq.write_table(pa.Table.from_pylist([{**row, "answer": "Zz9 another"}]), tmp_path / "2needle/2needle_1.parquet")
+    loaded = E.module("mrcr").load(tmp_path)
+    assert len(loaded.items) == 2 and E.module("mrcr").messages(loaded.items[0].record, "ql") == conv
+    assert len(loaded.problems) == 1 and "2needle_0.parquet:row 1" in loaded.problems[0]
+
+
 def test_docmath_testmini_files(tmp_path):
     rec = {"question_id": "q1", "question": "What?", "paragraphs": ["p1", "| a | b |"], "ground_truth": 1.5}
     (tmp_path / "complong_testmini.json").write_text(

@@ -125,7 +125,7 @@ def read_parquet(path) -> Iterator[tuple[str, object]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise RecordError(
-            f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert the file to JSONL"
+            f"{path}: reading parquet needs pyarrow (pip install 'qlx[eval]'), or convert the file to JSONL"
         ) from None
     for n, row in enumerate(pq.read_table(path).to_pylist()):
         yield f"{path}:row {n}", row
