@@ -317,6 +317,20 @@ def test_hostile_requests_get_json_4xx_and_the_server_keeps_serving(url, client,
     assert client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+@pytest.mark.parametrize(("path", "status"), [("/health", 200), ("/v1/models", 200), ("/v1/completions", 405)])
+def test_head_answers_like_get_without_a_body(url, path, status):
+    parts = urlparse(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.request("GET", path)
+    get = connection.getresponse()
+    body = get.read()
+    connection.request("HEAD", path)  # same connection: a HEAD answer without a body keeps it usable
+    head = connection.getresponse()
+    assert (head.status, get.status) == (status, status) and head.read() == b""
+    assert head.getheader("Content-Length") == str(len(body)) and head.getheader("Content-Type") == "application/json"
+    connection.close()
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [("PUT", "/v1/completions", "POST"), ("DELETE", "/v1/models", "GET"), ("PATCH", "/v1/chat/completions", "POST"),

@@ -251,7 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: the GET answer's status and headers, no body
+            self.wfile.write(data)
 
     def _send_error(self, error: APIError, *, close: bool = False) -> None:
         self._send_json(error.status, error.body(), close=close)
@@ -286,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
                     code="not_found",
                 )
             )
+
+    do_HEAD = do_GET  # noqa: N815
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unknown method: 501) as OpenAI JSON, not HTML."""
