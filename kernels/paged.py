@@ -11,10 +11,10 @@ Layout (that of the JAX Pallas paged kernels, TPU ``paged_attention`` and GPU ``
 with G = Hq // KV. A sequence of length 0 gets o = 0 and lse = -inf.
 
 Backends (``paged_attention(backend=...)``):
-- ``"xla"`` (CPU, and the oracle's blockwise twin): a loop over blocks of ``pages_per_block`` page-table columns;
-  each step gathers those pages of every row and updates an online softmax. The loop runs
-  ceil(max_b lengths[b] / (pages_per_block * page_size)) steps, so a step reads the pages of the longest live row,
-  not the whole table (the cache bucket): KV bytes per step scale with B x the longest length. Also returns lse.
+- ``"xla"`` (CPU, and the oracle's blockwise twin): a ragged loop over the (row, block) pairs that hold tokens, a
+  block being ``pages_per_block`` page-table columns; each step gathers B such blocks (of any rows) and merges
+  their partial softmaxes into their rows'. It reads sum_b ceil(lengths[b] / block) blocks: the real tokens, each
+  row rounded up to one block, not the cache bucket and not B x the longest row. Also returns lse.
 - ``"pallas_tpu"``: ``jax.experimental.pallas.ops.tpu.paged_attention`` (per-row lengths: it skips a row's pages
   past its length); ``"pallas_gpu"``: ``jax.experimental.pallas.ops.gpu.paged_attention`` with ``k_splits``
   (split-K over the pages, for long contexts and one query). Neither returns lse, so ``return_lse`` (and
@@ -117,37 +117,48 @@ def paged_reference(q, k_pages, v_pages, lengths, page_table, *, sm_scale: float
 
 
 def _xla_paged(q, k_pages, v_pages, lengths, page_table, *, sm_scale: float, pages_per_block: int):
-    """The blockwise loop of the module docstring. Returns (o [B, Hq, D] in q.dtype, lse [B, Hq] float32)."""
+    """The ragged blockwise loop of the module docstring. Returns (o [B, Hq, D] in q.dtype, lse [B, Hq] float32).
+
+    Work items are the (row, block) pairs that hold tokens, numbered row by row (row r owns items
+    [starts[r], ends[r])); step j takes items [jB, (j + 1)B), gathers their pages, computes each item's partial
+    softmax (m_i, l_i, acc_i) and merges it into its row's running (m, l, acc) with segment max / sums.
+    """
     b, hq, d = q.shape
     kv, _, page_size, _ = k_pages.shape
     g = hq // kv
     table = _pad_table(page_table, pages_per_block)
     block = pages_per_block * page_size
+    blocks_b = jnp.minimum((lengths + block - 1) // block, table.shape[1] // pages_per_block).astype(jnp.int32)
+    ends_b = jnp.cumsum(blocks_b)
+    starts_b = ends_b - blocks_b
     q_bkgd = q.astype(jnp.float32).reshape(b, kv, g, d) * sm_scale
-    steps = (jnp.max(lengths) + block - 1) // block
-
-    def gather(pages, j):
-        columns = lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block, axis=1)  # [B, ppb]
-        return pages[:, columns].reshape(kv, b, block, d)  # [KV, B, block, D]
 
     def step(j, carry):
         m, l, acc = carry
-        k, v = gather(k_pages, j), gather(v_pages, j)
-        s = jnp.einsum("bkgd,kbtd->bkgt", q_bkgd, k, preferred_element_type=jnp.float32)
-        visible = (j * block + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
+        items = j * b + jnp.arange(b, dtype=jnp.int32)
+        live = items < ends_b[-1]
+        row = jnp.minimum(jnp.searchsorted(ends_b, items, side="right"), b - 1).astype(jnp.int32)
+        col = jnp.where(live, items - starts_b[row], 0)  # the item's block within its row
+        pages = table[row[:, None], col[:, None] * pages_per_block + jnp.arange(pages_per_block)]  # [B, ppb]
+        k, v = (x[:, pages].reshape(kv, b, block, d) for x in (k_pages, v_pages))
+        s = jnp.einsum("wkgd,kwtd->wkgt", q_bkgd[row], k, preferred_element_type=jnp.float32)
+        visible = live[:, None] & ((col[:, None] * block + jnp.arange(block)) < lengths[row][:, None])
         s = jnp.where(visible[:, None, None, :], s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(visible[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgt,kbtd->bkgd", p, v, preferred_element_type=jnp.float32)
-        return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+        m_i = jnp.max(s, axis=-1)
+        p = jnp.where(visible[:, None, None, :], jnp.exp(s - m_i[..., None]), 0.0)
+        acc_i = jnp.einsum("wkgt,kwtd->wkgd", p, v, preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, jax.ops.segment_max(m_i, row, num_segments=b))
+        w_i, alpha = jnp.exp(m_i - m_new[row]), jnp.exp(m - m_new)
+        l = alpha * l + jax.ops.segment_sum(w_i * jnp.sum(p, axis=-1), row, num_segments=b)
+        acc = alpha[..., None] * acc + jax.ops.segment_sum(w_i[..., None] * acc_i, row, num_segments=b)
+        return m_new, l, acc
 
     init = (
         jnp.full((b, kv, g), MASK_VALUE, jnp.float32),
         jnp.zeros((b, kv, g), jnp.float32),
         jnp.zeros((b, kv, g, d), jnp.float32),
     )
-    m, l, acc = lax.fori_loop(0, steps, step, init)
+    m, l, acc = lax.fori_loop(0, (ends_b[-1] + b - 1) // b, step, init)
     o, lse = finish_rows(acc, m, l)
     return o.reshape(b, hq, d).astype(q.dtype), lse.reshape(b, hq)
 
