@@ -170,20 +170,22 @@ def _pallas_paged(backend: str, q, k_pages, v_pages, lengths, page_table, *, sm_
     if backend == "pallas_tpu":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 
-        return tpu_paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=sizes.pages_per_block)
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
+        o = tpu_paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=sizes.pages_per_block)
+    else:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
 
-    return gpu_paged_attention(
-        q,
-        k_pages,
-        v_pages,
-        table,
-        lengths,
-        block_h=sizes.block_h,
-        pages_per_compute_block=sizes.pages_per_block,
-        k_splits=sizes.k_splits,
-        interpret=interpret,
-    )
+        o = gpu_paged_attention(
+            q,
+            k_pages,
+            v_pages,
+            table,
+            lengths,
+            block_h=sizes.block_h,
+            pages_per_compute_block=sizes.pages_per_block,
+            k_splits=sizes.k_splits,
+            interpret=interpret,
+        )
+    return jnp.where((lengths > 0)[:, None, None], o, 0).astype(q.dtype)  # empty slots: 0, as on "xla"
 
 
 def _resolve(backend: str, return_lse: bool) -> str:

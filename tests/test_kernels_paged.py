@@ -51,7 +51,7 @@ def _normal(seed, dtype, *shapes):
 
 def _paginate(k_bskd, page_size, seed):
     """Dense [B, S, KV, D] -> pages [KV, num_pages, page_size, D] at random page ids (unused pages and the dummy
-    page 0 hold large garbage) and the page table [B, S / page_size]."""
+    page 0 hold large garbage, the last page NaN) and the page table [B, S / page_size]."""
     b, s, kv, d = k_bskd.shape
     width = s // page_size
     rng = np.random.default_rng(seed)
@@ -59,6 +59,7 @@ def _paginate(k_bskd, page_size, seed):
     pages = np.full((kv, 1 + b * width + 3, page_size, d), 1e4, np.float32)
     blocks = np.asarray(k_bskd, np.float32).reshape(b, width, page_size, kv, d).transpose(3, 0, 1, 2, 4)
     pages[:, table] = blocks
+    pages[:, -1] = np.nan
     return jnp.asarray(pages, k_bskd.dtype), jnp.asarray(table)
 
 
@@ -73,9 +74,14 @@ def test_paged_equals_dense_cache_attention(dtype, hq, kv, pages_per_block):
     lengths = jnp.array([1, 9, 24, 13], jnp.int32)
     k_pages, table = _paginate(k, page_size, 1)
     v_pages, _ = _paginate(v, page_size, 1)
-    # entries past a row's last page point at the garbage-filled dummy page 0, as the pool pads them
-    live = (jnp.arange(width)[None, :] * page_size) < lengths[:, None]
-    table = jnp.where(live, table, 0)
+    # entries past a row's last page point at the garbage-filled dummy page 0, as the pool pads them; entries in
+    # blocks wholly past a row's tokens at a NaN page: a finite result shows those blocks are never read
+    columns = jnp.arange(width)[None, :]
+    live_page = columns * page_size < lengths[:, None]
+    live_block = columns // pages_per_block * pages_per_block * page_size < lengths[:, None]
+    padded = jnp.where(live_page, table, 0)
+    table = jnp.where(live_block, padded, k_pages.shape[1] - 1)
+    assert not bool(jnp.all(live_block))
     sizes = PagedBlockSizes(pages_per_block=pages_per_block)
     out, lse = jax.jit(lambda *a: paged_attention(*a, backend="xla", block_sizes=sizes, return_lse=True))(
         q, k_pages, v_pages, lengths, table
@@ -83,7 +89,7 @@ def test_paged_equals_dense_cache_attention(dtype, hq, kv, pages_per_block):
     f32 = [x.astype(jnp.float32) for x in (q, k, v, k_pages, v_pages)]
     dense = jax.jit(lambda q, k, v: cache_attention(q[:, None], k, v, (lengths - 1)[:, None], d**-0.5))(*f32[:3])
     assert_close(out, dense[:, 0], dtype)
-    ref_o, ref_lse = jax.jit(lambda *a: paged_reference(*a, sm_scale=d**-0.5))(f32[0], *f32[3:], lengths, table)
+    ref_o, ref_lse = jax.jit(lambda *a: paged_reference(*a, sm_scale=d**-0.5))(f32[0], *f32[3:], lengths, padded)
     assert_close(out, ref_o, dtype)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)
 
@@ -208,11 +214,11 @@ def test_shared_prefix_equals_plain_paged_and_each_sequence_reads_its_own_histor
 
 
 def test_gpu_pallas_kernel_in_interpret_mode_equals_xla():
-    b, hq, kv, d, page_size, width = 2, 16, 2, 32, 8, 4
+    b, hq, kv, d, page_size, width = 3, 16, 2, 32, 8, 4
     q, k, v = _normal(1, jnp.float32, (b, hq, d), (b, page_size * width, kv, d), (b, page_size * width, kv, d))
     k_pages, table = _paginate(k, page_size, 2)
     v_pages, _ = _paginate(v, page_size, 2)
-    lengths = jnp.array([32, 19], jnp.int32)
+    lengths = jnp.array([32, 19, 0], jnp.int32)  # full, partial, an empty slot
     sizes = PagedBlockSizes(pages_per_block=2, k_splits=2)
     gpu = paged_attention(q, k_pages, v_pages, lengths, table, backend="pallas_gpu", block_sizes=sizes, interpret=True)
     xla = paged_attention(q, k_pages, v_pages, lengths, table, backend="xla")
