@@ -6,7 +6,7 @@ ring_attention      sequence-parallel attention over a mesh axis (K/V rotate wit
 balance_tokens, unbalance_tokens, balanced_positions    the zig-zag layout ring attention balances with
 merge_partials      merge two attention results over disjoint key sets through their log-sum-exp
 paged_attention     decode attention over a paged KV cache (XLA blockwise, Pallas TPU / GPU); shared-prefix
-                    (cascade) variant shared_prefix_paged_attention; write_token, copy_pages
+                    (cascade) variant shared_prefix_paged_attention; write_tokens, copy_pages
 BlockSizes          tile sizes (each backend module subclasses it with its defaults and constraints)
 """
 
@@ -19,7 +19,7 @@ from .paged import (
     paged_attention,
     paged_reference,
     shared_prefix_paged_attention,
-    write_token,
+    write_tokens,
 )
 from .reference import mha_reference
 from .ring import ring_attention
@@ -41,5 +41,5 @@ __all__ = [
     "shared_prefix_paged_attention",
     "sharded_flash_attention",
     "unbalance_tokens",
-    "write_token",
+    "write_tokens",
 ]

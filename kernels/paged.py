@@ -43,7 +43,7 @@ __all__ = [
     "paged_attention",
     "paged_reference",
     "shared_prefix_paged_attention",
-    "write_token",
+    "write_tokens",
 ]
 
 PAGED_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
@@ -283,16 +283,16 @@ def shared_prefix_paged_attention(
     return o.astype(dtype)
 
 
-def write_token(pages, new_bkd, page_table, positions):
-    """pages [KV, num_pages, page_size, D] with new_bkd [B, KV, D] written at each row's position: slot
-    positions[b] % page_size of page page_table[b, positions[b] // page_size]. A negative position (an empty slot)
-    writes nothing."""
+def write_tokens(pages, new_btkd, page_table, positions_bt):
+    """pages [KV, num_pages, page_size, D] with new_btkd [B, T, KV, D] written at their positions: token t of row b
+    to slot positions[b, t] % page_size of page page_table[b, positions[b, t] // page_size] (T = 1: a decode step;
+    T > 1: a prefill chunk, which may cross pages). A negative position (padding, an empty slot) writes nothing."""
     page_size = pages.shape[2]
-    safe = jnp.maximum(positions, 0)
-    page = jnp.take_along_axis(page_table, (safe // page_size)[:, None], axis=1)[:, 0]
-    page = jnp.where(positions >= 0, page, pages.shape[1])  # out of range: dropped
-    update = jnp.transpose(new_bkd, (1, 0, 2)).astype(pages.dtype)  # [KV, B, D]
-    return pages.at[:, page, safe % page_size].set(update, mode="drop")
+    safe_bt = jnp.maximum(positions_bt, 0)
+    page_bt = jnp.take_along_axis(page_table, safe_bt // page_size, axis=1)
+    page_bt = jnp.where(positions_bt >= 0, page_bt, pages.shape[1])  # out of range: dropped
+    update = jnp.moveaxis(new_btkd, 2, 0).astype(pages.dtype)  # [KV, B, T, D]
+    return pages.at[:, page_bt, safe_bt % page_size].set(update, mode="drop")
 
 
 def copy_pages(pages, src, dst):
