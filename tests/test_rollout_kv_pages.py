@@ -56,10 +56,13 @@ class Simulation:
         return child
 
     def extend(self, seq: int, n: int) -> bool:
+        cost, free = self.pool.extend_cost(seq, n), self.pool.free_pages
         try:
             copies = self.pool.extend(seq, n)
         except OutOfPages:
+            assert cost > free
             return False
+        assert self.pool.free_pages == free - cost
         for copy in copies:
             self.memory[copy.dst] = self.memory[copy.src]
         self._write(seq, self._tokens(n))

@@ -131,13 +131,8 @@ class PagePool:
         """Room for ``num_tokens`` more tokens at the sequence's end: a shared, partially filled last page is
         replaced by a fresh one (the returned copy must run on the device before the write), then new pages are
         appended as needed. Raises :class:`OutOfPages` (changing nothing) when the free pages do not suffice."""
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        seq = self._get(seq_id)
-        if num_tokens == 0:
-            return []
-        cow = seq.length % self.page_size != 0 and self._refs[seq.pages[-1]] > 1
-        grow = pages_for(seq.length + num_tokens, self.page_size) - len(seq.pages)
+        cow, grow = self._extension(seq_id, num_tokens)
+        seq = self._seqs[seq_id]
         fresh = self._take(int(cow) + grow, f"extending {seq_id!r} by {num_tokens} tokens")
         copies = []
         if cow:
@@ -147,6 +142,19 @@ class PagePool:
         seq.pages += fresh
         seq.length += num_tokens
         return copies
+
+    def _extension(self, seq_id: Hashable, num_tokens: int) -> tuple[bool, int]:
+        """(whether the last page must be copied first, how many pages are appended) for ``extend``."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        seq = self._get(seq_id)
+        cow = num_tokens > 0 and seq.length % self.page_size != 0 and self._refs[seq.pages[-1]] > 1
+        return bool(cow), pages_for(seq.length + num_tokens, self.page_size) - len(seq.pages)
+
+    def extend_cost(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Free pages :meth:`extend` would take for ``num_tokens`` more tokens (a scheduler's check before a burst)."""
+        cow, grow = self._extension(seq_id, num_tokens)
+        return int(cow) + grow
 
     def release(self, seq_id: Hashable) -> None:
         """Drop a finished or aborted sequence; pages no other sequence holds become free."""
