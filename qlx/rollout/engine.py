@@ -299,6 +299,7 @@ def decode_loop(
     w_dv = model.lm_head_weight()
     keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
+    filtered_b = (temperature_b > 0) & ((top_p_b < 1) | (top_k_b > 0))
 
     def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn, *policy):
         logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
@@ -308,11 +309,12 @@ def decode_loop(
         live_b = ~done_b
         tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
         logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
-        if policy:  # log pi of the token, and log S = log pi - log p (the same for every kept token)
-            pi_b = jnp.take_along_axis(policy_logprobs(logits_bv, temperature_b), token_b[:, None], axis=-1)[:, 0]
+        if policy:  # log pi of the token, and log S = log pi - log p (the same for every kept token; 0 unfiltered)
+            pi_b = policy_logprobs(logits_bv, temperature_b, token_b)
+            log_mass_b = jnp.where(filtered_b, pi_b - logprob_b, 0.0)
             policy = tuple(
                 x_bn.at[:, j].set(jnp.where(live_b, x_b, 0.0))
-                for x_bn, x_b in zip(policy, (pi_b, pi_b - logprob_b), strict=True)
+                for x_bn, x_b in zip(policy, (pi_b, log_mass_b), strict=True)
             )
         hit_b = live_b & jnp.any(token_b[:, None] == stops_bs, axis=-1)
         count_b = count_b + live_b.astype(jnp.int32)
