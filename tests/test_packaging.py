@@ -19,3 +19,28 @@ def test_console_script_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "qlx.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "convert", "synth", "serve", "train", "plot"):
         assert command in out.stdout
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_no_layer_below_train_imports_train():
+    """DESIGN.md: nothing in qlx/rollout or below imports qlx/train (what serving and training share lives below)."""
+    below = ("models", "rollout", "rl", "data", "merge")
+    upward = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for folder in below
+        for path in sorted((ROOT / "qlx" / folder).rglob("*.py"))
+        for name in _imported_modules(path)
+        if name == "qlx.train" or name.startswith("qlx.train.")
+    ]
+    assert upward == []

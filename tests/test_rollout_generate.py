@@ -1,7 +1,9 @@
 """qlx.rollout.generate against transformers on tiny random checkpoints: greedy tokens, log-probs of the sampling
-distribution (teacher-forced through transformers and its logits warpers), stop tokens, seeds, buckets, meshes."""
+distribution (teacher-forced through transformers and its logits warpers), the policy log-probs against the
+trainer's recomputation, stop tokens, seeds, buckets, meshes."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 import qlx
 from qlx.mesh import make_mesh
-from qlx.rollout import generate
+from qlx.rl import token_logprobs_and_entropy
+from qlx.rollout import SamplingSpec, generate, generate_rows, sampling_logprobs
 from qlx.rollout.engine import _decode, _prefill_chunk
 
 COMMON = dict(
@@ -30,6 +33,8 @@ VARIANTS = {
 }
 PROMPT_LENGTHS = (7, 1, 19)
 NEW = 12
+# (temperature, top_p, top_k): the recipe's T 0.7 / top-p 0.95, unfiltered, greedy, top-k + top-p
+CONTRACT_SETTINGS = [(0.7, 0.95, 0), (1.0, 1.0, 0), (0.0, 1.0, 0), (1.3, 0.8, 20)]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +115,50 @@ def test_sampled_logprobs_equal_teacher_forced_pass(temperature, top_p, top_k, c
         expected = _hf_teacher_forced(hf_model, prompt, tokens, temperature, top_p, top_k)
         assert np.isfinite(expected).all(), f"prompt {i}: a sampled token lies outside transformers' filtered set"
         np.testing.assert_allclose(result.logprobs[i, : len(tokens)], expected, atol=1e-4, err_msg=f"prompt {i}")
+
+
+def test_policy_logprobs_equal_the_trainers_recomputation_and_the_nucleus_mass_links_them(models):
+    """The contract of GenerateResult: policy_logprobs = log_softmax(z / T) over the whole vocabulary, which the
+    trainer recomputes (mean |delta| <= 1e-5 in float32), and log_nucleus_mass = log S of the filtered set."""
+    model = models["dense"]
+    prompts = _prompts(2) + [[3, 1, 4, 1]]
+    specs = [
+        SamplingSpec(NEW, temperature=t, top_p=p, top_k=k, seed=1, stream=i)
+        for i, (t, p, k) in enumerate(CONTRACT_SETTINGS)
+    ]
+    result = generate_rows(model, prompts, specs)
+    assert result.lengths.tolist() == [NEW] * 4
+    # the trainer's forward: every row teacher-forced at once (right padding cannot reach earlier positions)
+    width = max(map(len, prompts)) + NEW
+    tokens = np.zeros((4, width), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt) + NEW] = prompt + result.tokens[i].tolist()
+    hidden_all = jax.jit(model.hidden_states)(jnp.asarray(tokens))
+    w = model.lm_head_weight()
+    filtered = jax.jit(sampling_logprobs)
+    deltas = []
+    for i, (prompt, (t, p, k)) in enumerate(zip(prompts, CONTRACT_SETTINGS, strict=True)):
+        hidden = hidden_all[i, len(prompt) - 1 : len(prompt) - 1 + NEW]  # the states that drew the tokens
+        trainer, _ = token_logprobs_and_entropy(hidden, w, jnp.asarray(result.tokens[i]), temperature=t or 1.0)
+        deltas.append(np.abs(result.policy_logprobs[i] - np.asarray(trainer)))
+        np.testing.assert_allclose(
+            result.logprobs[i], result.policy_logprobs[i] - result.log_nucleus_mass[i], atol=1e-6
+        )
+        # log S recomputed from the teacher-forced logits: the policy mass of the tokens the filters keep
+        logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+        settings = [jnp.full((NEW,), x, dtype) for x, dtype in ((t, jnp.float32), (p, jnp.float32), (k, jnp.int32))]
+        kept = np.isfinite(np.asarray(filtered(logits, *settings)))
+        policy = np.asarray(jax.nn.softmax(logits / (t or 1.0), axis=-1), np.float64)
+        log_mass = np.log(np.sum(np.where(kept, policy, 0.0), axis=-1))
+        np.testing.assert_allclose(result.log_nucleus_mass[i], log_mass, atol=1e-5)
+        if p == 1 and k == 0:
+            assert np.all(result.log_nucleus_mass[i] == 0)
+        else:
+            assert np.all(result.log_nucleus_mass[i] < 0)
+    deltas = np.concatenate(deltas)
+    assert deltas.mean() <= 1e-5 and deltas.max() <= 1e-4, (deltas.mean(), deltas.max())
+    unset = generate(model, prompts[:1], max_new_tokens=3, return_logprobs=False)
+    assert not unset.policy_logprobs.any() and not unset.log_nucleus_mass.any()
 
 
 def test_sequences_stop_independently_at_stop_tokens(checkpoints, models):

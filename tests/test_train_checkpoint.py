@@ -87,7 +87,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, corrupt):
     shutil.rmtree(tmp_path / "run" / "other")
 
     fresh = Checkpointer(tmp_path / "run", keep=3)
-    with caplog.at_level(logging.WARNING, logger="qlx.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="qlx.models.checkpoint_io"):
         step, state, meta = fresh.restore_latest(_state(0))
     assert step == 1 and meta["n"] == 1
     _assert_equal(state, _state(1))
@@ -217,7 +217,7 @@ def test_random_single_bit_flips_are_detected(tmp_path, caplog):
             damaged = True
             outcomes["read error"] += 1
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="qlx.train.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="qlx.models.checkpoint_io"):
             step, state, _ = Checkpointer(run, keep=3).restore_latest(_big_state(0))
         if damaged:
             assert step == 1, (trial, outcomes)
@@ -258,7 +258,7 @@ def test_every_checkpoint_corrupt_raises_and_reports_each(tmp_path, caplog):
     _corrupt_truncate(tmp_path / "1")
     _corrupt_meta_value(tmp_path / "2")
     with (
-        caplog.at_level(logging.WARNING, logger="qlx.train.checkpoint"),
+        caplog.at_level(logging.WARNING, logger="qlx.models.checkpoint_io"),
         pytest.raises(NoUsableCheckpoint, match=r"step 2: .*digest.*step 1: .*cannot be read"),
     ):
         Checkpointer(tmp_path, keep=3).restore_latest(_state(0))

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
-from qlx.rollout.sampling import sample_tokens, sampling_logprobs
+from qlx.rollout.sampling import policy_logprobs, sample_tokens, sampling_logprobs
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -80,12 +80,30 @@ class GenerateResult:
         model's own log_softmax for greedy rows); 0 after ``lengths[i]``.
     lengths: int32 [N] tokens generated per sequence (including a final stop token).
     finish_reasons: "stop" (ended with a stop token) or "length" (reached max_new_tokens), per sequence.
+    policy_logprobs: float32 [N, T]; each token's log-probability under the policy, ``log_softmax(logits / T)``
+        over the whole vocabulary (``qlx.rollout.sampling.policy_logprobs``): what the trainer recomputes for the
+        importance ratio; 0 after ``lengths[i]``.
+    log_nucleus_mass: float32 [N, T]; log S, the policy mass of the tokens the filters kept at that step (0 when
+        nothing was filtered), so ``logprobs = policy_logprobs - log_nucleus_mass``; 0 after ``lengths[i]``.
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
     lengths: np.ndarray
     finish_reasons: tuple[str, ...]
+    policy_logprobs: np.ndarray
+    log_nucleus_mass: np.ndarray
+
+    def rows(self, rows: slice) -> GenerateResult:
+        """The result of the sequences ``rows``."""
+        return GenerateResult(
+            tokens=self.tokens[rows],
+            logprobs=self.logprobs[rows],
+            lengths=self.lengths[rows],
+            finish_reasons=self.finish_reasons[rows],
+            policy_logprobs=self.policy_logprobs[rows],
+            log_nucleus_mass=self.log_nucleus_mass[rows],
+        )
 
     @property
     def mask(self) -> np.ndarray:
@@ -113,9 +131,9 @@ def generate(
     """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
 
     Sequence i uses random stream i of ``seed`` (see :class:`SamplingSpec`); ``temperature=0`` is
-    greedy decoding. ``return_logprobs=False`` returns zeros in ``logprobs`` (the values are computed either way; the
-    flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt positions processed
-    per prefill step. Returns a :class:`GenerateResult`.
+    greedy decoding. ``return_logprobs=False`` returns zeros in the three log-prob arrays (the values are computed
+    either way; the flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt
+    positions processed per prefill step. Returns a :class:`GenerateResult`.
     """
     specs = [
         SamplingSpec(
@@ -131,7 +149,8 @@ def generate(
     ]
     result = generate_rows(model, prompts, specs, prefill_chunk=prefill_chunk)
     if not return_logprobs:
-        result = dataclasses.replace(result, logprobs=np.zeros_like(result.logprobs))
+        zeros = np.zeros_like(result.logprobs)
+        result = dataclasses.replace(result, logprobs=zeros, policy_logprobs=zeros, log_nucleus_mass=zeros)
     return result
 
 
@@ -231,7 +250,8 @@ def _decode(
     *,
     out_len,
 ):
-    """:func:`decode_loop` compiled, the model passed as ``nnx.split``; the cache donated."""
+    """:func:`decode_loop` compiled (with the policy log-probs), the model passed as ``nnx.split``; the cache
+    donated."""
     model = nnx.merge(graphdef, state)
     return decode_loop(
         model,
@@ -246,6 +266,7 @@ def _decode(
         stops_bs,
         seeds_b3,
         out_len=out_len,
+        with_policy=True,
     )
 
 
@@ -263,9 +284,11 @@ def decode_loop(
     seeds_b3,
     *,
     out_len,
+    with_policy: bool = False,
 ):
     """The decode loop after a prefill: returns tokens [B, out_len], log-probs [B, out_len], counts [B],
-    stopped-by-token [B] and the final cache (returned so that donated cache buffers are updated in place).
+    stopped-by-token [B] and the final cache (returned so that donated cache buffers are updated in place); with
+    ``with_policy`` also the policy log-probs and log nucleus masses [B, out_len] (:class:`GenerateResult`).
 
     Row b draws from the hidden state ``last_hidden_bd[b]`` of its prompt (L_b = ``lengths_b[b]`` tokens), with the
     sampling parameters of its row, stop ids ``stops_bs[b]`` (−1 = unused slot), and the random stream
@@ -276,8 +299,9 @@ def decode_loop(
     w_dv = model.lm_head_weight()
     keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
     batch = lengths_b.shape[0]
+    filtered_b = (temperature_b > 0) & ((top_p_b < 1) | (top_k_b > 0))
 
-    def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn):
+    def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn, *policy):
         logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
         logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b)
         step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, j)
@@ -285,10 +309,17 @@ def decode_loop(
         live_b = ~done_b
         tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
         logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
+        if policy:  # log pi of the token, and log S = log pi - log p (the same for every kept token; 0 unfiltered)
+            pi_b = policy_logprobs(logits_bv, temperature_b, token_b)
+            log_mass_b = jnp.where(filtered_b, pi_b - logprob_b, 0.0)
+            policy = tuple(
+                x_bn.at[:, j].set(jnp.where(live_b, x_b, 0.0))
+                for x_bn, x_b in zip(policy, (pi_b, log_mass_b), strict=True)
+            )
         hit_b = live_b & jnp.any(token_b[:, None] == stops_bs, axis=-1)
         count_b = count_b + live_b.astype(jnp.int32)
         done_b = done_b | hit_b | (count_b >= max_new_b)
-        return token_b, (done_b, stopped_b | hit_b, count_b, tokens_bn, logprobs_bn)
+        return token_b, (done_b, stopped_b | hit_b, count_b, tokens_bn, logprobs_bn, *policy)
 
     def cond(loop):
         j, _, _, outs = loop
@@ -312,12 +343,12 @@ def decode_loop(
         jnp.zeros(batch, bool),
         jnp.zeros(batch, jnp.int32),
         jnp.zeros((batch, out_len), jnp.int32),
-        jnp.zeros((batch, out_len), jnp.float32),
+        *(jnp.zeros((batch, out_len), jnp.float32) for _ in range(3 if with_policy else 1)),
     )
-    _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn) = jax.lax.while_loop(
+    _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn, *policy) = jax.lax.while_loop(
         cond, body, (jnp.int32(0), cache, jnp.zeros(batch, jnp.int32), outs)
     )
-    return tokens_bn, logprobs_bn, count_b, stopped_b, cache
+    return tokens_bn, logprobs_bn, count_b, stopped_b, cache, *policy
 
 
 def generate_rows(
@@ -389,7 +420,7 @@ def generate_rows(
             lengths_dev,
             span=span,
         )
-    out_tokens, out_logprobs, out_lengths, stopped, _ = _decode(
+    out_tokens, out_logprobs, out_lengths, stopped, _, out_policy, out_mass = _decode(
         graphdef,
         state,
         expert_weights,
@@ -411,4 +442,6 @@ def generate_rows(
         logprobs=np.asarray(out_logprobs)[:n, :width],
         lengths=out_lengths,
         finish_reasons=tuple(FINISH_STOP if s else FINISH_LENGTH for s in np.asarray(stopped)[:n]),
+        policy_logprobs=np.asarray(out_policy)[:n, :width],
+        log_nucleus_mass=np.asarray(out_mass)[:n, :width],
     )

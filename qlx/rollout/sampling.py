@@ -124,6 +124,21 @@ def sampling_logprobs(
     return jax.nn.log_softmax(z_bv, axis=-1)
 
 
+def policy_logprobs(logits_bv: jax.Array, temperature_b: jax.Array, tokens_b: jax.Array) -> jax.Array:
+    """Log-probabilities [B] of ``tokens_b`` under the policy's tempered distribution over the whole vocabulary
+    (what the trainer recomputes), float32, without materialising it:
+
+        log pi(v) = z[v] - logsumexp(z),   z = logits / T      (T = temperature_b; a greedy row, T = 0, uses T = 1)
+
+    For a token v kept by the filters, ``sampling_logprobs[v] = log pi(v) - log S``, where S = sum over the kept
+    tokens of pi (the nucleus mass; 1 when nothing is filtered).
+    """
+    t_b = jnp.where(temperature_b <= 0, 1.0, temperature_b).astype(jnp.float32)
+    z_bv = logits_bv.astype(jnp.float32) / t_b[:, None]
+    z_b = jnp.take_along_axis(z_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return z_b - jax.nn.logsumexp(z_bv, axis=-1)
+
+
 def first_argmax(x_bv: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` (first maximum; a NaN counts as the maximum) as int32 [B], from two plain reductions.
 

@@ -17,8 +17,6 @@ from pathlib import Path
 
 from qlx.rollout.protocol import ServeLimits
 
-log = logging.getLogger(__name__)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
@@ -46,45 +44,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _is_run_folder(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and not (path / "config.json").is_file()
-
-
 def load_model(path: Path, *, dtype: str = "float32"):
     """A model from a Hugging Face directory (``config.json``) or a qlx run folder (``config.yaml`` with
-    ``checkpoints/``: the newest usable checkpoint's parameters)."""
+    ``checkpoints/``: the newest usable checkpoint's parameters, :func:`qlx.models.checkpoint_io.load_run_model`)."""
     import qlx
+    from qlx.models.checkpoint_io import is_run_folder, load_run_model
 
     if (path / "config.json").is_file():
         return qlx.load_hf(path, dtype=dtype)
-    if not _is_run_folder(path):
+    if not is_run_folder(path):
         raise FileNotFoundError(
             f"--ckpt {path}: neither a Hugging Face directory (config.json) nor a qlx run folder "
             "(config.yaml + checkpoints/)"
         )
-    from flax import nnx
-
-    from qlx.models import build_model
-    from qlx.train.checkpoint import Checkpointer
-
-    config = qlx.load_config(path / "config.yaml")
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(config.model)), nnx.Param, ...)
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    restored = Checkpointer(folder, read_only=True).restore_latest({"params": params})
-    if restored is None:
-        raise FileNotFoundError(f"--ckpt {path}: no usable checkpoint in {folder}")
-    step, items, _ = restored
-    log.info("serving %s step %d", folder, step)
-    return nnx.merge(graphdef, items["params"], rest)
+    try:
+        return load_run_model(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--ckpt {error}") from None
 
 
 def load_serving_tokenizer(ckpt: Path, tokenizer: Path | None):
     """``--tokenizer``, else a tokenizer file in the checkpoint folder, else a run folder's ``data.tokenizer``."""
     from qlx.data.tokenizer import load_tokenizer
+    from qlx.models.checkpoint_io import is_run_folder
 
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    if _is_run_folder(ckpt):
+    if is_run_folder(ckpt):
         import yaml
 
         configured = ((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("data") or {}).get("tokenizer")

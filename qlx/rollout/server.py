@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from qlx.rollout.engine import GenerateResult, SamplingSpec, generate_rows
+from qlx.rollout.engine import SamplingSpec, generate_rows
 from qlx.rollout.protocol import (
     APIError,
     ServeLimits,
@@ -124,11 +124,7 @@ class GenerationWorker:
             start = 0
             for job in jobs:
                 rows = slice(start, start + len(job.prompts))
-                job.future.set_result(
-                    GenerateResult(
-                        result.tokens[rows], result.logprobs[rows], result.lengths[rows], result.finish_reasons[rows]
-                    )
-                )
+                job.future.set_result(result.rows(rows))
                 start = rows.stop
 
 
