@@ -153,7 +153,7 @@ def preflight(config: Config) -> Prepared:
     if not records:
         raise ConfigError("data.train_files", "the files hold no records")
     task_types = data.task_types or tuple(sorted({r.task_type for r in records}))
-    if train.mode == "rl":
+    if train.mode in ("rl", "memory"):
         from qlx.rl.rewards import VERIFIERS
 
         missing = [t for t in task_types if t not in VERIFIERS]
