@@ -37,7 +37,7 @@ MEMORY = {
     "max_question_tokens": 64,
     "max_instruction_tokens": 64,
     "window_chunks": 2,
-    "prefill_chunk": 64,
+    "prefill_chunk": 256,
 }
 
 
