@@ -38,8 +38,11 @@ def _setup(args):
 
     tokenizer = default_tokenizer(0)
     model_config = qlx.load_config(args.config, overrides=args.set).model
-    if model_config.vocab_size < tokenizer.vocab_size:  # the template's ids must be in the vocabulary
-        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    model_config = dataclasses.replace(  # the template's ids in the vocabulary, a turn's window in the positions
+        model_config,
+        vocab_size=max(model_config.vocab_size, tokenizer.vocab_size),
+        max_position_embeddings=max(model_config.max_position_embeddings, 2 * args.chunk),
+    )
     model = build_model(model_config, seed=0)
     config = MemoryAgentConfig(
         chunk_tokens=args.chunk,
