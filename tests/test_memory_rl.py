@@ -147,6 +147,9 @@ def test_memory_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"memory\.chunk_size: unknown key"):
         config_from_dict({**data, "memory": {"chunk_size": 4}})
     config_from_dict({**data, "memory": MEMORY})  # the tests' settings are valid
+    too_long = config_from_dict({**data, "memory": {**MEMORY, "chunk_tokens": 1024}})  # the model has 512 positions
+    with pytest.raises(ConfigError, match=r"memory: a update turn needs up to \d+ positions .* chunk 1024"):
+        preflight(too_long)
 
 
 # -- the job on a tiny model ----------------------------------------------------------------------------------------
