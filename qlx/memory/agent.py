@@ -338,10 +338,9 @@ def _read_window(graphdef, plan: _Plan, state, carry, chunks_wbc, chunk_len_wb, 
             )
             return cache, (*out, *carried)
 
-        def skip(cache):
-            return cache, jax.tree.map(jnp.zeros_like, jax.eval_shape(run_turn, cache)[1])
-
-        cache, out = jax.lax.cond(jnp.any(live_b), run_turn, skip, cache)
+        # No lax.cond around the turn: a step with no live row already skips every prefill chunk and decodes
+        # nothing (max_new 0), and a conditional around the decode loop costs a copy of the KV cache per token.
+        cache, out = run_turn(cache)
         memory_bm = jnp.where(live_b[:, None], out[-2], memory_bm)
         memory_len_b = jnp.where(live_b, out[-1], memory_len_b)
         return (cache, memory_bm, memory_len_b), (*out[:-2], live_b, memory_bm, memory_len_b)
