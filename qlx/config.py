@@ -330,9 +330,13 @@ class OptimizerConfig:
 class TrainConfig:
     """The training loop: mode, length, batch, optimizer, checkpoints and logs.
 
-    mode: "rl" (rollouts, rewards, AEPO policy update: the recipe) or "sft" (cross-entropy on the answer tokens).
+    mode: "rl" (rollouts, rewards, AEPO policy update: the recipe), "sft" (cross-entropy on the answer tokens) or
+        "memory" (memory-agent RL, recipe §3.2: each record's context is read chunk by chunk by ``qlx.memory.run``
+        with the ``memory`` settings, G trajectories per question, and every turn of every trajectory is trained
+        with its trajectory's advantage by the same policy update as "rl"; ``qlx.train.memory_rl``).
     steps: optimizer steps of this run (a resumed run continues up to this total).
-    batch_size: prompts per step in rl mode (each rolled out rl.group_size times); records per step in sft mode.
+    batch_size: prompts per step in rl and memory mode (each rolled out rl.group_size times); records per step in sft
+        mode.
     micro_batch_size: sequences per forward/backward pass; gradients of a step's micro-batches are summed and divided
         by the token count of the whole step (exact token-mean). 0: the whole step in one pass.
     optimizer: see OptimizerConfig.
@@ -356,7 +360,7 @@ class TrainConfig:
         sooner with language-model loss on the context too.
     """
 
-    mode: Literal["sft", "rl"] = "rl"
+    mode: Literal["sft", "rl", "memory"] = "rl"
     steps: int = 200
     batch_size: int = 128
     micro_batch_size: int = 0
@@ -498,6 +502,12 @@ class Config:
     rl: the RL objective (RLConfig).
     rollout: rollout sampling (RolloutConfig).
     data: training records and length limits (DataConfig).
+    memory: train.mode memory: the memory agent's settings, the keys of ``qlx.memory.MemoryAgentConfig``
+        (chunk_tokens, memory_tokens, max_memory_tokens, final_tokens, max_chunks, max_question_tokens,
+        max_instruction_tokens, template: a name or {update, final, no_memory}, chat_mode, carry, stop_token_ids,
+        window_chunks, prefill_chunk; documented there), validated when set or in memory mode. Its sampling is the
+        run's ``rollout`` section (the temperature the policy's log-probs use), so temperature, top_p and top_k are
+        not keys here. See :func:`memory_agent_config`.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -507,9 +517,27 @@ class Config:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63) (got {self.seed})")
+        if self.memory or self.train.mode == "memory":
+            memory_agent_config(self)
+
+
+MEMORY_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+def memory_agent_config(config: Config):
+    """``config.memory`` as a validated ``qlx.memory.MemoryAgentConfig`` sampling with ``config.rollout``'s
+    temperature, top_p and top_k; errors name the key (``memory.chunk_tokens: ...``)."""
+    from qlx.memory.config import MemoryAgentConfig  # here, not at the top: qlx.memory imports jax
+
+    for key in MEMORY_SAMPLING_KEYS:
+        _check(key not in config.memory, f"memory.{key}", f"the memory agent samples with rollout.{key}; set that")
+    rollout = config.rollout
+    values = {**config.memory, "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k}
+    return _build(MemoryAgentConfig, values, "memory")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,12 +15,18 @@ MC_FORMAT = 'Format your response as follows: "The correct answer is (insert ans
 _CONTEXT_MARK = "\x00context\x00"
 
 
-def prompt_pieces(question: str, options: list[str] | None = None) -> tuple[str, str]:
-    """(prefix, suffix) of the user turn around the context."""
+def question_parts(question: str, options: list[str] | None = None) -> tuple[str, str]:
+    """(question with its options listed, the answer-format instruction): the recipe's q_core and q_inst."""
     body = question
     if options:
         body += "\n\n" + "\n".join(f"{letter}. {option}" for letter, option in zip("ABCD", options, strict=True))
-    return f"{INSTRUCTION}\n\n<text>\n", f"</text>\n\n{body}\n\n{MC_FORMAT if options else QA_FORMAT}"
+    return body, MC_FORMAT if options else QA_FORMAT
+
+
+def prompt_pieces(question: str, options: list[str] | None = None) -> tuple[str, str]:
+    """(prefix, suffix) of the user turn around the context."""
+    body, form = question_parts(question, options)
+    return f"{INSTRUCTION}\n\n<text>\n", f"</text>\n\n{body}\n\n{form}"
 
 
 def user_prompt(question: str, context: str, options: list[str] | None = None) -> str:

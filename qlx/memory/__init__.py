@@ -5,12 +5,16 @@
   every update turn inside one ``lax.scan`` over the chunk index, then the final-answer turn (``qlx.memory.agent``).
 - ``run_reference(...)``: the same agent as a Python loop over ``qlx.rollout.generate_rows`` calls (the oracle).
 - ``memory_analysis(...)``: compiled device memory of run's two executables (flat in document length).
+- ``evidence_chunks(record, tokenizer, config)``: the chunk (update turn) that shows each evidence fact of a
+  ``qlx synth`` record, for results by evidence position (``qlx.memory.evidence``).
+- ``qlx.memory.batch.conversations``: a rollout's turns as the conversations of the RL batch (``train.mode: memory``).
 - ``MemoryTemplate``, ``TEMPLATES``: prompts with slots; ``carried_memory``: the carry rule (``qlx.memory.carry``).
 """
 
 from qlx.memory.agent import FINAL_TURN, MemoryRollout, centre_truncate, memory_analysis, run, run_reference
 from qlx.memory.carry import CARRY_RULES, TagPatterns, carried_memory
 from qlx.memory.config import MemoryAgentConfig
+from qlx.memory.evidence import evidence_chunks
 from qlx.memory.templates import TEMPLATES, MemoryTemplate, tokenize_template
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "TagPatterns",
     "carried_memory",
     "centre_truncate",
+    "evidence_chunks",
     "memory_analysis",
     "run",
     "run_reference",

@@ -133,6 +133,30 @@ def _turn_plan(turn: TurnTemplate, slot_widths: dict[str, int], max_new: int, pr
     return _TurnPlan(turn, width, max_new, out_len, length_bucket(width + out_len), chunk)
 
 
+def turn_plans(template: TokenTemplate, config: MemoryAgentConfig, limit: int):
+    """(memory width, update turn plan, final turn plan) of ``config``; a ValueError when a turn's window
+    (template + slots + generation cap) exceeds ``limit`` positions (the model's max_position_embeddings)."""
+    memory_width = max(config.max_memory_tokens, len(template.no_memory))
+    widths = {
+        "question": config.max_question_tokens,
+        "instructions": config.max_instruction_tokens,
+        "memory": memory_width,
+        "chunk": config.chunk_tokens,
+    }
+    update = _turn_plan(template.update, widths, config.memory_tokens, config.prefill_chunk)
+    final = _turn_plan(template.final, widths, config.final_tokens, config.prefill_chunk)
+    for name, plan, cap in (("update", update, "memory_tokens"), ("final", final, "final_tokens")):
+        need = plan.turn.literal_tokens + sum(widths[s] for s in plan.turn.slots) + plan.max_new
+        if need > limit:
+            sizes = " + ".join(f"{s} {widths[s]}" for s in plan.turn.slots)
+            raise ValueError(
+                f"a {name} turn needs up to {need} positions (template {plan.turn.literal_tokens} + {sizes} + "
+                f"{cap} {plan.max_new}), more than the model's max_position_embeddings ({limit}); lower "
+                "chunk_tokens / max_memory_tokens / max_question_tokens or the generation cap"
+            )
+    return memory_width, update, final
+
+
 def _normalise_questions(questions) -> list[tuple[str, str]]:
     if isinstance(questions, str) or not isinstance(questions, Sequence) or len(questions) == 0:
         raise ValueError("questions must be a non-empty list of strings or (question, instructions) pairs")
@@ -213,25 +237,7 @@ def _prepare(model, tokenizer, questions, documents, config: MemoryAgentConfig, 
     if bad:
         raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
-    memory_width = max(config.max_memory_tokens, len(template.no_memory))
-    widths = {
-        "question": config.max_question_tokens,
-        "instructions": config.max_instruction_tokens,
-        "memory": memory_width,
-        "chunk": config.chunk_tokens,
-    }
-    update = _turn_plan(template.update, widths, config.memory_tokens, config.prefill_chunk)
-    final = _turn_plan(template.final, widths, config.final_tokens, config.prefill_chunk)
-    limit = model.config.max_position_embeddings
-    for name, plan, cap in (("update", update, "memory_tokens"), ("final", final, "final_tokens")):
-        need = plan.turn.literal_tokens + sum(widths[s] for s in plan.turn.slots) + plan.max_new
-        if need > limit:
-            sizes = " + ".join(f"{s} {widths[s]}" for s in plan.turn.slots)
-            raise ValueError(
-                f"a {name} turn needs up to {need} positions (template {plan.turn.literal_tokens} + {sizes} + "
-                f"{cap} {plan.max_new}), more than the model's max_position_embeddings ({limit}); lower "
-                "chunk_tokens / max_memory_tokens / max_question_tokens or the generation cap"
-            )
+    memory_width, update, final = turn_plans(template, config, model.config.max_position_embeddings)
     plan = _Plan(
         update=update,
         final=final,
@@ -332,10 +338,9 @@ def _read_window(graphdef, plan: _Plan, state, carry, chunks_wbc, chunk_len_wb, 
             )
             return cache, (*out, *carried)
 
-        def skip(cache):
-            return cache, jax.tree.map(jnp.zeros_like, jax.eval_shape(run_turn, cache)[1])
-
-        cache, out = jax.lax.cond(jnp.any(live_b), run_turn, skip, cache)
+        # No lax.cond around the turn: a step with no live row already skips every prefill chunk and decodes
+        # nothing (max_new 0), and a conditional around the decode loop costs a copy of the KV cache per token.
+        cache, out = run_turn(cache)
         memory_bm = jnp.where(live_b[:, None], out[-2], memory_bm)
         memory_len_b = jnp.where(live_b, out[-1], memory_len_b)
         return (cache, memory_bm, memory_len_b), (*out[:-2], live_b, memory_bm, memory_len_b)

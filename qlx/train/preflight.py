@@ -80,6 +80,20 @@ def _check_prompt_template(config: Config, records: list, tokenizer) -> None:
         )
 
 
+def _check_memory_window(config: Config, tokenizer) -> None:
+    """Every turn of the memory agent (template + question + memory + chunk + generation cap) must fit the model."""
+    from qlx.config import memory_agent_config
+    from qlx.memory.agent import turn_plans
+    from qlx.memory.templates import tokenize_template
+
+    agent = memory_agent_config(config)
+    try:
+        template = tokenize_template(tokenizer, agent.memory_template, agent.chat_mode)
+        turn_plans(template, agent, config.model.max_position_embeddings)
+    except ValueError as e:
+        raise ConfigError("memory", str(e)) from None
+
+
 def preflight(config: Config) -> Prepared:
     """Validate ``config`` for ``qlx train`` and load the data; raises ConfigError naming what is wrong."""
     data, train = config.data, config.train
@@ -136,13 +150,15 @@ def preflight(config: Config) -> Prepared:
     if not records:
         raise ConfigError("data.train_files", "the files hold no records")
     task_types = data.task_types or tuple(sorted({r.task_type for r in records}))
-    if train.mode == "rl":
+    if train.mode in ("rl", "memory"):
         from qlx.rl.rewards import VERIFIERS
 
         missing = [t for t in task_types if t not in VERIFIERS]
         if missing:
             raise ConfigError("data.task_types", f"no reward verifier for {missing}; known: {sorted(VERIFIERS)}")
     _check_prompt_template(config, records, tokenizer)
+    if train.mode == "memory":
+        _check_memory_window(config, tokenizer)
     builder = PromptBuilder(tokenizer, max_input_tokens=data.max_input_tokens, chat_mode=data.chat_mode)
     try:
         dataset = Dataset(records, folders, builder, task_types)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlx import rl
-from qlx.config import Config
+from qlx.config import Config, RLConfig
 from qlx.models.sharding import Layout
 from qlx.rollout.engine import generate
 from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
@@ -78,6 +78,16 @@ def score(dataset: Dataset, index: int, response: str, *, rule: str = "recipe") 
     if record.task_type == "dialogue":
         options["prefix"] = record.evidence.get("program", {}).get("prefix", "")
     return rl.rewards.reward(record.task_type, response, record.answer, question=record.question, **options)
+
+
+def advantages(config: RLConfig, rewards_n: np.ndarray, group_n: np.ndarray, task_n: np.ndarray) -> np.ndarray:
+    """float32 [N]: the advantage of each of N rollouts (``rl.advantage``): "task" (r − group mean) / (std of the
+    task's rewards in the batch + eps), "group" GRPO, "group_mean" r − group mean (``qlx.rl.advantages``)."""
+    if config.advantage == "task":
+        adv_n = rl.task_advantages(rewards_n, group_n, task_n)
+    else:
+        adv_n = rl.group_advantages(rewards_n, group_n, scale="std" if config.advantage == "group" else "none")
+    return np.asarray(adv_n, np.float32)
 
 
 def zero_variance_groups(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
@@ -211,55 +221,21 @@ class RLJob:
         )
         task_n = np.asarray([self.dataset.task_ids[i] for i in rows_idx], np.int32)
         group_n = np.repeat(np.arange(len(indices), dtype=np.int32), g)
-        if cfg.rl.advantage == "task":
-            adv_n = rl.task_advantages(rewards_n, group_n, task_n)
-        else:
-            adv_n = rl.group_advantages(rewards_n, group_n, scale="std" if cfg.rl.advantage == "group" else "none")
-        adv_n = np.asarray(adv_n, np.float32)
+        adv_n = advantages(cfg.rl, rewards_n, group_n, task_n)
         keep_n = np.ones(len(rows_idx), bool)
         if cfg.rl.dynamic_sampling:
             keep_n &= ~zero_variance_groups(rewards_n, g)
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
         rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
-        rows["advantages_b"] = adv_n
-        micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
-        old_logp, entropy = forward_logprobs(
-            params,
-            self.rest,
-            put_micro_batches(micro, self.layout),
-            policy=self.policy,
-            temperature=cfg.rollout.temperature,
-            chunk=cfg.rl.logprob_chunk,
-        )
-        n = len(rows_idx)
-        old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
-        entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
-        h_all = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
-        rows["mask_br"] *= keep_n[:, None]
-        h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
-        if cfg.rl.aepo:
-            self.aepo = rl.aepo_update(self.aepo, h_batch, h_low=cfg.rl.h_low, h_high=cfg.rl.h_high)
-            aepo_keep_n = np.asarray(rl.aepo_keep_mask(adv_n, rewards_n, self.aepo.negatives_on))
-        else:
-            aepo_keep_n = np.ones(n, bool)
-        rows["mask_br"] *= aepo_keep_n[:, None]
-        rows["old_logp_br"] = old_logp_br
-
         update_start = time.perf_counter()
-        params, opt_state, out = self._update(rows, params, opt_state)
+        params, opt_state, out = self.policy_update(rows, params, opt_state, adv_n, rewards_n, keep_n)
         skipped = out.pop("skipped_reason", None)
         now = time.perf_counter()
         lengths = result.lengths
         metrics = {
             "reward/mean": float(rewards_n.mean()),
             "accuracy/mean": float((rewards_n >= 1).mean()),
-            "entropy": h_batch,
-            "entropy/all_rollouts": h_all,
-            "aepo/negatives_on": float(bool(self.aepo.negatives_on)),
-            "aepo/kept_fraction": float((aepo_keep_n & keep_n).sum() / max(keep_n.sum(), 1)),
-            "aepo/h_low": cfg.rl.h_low,
-            "aepo/h_high": cfg.rl.h_high,
             "dynamic_sampling/kept_fraction": float(keep_n.mean()),
             "response_length/mean": float(lengths.mean()),
             "response_length/truncated_fraction": float(np.mean([r == "length" for r in result.finish_reasons])),
@@ -276,6 +252,47 @@ class RLJob:
                 metrics[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
                 metrics[f"response_length/{name}"] = float(lengths[here].mean())
         return params, opt_state, metrics, skipped
+
+    def policy_update(self, rows: dict, params, opt_state, adv_b, rewards_b, keep_b):
+        """The update of one rollout batch of B rows (``pack_rows`` arrays; rows whose ``keep_b`` is False and rows
+        with an all-zero mask count for nothing): log-probs and entropy under the current parameters, the AEPO
+        state from the batch entropy of the kept rows, AEPO's keep rule per row with (``adv_b``, ``rewards_b``),
+        then :meth:`_update`. Returns (params, opt_state, metrics: loss, entropy, aepo/...)."""
+        cfg = self.config
+        rows = {**rows, "advantages_b": np.asarray(adv_b, np.float32)}
+        micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
+        old_logp, entropy = forward_logprobs(
+            params,
+            self.rest,
+            put_micro_batches(micro, self.layout),
+            policy=self.policy,
+            temperature=cfg.rollout.temperature,
+            chunk=cfg.rl.logprob_chunk,
+        )
+        n = len(rows["tokens_bt"])
+        old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
+        entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
+        h_all = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
+        rows["mask_br"] = rows["mask_br"] * keep_b[:, None]
+        h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
+        if cfg.rl.aepo:
+            self.aepo = rl.aepo_update(self.aepo, h_batch, h_low=cfg.rl.h_low, h_high=cfg.rl.h_high)
+            aepo_keep_b = np.asarray(rl.aepo_keep_mask(adv_b, rewards_b, self.aepo.negatives_on))
+        else:
+            aepo_keep_b = np.ones(n, bool)
+        rows["mask_br"] *= aepo_keep_b[:, None]
+        rows["old_logp_br"] = old_logp_br
+        params, opt_state, out = self._update(rows, params, opt_state)
+        metrics = {
+            "entropy": h_batch,
+            "entropy/all_rollouts": h_all,
+            "aepo/negatives_on": float(bool(self.aepo.negatives_on)),
+            "aepo/kept_fraction": float((aepo_keep_b & keep_b).sum() / max(keep_b.sum(), 1)),
+            "aepo/h_low": cfg.rl.h_low,
+            "aepo/h_high": cfg.rl.h_high,
+            **out,
+        }
+        return params, opt_state, metrics
 
     def _update(self, rows: dict, params, opt_state):
         """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics."""

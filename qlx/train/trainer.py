@@ -241,6 +241,10 @@ def _make_job(config: Config, dataset, policy: Policy, rest, optimizer, layout: 
         from qlx.train.sft import SFTJob
 
         return SFTJob(config, dataset, policy, rest, optimizer, layout, shardings=shardings)
+    if config.train.mode == "memory":
+        from qlx.train.memory_rl import MemoryRLJob
+
+        return MemoryRLJob(config, dataset, policy, rest, optimizer, layout, run_dir=run_dir, shardings=shardings)
     from qlx.train.rl import RLJob
 
     return RLJob(config, dataset, policy, rest, optimizer, layout, run_dir=run_dir, shardings=shardings)
