@@ -143,10 +143,36 @@ def test_mismatched_inputs_are_refused_by_name(dirs, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("model: {}\n")
-    with pytest.raises(MergeError, match="qlx run folder"):
+    with pytest.raises(MergeError, match=r"models\[0\] .*run: a qlx run folder whose parameters cannot be read"):
         merge_checkpoints(dirs / "base", [run], tmp_path / "o3")
     assert qlx_main(["merge", "--base", str(dirs / "base"), "--models", str(run), "--out", str(tmp_path / "o4")]) == 2
     with pytest.raises(MergeError, match="already holds"):
         (tmp_path / "o5").mkdir()
         (tmp_path / "o5" / "model.safetensors").write_bytes(b"")
         merge_checkpoints(dirs / "base", [dirs / "m1"], tmp_path / "o5")
+
+
+def test_run_folder_inputs_are_exported_and_merge_like_their_hf_export(dirs, tmp_path):
+    """A qlx run folder (config.yaml + orbax checkpoints) is read through qlx.models.checkpoint_io, exported once
+    under ``<out>.inputs``, and merges to the same bytes as the Hugging Face directory it was made from."""
+    import yaml
+    from flax import nnx
+
+    from qlx.config import to_dict
+    from qlx.train.checkpoint import Checkpointer
+
+    model = qlx.load_hf(dirs / "m1")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.config)}))
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(3, {"params": nnx.split(model, nnx.Param, ...)[1]}, {})
+    ckpt.close()
+    want = merge_checkpoints(dirs / "base", [dirs / "m1"], tmp_path / "from-hf", progress=False)
+    got = merge_checkpoints(dirs / "base", [run], tmp_path / "from-run", progress=False)
+    assert (tmp_path / "from-run.inputs" / "model-0" / "exported.json").is_file()
+    reader = Reader()
+    a, b = tensor_index(want), tensor_index(got)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(reader.get(a[name])), np.asarray(reader.get(b[name])), err_msg=name)

@@ -2,6 +2,7 @@
 a last stage from the merge), the rerun that skips finished stages, --dry-run, and bad pipeline files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from qlx.config import config_from_dict, to_dict
 from qlx.merge import merge_tensor
 from qlx.models.hf import tensor_index
 from qlx.models.safetensors_io import Reader
-from qlx.train.pipeline import PipelineError, load_pipeline
+from qlx.train.pipeline import PipelineError, load_pipeline, plan, run_pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,30 @@ def test_bad_pipeline_files_are_refused_by_name(tmp_path):
         load_pipeline(write({"stages": [{**stage, "init": "base"}]}))
     with pytest.raises(PipelineError, match="a merge stage needs 'models'"):
         load_pipeline(write({"base": "B", "stages": [{"name": "m", "kind": "merge"}]}))
+    with pytest.raises(PipelineError, match=r"stages\[0\] \(m\): a memory_rl stage needs 'config'"):
+        load_pipeline(write({"stages": [{"name": "m", "kind": "memory_rl"}]}))
+
+
+def test_memory_stage_must_train_in_memory_mode(tiny):
+    """A memory_rl stage runs the trainer on a train.mode: memory config; a config in another mode is refused naming
+    the stage and file (and a train stage may not be in memory mode), before anything runs."""
+    spec = yaml.safe_load((tiny / "pipeline.yaml").read_text())
+    spec["run_dir"] = str(tiny / "runs-memory")
+    spec["stages"] = [{"name": "memory", "kind": "memory_rl", "config": "stage.yaml", "init": "base"}]
+    (tiny / "memory-pipeline.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(PipelineError, match=r"stage memory \(memory_rl\): .*stage.yaml has train.mode 'sft'"):
+        run_pipeline(load_pipeline(tiny / "memory-pipeline.yaml"))
+    assert not (tiny / "runs-memory").exists()
+
+
+@pytest.mark.parametrize("hardware", ["tpu-v5p", "gpu-8xh100"])
+def test_recipe_pipelines_plan_the_memory_expert(hardware):
+    rows = plan(load_pipeline(CONFIGS / f"qwen3-30b-a3b/{hardware}-pipeline.yaml"))
+    memory = next(r for r in rows if r["stage"] == "memory")
+    assert (
+        memory["kind"] == "memory_rl"
+        and "(memory, " in memory["init"]
+        and memory["init"].endswith("stage3 (memory, 50 steps)")
+    )
+    assert memory["in/out"] == "chunk 32768, memory 15360/15360"
+    assert [r["stage"] for r in rows] == ["stage1", "stage2", "stage3", "memory", "merge", "stage4"]

@@ -19,6 +19,7 @@ import ctypes.util
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -47,6 +48,8 @@ from qlx.models.hf import (
 )
 from qlx.models.safetensors_io import DTYPES, Reader, TensorInfo, TensorToWrite, read_header, write_file
 
+log = logging.getLogger(__name__)
+
 PLAN_FILE = "merge-plan.json"
 
 
@@ -56,16 +59,36 @@ class _Checkpoint:
     infos: dict[str, TensorInfo]
 
 
+EXPORTED = "exported.json"
+
+
+def hf_folder(path, export_dir, role: str = "input") -> Path:
+    """``path`` itself when it is a Hugging Face directory; for a qlx run folder (``config.yaml`` + checkpoints), its
+    newest usable checkpoint's parameters exported once to ``export_dir`` (``qlx.save_hf``; ``exported.json`` marks
+    a finished export, so a rerun reuses it and an interrupted one is redone)."""
+    from qlx.models.checkpoint_io import is_run_folder, load_run_model
+
+    path, export_dir = Path(path), Path(export_dir)
+    if not is_run_folder(path):
+        return path
+    if not (export_dir / EXPORTED).is_file():
+        from qlx.models.hf import save_hf
+
+        log.info("exporting run folder %s to %s", path, export_dir)
+        try:
+            model = load_run_model(path)
+        except (OSError, ValueError) as e:  # no usable checkpoint, a bad config.yaml (ConfigError names the key)
+            raise MergeError(f"{role} {path}: a qlx run folder whose parameters cannot be read: {e}") from None
+        save_hf(model, export_dir, overwrite=True)
+        (export_dir / EXPORTED).write_text(json.dumps({"exported_from": str(path.resolve())}) + "\n")
+    return export_dir
+
+
 def _open_checkpoint(directory: Path, role: str, base_config=None):
     """(config.json dict, ModelConfig, checkpoint) of a Hugging Face directory, validated like ``load_hf``; with
     ``base_config``, a shape-defining config key that differs from the base's is refused first, by name."""
     if not directory.is_dir():
         raise MergeError(f"{role} {directory}: not a directory")
-    if not (directory / "config.json").is_file() and (directory / "config.yaml").is_file():
-        raise MergeError(
-            f"{role} {directory}: a qlx run folder (config.yaml + checkpoints/); qlx merge reads Hugging Face "
-            "directories: export the run's parameters with qlx.save_hf first"
-        )
     try:
         hf_config = read_json(directory / "config.json")
         config = config_from_hf(hf_config, source=str(directory / "config.json"))
@@ -162,6 +185,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[str], None] | None = None,
+    inputs_dir=None,
     **params,
 ) -> Path:
     """Merge Hugging Face Qwen3 / Qwen3-MoE directories ``models`` onto ``base`` into ``out``, tensor by tensor.
@@ -172,10 +196,14 @@ def merge_checkpoints(
     "float16"; default: each tensor's base dtype). workers: tensors merged in parallel threads (memory grows with
     it). A config that differs in a shape-defining key, or a tensor that is missing, extra or mis-shaped, is refused
     by name. ``out`` may hold an interrupted merge with the same plan (it is resumed) or, with ``overwrite``,
-    anything. ``on_shard(name)`` is called after each shard is complete.
+    anything. ``on_shard(name)`` is called after each shard is complete. A qlx run folder among the inputs is first
+    exported to a Hugging Face directory (:func:`hf_folder`) under ``inputs_dir`` (default ``<out>.inputs``) as
+    ``base`` / ``model-<i>``.
     """
-    base_dir, out_dir = Path(base), Path(out)
-    model_dirs = [Path(m) for m in models]
+    out_dir = Path(out)
+    exports = Path(inputs_dir) if inputs_dir is not None else out_dir.with_name(out_dir.name + ".inputs")
+    base_dir = hf_folder(base, exports / "base", "base")
+    model_dirs = [hf_folder(m, exports / f"model-{i}", f"models[{i}]") for i, m in enumerate(models)]
     if not model_dirs:
         raise MergeError("give at least one model to merge onto the base")
     if workers < 1:

@@ -1,6 +1,6 @@
 """The recipe's stages as one resumable pipeline: full-context RL stages → memory-RL expert → SCE merge → last stage.
 
-A pipeline file (YAML; ``configs/stages/pipeline.yaml``, ``configs/qwen3-30b-a3b/*-pipeline.yaml``)::
+A pipeline file (YAML; ``configs/qwen3-30b-a3b/*-pipeline.yaml``)::
 
     run_dir: runs/recipe                    # every stage is a folder here
     base: checkpoints/Qwen3-30B-A3B-Thinking-2507   # Hugging Face folder: what "base" means below
@@ -8,7 +8,7 @@ A pipeline file (YAML; ``configs/stages/pipeline.yaml``, ``configs/qwen3-30b-a3b
     stages:
       - {name: stage1, config: stage1.yaml, init: base}     # a run config (paths relative to this file)
       - {name: stage3, config: stage3.yaml, init: stage2}
-      - {name: memory, kind: memory_rl, init: stage3}
+      - {name: memory, kind: memory_rl, config: memory.yaml, init: stage3}
       - {name: merge, kind: merge, base: base, models: [stage3, memory], method: sce, dtype: bfloat16,
          params: {select_topk: 1.0}}
       - {name: stage4, config: stage4.yaml, init: merge}
@@ -16,7 +16,9 @@ A pipeline file (YAML; ``configs/stages/pipeline.yaml``, ``configs/qwen3-30b-a3b
 Stage kinds: ``train`` (the default: ``qlx.train.trainer.train`` on the run config with ``train.run_dir`` = the stage
 folder and ``train.init_from`` = the ``init`` stage's output), ``merge`` (:func:`qlx.merge.merge_checkpoints`; qlx run
 folders among its inputs are first exported to Hugging Face folders under ``<merge>/inputs/``) and ``memory_rl`` (the
-memory-agent RL expert: not wired into the trainer yet, so a pipeline reaching it stops there with that message).
+memory-agent RL expert: the trainer on a run config with ``train.mode: memory``, e.g. ``configs/stages/memory.yaml``;
+a train stage must not be in memory mode and a memory_rl stage must be, so the pipeline file says what each stage
+trains).
 
 Each stage folder holds its resolved config (``config.yaml``, written by the trainer for training stages, by the
 pipeline for merges) and, once finished, ``stage-complete.json``. A rerun skips finished stages and continues an
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from qlx.config import load_config
+from qlx.config import load_config, memory_agent_config
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,8 @@ class Pipeline:
                     raise PipelineError(f"{where}: refers to {ref!r}, which is not 'base' or an earlier stage")
             if "base" in refs and self.base is None:
                 raise PipelineError(f"{where}: uses 'base' but the pipeline has no base")
-            if s.kind == "train" and s.config is None:
-                raise PipelineError(f"{where}: a train stage needs 'config'")
+            if s.kind in ("train", "memory_rl") and s.config is None:
+                raise PipelineError(f"{where}: a {s.kind} stage needs 'config' (a run config)")
             if s.kind == "merge" and not s.models:
                 raise PipelineError(f"{where}: a merge stage needs 'models'")
             seen.add(s.name)
@@ -150,7 +152,13 @@ def stage_config(pipeline: Pipeline, stage: Stage):
     overrides = [*pipeline.overrides, *stage.overrides, f"train.run_dir={pipeline.stage_dir(stage.name)}"]
     if stage.init is not None:
         overrides.append(f"train.init_from={output_of(pipeline, stage.init)}")
-    return load_config(stage.config, overrides)
+    config = load_config(stage.config, overrides)
+    if (config.train.mode == "memory") != (stage.kind == "memory_rl"):
+        want = "train.mode: memory" if stage.kind == "memory_rl" else "train.mode sft or rl (memory: kind memory_rl)"
+        raise PipelineError(
+            f"stage {stage.name} ({stage.kind}): {stage.config} has train.mode {config.train.mode!r}; want {want}"
+        )
+    return config
 
 
 def plan(pipeline: Pipeline) -> list[dict]:
@@ -164,8 +172,6 @@ def plan(pipeline: Pipeline) -> list[dict]:
             inputs = ", ".join(s.models)
             row["init"] = f"{s.method}: base {s.base} + [{inputs}]"
             row["data"] = " ".join(f"{k}={v}" for k, v in {**s.params, "dtype": s.dtype}.items() if v is not None)
-        elif s.kind == "memory_rl" and s.config is None:
-            row.update(status="not wired", init=str(s.init))
         else:
             c = stage_config(pipeline, s)
             m = c.mesh
@@ -175,6 +181,9 @@ def plan(pipeline: Pipeline) -> list[dict]:
                 mesh=f"data={m.data} fsdp={m.fsdp} expert={m.expert} tensor={m.tensor} seq={m.seq}",
             )
             row["in/out"] = f"{c.data.max_input_tokens}/{c.data.max_output_tokens}"
+            if s.kind == "memory_rl":
+                agent = memory_agent_config(c)
+                row["in/out"] = f"chunk {agent.chunk_tokens}, memory {agent.memory_tokens}/{agent.final_tokens}"
             row["init"] += f" ({c.train.mode}, {c.train.steps} steps)"
         rows.append(row)
     return rows
@@ -186,30 +195,15 @@ def _finish(pipeline: Pipeline, stage: Stage, info: dict) -> None:
 
 def _hf_input(pipeline: Pipeline, merge_stage: Stage, name: str) -> Path:
     """A Hugging Face folder for merge input ``name``: the base or a merge as is; a training stage's last checkpoint
-    exported (once) to ``<merge>/inputs/<name>``."""
-    source = output_of(pipeline, name)
-    if (source / "config.json").is_file():
-        return source
-    import qlx
-    from qlx.train.trainer import load_model
+    exported (once) to ``<merge>/inputs/<name>`` (:func:`qlx.merge.checkpoint.hf_folder`)."""
+    from qlx.merge.checkpoint import hf_folder
 
-    out = pipeline.stage_dir(merge_stage.name) / "inputs" / name
-    if not (out / MARKER).is_file():
-        config = load_config(source / "config.yaml")
-        log.info("exporting %s to %s", source, out)
-        qlx.save_hf(load_model(config, source), out, overwrite=True)
-        (out / MARKER).write_text(json.dumps({"exported_from": str(source)}) + "\n")
-    return out
+    return hf_folder(output_of(pipeline, name), pipeline.stage_dir(merge_stage.name) / "inputs" / name, name)
 
 
 def run_stage(pipeline: Pipeline, stage: Stage) -> None:
     """Run (or continue) one stage and mark it complete; PipelineError if it cannot finish."""
     folder = pipeline.stage_dir(stage.name)
-    if stage.kind == "memory_rl":
-        raise PipelineError(
-            f"stage {stage.name}: memory-agent RL is not wired into the pipeline yet (qlx.memory's trainer lands "
-            "separately); train the expert, put it in this folder, and mark it complete to continue"
-        )
     if stage.kind == "merge":
         from qlx.merge import merge_checkpoints
 
@@ -227,7 +221,7 @@ def run_stage(pipeline: Pipeline, stage: Stage) -> None:
     result = train(stage_config(pipeline, stage))
     if result.status != "done":
         raise PipelineError(f"stage {stage.name}: training ended with status {result.status!r} at step {result.step}")
-    _finish(pipeline, stage, {"kind": "train", "step": result.step, "resumed_from": result.resumed_from})
+    _finish(pipeline, stage, {"kind": stage.kind, "step": result.step, "resumed_from": result.resumed_from})
 
 
 def run_pipeline(pipeline: Pipeline) -> list[str]:

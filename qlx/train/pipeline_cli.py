@@ -15,7 +15,9 @@ import sys
 def add_arguments(parser) -> None:
     from qlx.config import add_override_argument
 
-    parser.add_argument("--config", required=True, help="pipeline file (YAML; see configs/stages/pipeline.yaml)")
+    parser.add_argument(
+        "--config", required=True, help="pipeline file (YAML; see configs/qwen3-30b-a3b/*-pipeline.yaml)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     add_override_argument(parser)
 
