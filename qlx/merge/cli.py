@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--method", choices=METHODS, default="sce", help="merge method (default: sce)")
-    parser.add_argument("--base", type=Path, required=True, help="base: Hugging Face directory or qlx run folder (task vectors from it)")
-    parser.add_argument("--models", type=Path, nargs="+", required=True, help="Hugging Face directories or qlx run folders to merge")
+    parser.add_argument("--base", type=Path, required=True, help="base: HF directory or qlx run folder")
+    parser.add_argument("--models", type=Path, nargs="+", required=True, help="HF directories or qlx run folders")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--select-topk", type=float, help="SCE τ: fraction of nonzero-variance positions kept")
     parser.add_argument("--variant", choices=VARIANTS, help="SCE semantics (default: mergekit)")
