@@ -418,9 +418,14 @@ def build_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     shardings = None if mesh is None else state_shardings(abstract_state, mesh, rules)
     platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-    options = CPU_INIT_COMPILER_OPTIONS if platform == "cpu" else None
-    init = jax.jit(lambda: nnx.state(create()), out_shardings=shardings).lower().compile(compiler_options=options)
-    return nnx.merge(graphdef, init())
+    init = functools.partial(jax.jit, lambda: nnx.state(create()), out_shardings=shardings)
+    try:
+        state = init(compiler_options=CPU_INIT_COMPILER_OPTIONS if platform == "cpu" else None)()
+    except ValueError as e:  # called inside a trace (nnx.eval_shape, jit): only a top-level jit takes options
+        if "top-level" not in str(e):
+            raise
+        state = init()()
+    return nnx.merge(graphdef, state)
 
 
 def shard_model(model: Qwen3ForCausalLM, mesh: Mesh | None, rules=None) -> Qwen3ForCausalLM:
