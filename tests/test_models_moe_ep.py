@@ -50,26 +50,38 @@ LAYER_X = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, CONFIG.hidden
 LAYER_COT = jnp.asarray(np.random.default_rng(2).normal(size=LAYER_X.shape), jnp.float32)
 
 
-def layer_value_and_grads(transport: str, sizes=None):
-    """One MoE layer (the test model's first): y = MoE(x) and the gradients of sum(y * cot) for x and every weight,
-    on MESHES-style mesh ``sizes`` (None: one device, the dropless reference)."""
-    config = dataclasses.replace(CONFIG, moe_ep_transport=transport)
-    layer = MoE(config, rngs=nnx.Rngs(0))
-    x = LAYER_X
-    if sizes is not None:
-        mesh = make_mesh(sizes)
-        layout = Layout.create(mesh)
-        nnx.update(layer, jax.device_put(nnx.state(layer), state_shardings(nnx.state(layer), mesh)))
-        x = jax.device_put(x, layout.sharding(x.shape, ("batch", "length", "embed")))
-    else:
-        layout = Layout()
-    graphdef, state = nnx.split(layer)
+LAYER_PROGRAMS = {}
 
-    def loss(state, x):
-        y, _ = nnx.merge(graphdef, state)(x, layout=layout)
-        return jnp.sum(y * LAYER_COT), y
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+def layer_program(transport: str, mesh_name: str | None = None):
+    """One MoE layer (the test model's first), compiled once per (transport, mesh): (compiled, state, x), where the
+    program returns y = MoE(x) and the gradients of sum(y * cot) for every weight and x, on MESHES[mesh_name]
+    (None: one device, the dropless reference)."""
+    if (transport, mesh_name) not in LAYER_PROGRAMS:
+        config = dataclasses.replace(CONFIG, moe_ep_transport=transport)
+        layer = MoE(config, rngs=nnx.Rngs(0))
+        x = LAYER_X
+        if mesh_name is not None:
+            mesh = make_mesh(MESHES[mesh_name])
+            layout = Layout.create(mesh)
+            nnx.update(layer, jax.device_put(nnx.state(layer), state_shardings(nnx.state(layer), mesh)))
+            x = jax.device_put(x, layout.sharding(x.shape, ("batch", "length", "embed")))
+        else:
+            layout = Layout()
+        graphdef, state = nnx.split(layer)
+
+        def loss(state, x):
+            y, _ = nnx.merge(graphdef, state)(x, layout=layout)
+            return jnp.sum(y * LAYER_COT), y
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        LAYER_PROGRAMS[transport, mesh_name] = (step.lower(state, x).compile(), state, x)
+    return LAYER_PROGRAMS[transport, mesh_name]
+
+
+def layer_value_and_grads(transport: str, mesh_name: str | None = None):
+    compiled, state, x = layer_program(transport, mesh_name)
+    return compiled(state, x)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +93,7 @@ def layer_reference():
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_ep_layer_matches_single_device(layer_reference, transport, mesh_name):
     """A MoE layer's output and its gradients (x, router, experts) equal the single-device dropless layer's."""
-    (_, y), (d_state, dx) = layer_value_and_grads(transport, MESHES[mesh_name])
+    (_, y), (d_state, dx) = layer_value_and_grads(transport, mesh_name)
     (_, want_y), (want_state, want_dx) = layer_reference
     np.testing.assert_allclose(y, want_y, atol=1e-5)
     np.testing.assert_allclose(dx, want_dx, atol=1e-5)
@@ -122,6 +134,37 @@ def capacity_problem():
     return x, weights, experts_tk, jnp.asarray(valid), w_gate_up, w_down
 
 
+EP_PROGRAMS = {}
+COT = jnp.asarray(np.random.default_rng(2).normal(size=(N, D)), jnp.float32)
+
+
+def ep_value_and_grads(transport: str, capacity_factor, valid=None):
+    """((sum(y * COT), (y, drops)), gradients for x, w_gate_up, w_down) of ep_experts on the capacity problem
+    (``valid`` replaces its padding mask), compiled once per (transport, capacity factor)."""
+    x, weights, experts_tk, problem_valid, w_gate_up, w_down = capacity_problem()
+    if (transport, capacity_factor) not in EP_PROGRAMS:
+        mesh = make_mesh(EP_SIZES)
+
+        def loss(x, w_gate_up, w_down, valid):
+            y, drops = ep_experts(
+                x,
+                weights,
+                experts_tk,
+                valid,
+                w_gate_up,
+                w_down,
+                mesh=mesh,
+                rules=None,
+                token_axes=TOKEN_AXES,
+                transport=transport,
+                capacity_factor=capacity_factor,
+            )
+            return jnp.sum(y * COT), (y, drops)
+
+        EP_PROGRAMS[transport, capacity_factor] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return EP_PROGRAMS[transport, capacity_factor](x, w_gate_up, w_down, problem_valid if valid is None else valid)
+
+
 def plain_kept_mask(experts_tk, valid, capacity_factor):
     """The documented drop rule as a plain loop over devices, independent of the vectorised implementation.
 
@@ -146,26 +189,24 @@ def plain_kept_mask(experts_tk, valid, capacity_factor):
     return kept
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.6])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])  # dropless; capped (drops)
 def test_capacity_drops_exactly_the_rule(capacity_factor):
     """Dense and ring transports drop the assignments the plain rule drops, return the reference sum over the
-    kept ones (padding contributes nothing), and report (dropped, routed)."""
+    kept ones (padding contributes nothing), report (dropped, routed), and have the same gradients."""
     x, weights, experts_tk, valid, w_gate_up, w_down = capacity_problem()
     kept = plain_kept_mask(experts_tk, np.asarray(valid), capacity_factor)
     out_tkd = expert_outputs_reference(x, experts_tk, w_gate_up, w_down)
     want = jnp.einsum("tkd,tk->td", out_tkd, weights * jnp.asarray(kept))
     routed = int(np.asarray(valid).sum()) * K
-    mesh = make_mesh(EP_SIZES)
     if capacity_factor == 0.6:
         assert routed - kept.sum() > 10  # the rule really drops here
+    grads = {}
     for transport in ("dense", "ring"):
-        y, drops = jax.jit(
-            lambda *a, transport=transport: ep_experts(
-                *a, mesh=mesh, rules=None, token_axes=TOKEN_AXES, transport=transport, capacity_factor=capacity_factor
-            )
-        )(x, weights, experts_tk, valid, w_gate_up, w_down)
+        (_, (y, drops)), grads[transport] = ep_value_and_grads(transport, capacity_factor)
         np.testing.assert_allclose(y, want, atol=1e-5, err_msg=transport)
         assert drops.tolist() == [routed - kept.sum(), routed], transport
+    for g, w in zip(grads["ring"], grads["dense"], strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
@@ -191,31 +232,9 @@ def test_ragged_transport_offsets(monkeypatch, capacity_factor):
     x, weights, experts_tk, valid, w_gate_up, w_down = capacity_problem()
     kept = plain_kept_mask(experts_tk, np.asarray(valid), capacity_factor)
     want = jnp.einsum("tkd,tk->td", expert_outputs_reference(x, experts_tk, w_gate_up, w_down), weights * kept)
-    mesh = make_mesh(EP_SIZES)
-    cot = jnp.asarray(np.random.default_rng(2).normal(size=(N, D)), jnp.float32)
-
-    def run(transport):
-        def loss(x, w_gate_up, w_down):
-            y, _ = ep_experts(
-                x,
-                weights,
-                experts_tk,
-                valid,
-                w_gate_up,
-                w_down,
-                mesh=mesh,
-                rules=None,
-                token_axes=TOKEN_AXES,
-                transport=transport,
-                capacity_factor=capacity_factor,
-            )
-            return jnp.sum(y * cot), y
-
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w_gate_up, w_down)
-
-    (_, y), grads = run("ragged")
+    (_, (y, _)), grads = ep_value_and_grads("ragged", capacity_factor)
     np.testing.assert_allclose(y, want, atol=1e-5)
-    _, want_grads = run("dense")
+    _, want_grads = ep_value_and_grads("dense", capacity_factor)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
 
@@ -232,24 +251,9 @@ def test_kept_counts_small_case():
 
 def test_padding_is_never_routed():
     """Padding rows (valid False) get y = 0, are not counted as routed, and leave the other tokens unchanged."""
-    x, weights, experts_tk, valid, w_gate_up, w_down = capacity_problem()
-    mesh = make_mesh(EP_SIZES)
-    run = jax.jit(
-        lambda v: ep_experts(
-            x,
-            weights,
-            experts_tk,
-            v,
-            w_gate_up,
-            w_down,
-            mesh=mesh,
-            rules=None,
-            token_axes=TOKEN_AXES,
-            transport="dense",
-        )
-    )
-    y, drops = run(valid)
-    y_all, _ = run(jnp.ones_like(valid))
+    valid = capacity_problem()[3]
+    (_, (y, drops)), _ = ep_value_and_grads("dense", None)
+    (_, (y_all, _)), _ = ep_value_and_grads("dense", None, valid=jnp.ones_like(valid))
     pad = ~np.asarray(valid)
     assert np.all(np.asarray(y)[pad] == 0)
     np.testing.assert_allclose(np.asarray(y)[~pad], np.asarray(y_all)[~pad], atol=1e-6)
@@ -321,25 +325,12 @@ def test_expert_axis_splits_the_flops():
 def test_compiled_layer_keeps_experts_local(mesh_name):
     """A MoE layer's forward + backward all-gathers at most the router, 1/EP of the expert weights (each device's
     own experts, gathered over fsdp) and token-side arrays: the experts are never all-gathered over `expert`."""
-    sizes = MESHES[mesh_name]
-    config = dataclasses.replace(CONFIG, moe_ep_transport="dense")
-    layer = MoE(config, rngs=nnx.Rngs(0))
-    mesh = make_mesh(sizes)
-    layout = Layout.create(mesh)
-    shardings = state_shardings(nnx.state(layer), mesh)
-    graphdef, state = nnx.split(layer)
-    state = jax.device_put(state, shardings)
-    x = jax.device_put(LAYER_X, layout.sharding(LAYER_X.shape, ("batch", "length", "embed")))
-
-    def loss(state, x):
-        return jnp.sum(nnx.merge(graphdef, state)(x, layout=layout)[0])
-
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
-    experts = (layer.gate_up[...].size + layer.down[...].size) * 4
-    router = layer.router[...].size * 4
-    gathered = collective_bytes(hlo)["all-gather"]
+    compiled, state, _ = layer_program("dense", mesh_name)
+    experts = (state["gate_up"][...].size + state["down"][...].size) * 4
+    router = state["router"][...].size * 4
+    gathered = collective_bytes(compiled.as_text())["all-gather"]
     activations = LAYER_X.size * 4  # token-side gathers (counts, partial rows) stay below one copy of x
-    assert gathered <= router + experts / sizes["expert"] + activations, (gathered, router, experts)
+    assert gathered <= router + experts / MESHES[mesh_name]["expert"] + activations, (gathered, router, experts)
     assert gathered < experts / 2  # an all-gather of the experts over `expert` would alone exceed this
 
 

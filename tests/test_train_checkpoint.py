@@ -1,18 +1,24 @@
 """Checkpoints: exact round trip, keep-last-N, a corrupt or half-written latest checkpoint falls back, flipped bits
 are found by the checksums, and a checkpoint that does not fit the targets is refused without touching it."""
 
+import dataclasses
 import json
 import logging
 import random
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qlx.config import load_config
+from qlx.mesh import make_mesh
+from qlx.models import build_model
 from qlx.train.checkpoint import Checkpointer, CheckpointMismatch, NoUsableCheckpoint, checksum
 
 
@@ -281,3 +287,52 @@ def test_restore_onto_another_mesh_verifies(tmp_path):
     step, restored, _ = Checkpointer(tmp_path, read_only=True).restore_latest(targets)
     assert step == 1 and restored["params"]["w"].sharding == other
     _assert_equal(restored, state)
+
+
+TINY = dataclasses.replace(
+    load_config(Path(__file__).resolve().parents[1] / "configs/models/tiny-dense.yaml").model,
+    num_layers=2,
+    vocab_size=64,
+    hidden_size=32,
+    head_dim=8,
+    intermediate_size=32,
+)
+
+
+def _model_items(params):
+    """Model parameters and an Adam-like state mirroring them."""
+    return {"params": params, "opt_state": ({"mu": jax.tree.map(lambda x: 2 * x, params), "count": jnp.int32(3)},)}
+
+
+def test_restores_into_the_other_layer_layout(tmp_path):
+    """Saved unrolled, restored scanned (onto an fsdp mesh, in the target's shardings and tree types) and the reverse:
+    parameters and the optimizer state equal the other layout's (same seed); the checksums are still checked (a step
+    whose arrays were swapped falls back); a target that does not fit names the leaf."""
+    mesh = make_mesh({"fsdp": 8})
+    saved = {
+        scan: _model_items(nnx.state(build_model(dataclasses.replace(TINY, scan_layers=scan), mesh=m), nnx.Param))
+        for scan, m in ((False, None), (True, mesh))
+    }
+    for scan in (False, True):
+        folder = tmp_path / f"saved-{scan}"
+        ckpt = Checkpointer(folder, keep=3)
+        ckpt.save(1, saved[scan], {})
+        ckpt.save(2, saved[scan], {})
+        ckpt.save(9, jax.tree.map(lambda x: x + 1, saved[scan]), {})  # scratch: its arrays replace step 2's
+        ckpt.close()
+        shutil.rmtree(folder / "2" / "params")
+        shutil.copytree(folder / "9" / "params", folder / "2" / "params")
+        shutil.rmtree(folder / "9")
+    for scan in (False, True):
+        target = saved[not scan]
+        step, items, _ = Checkpointer(tmp_path / f"saved-{scan}", keep=3).restore_latest(target)
+        assert step == 1  # step 2 failed its checksums, read in the saved layout
+        assert jax.tree.structure(items) == jax.tree.structure(target)
+        _assert_equal(items, target)
+        for got, want in zip(jax.tree.leaves(items), jax.tree.leaves(target), strict=True):
+            assert got.sharding == want.sharding
+    deeper = nnx.state(build_model(dataclasses.replace(TINY, num_layers=3, scan_layers=True)), nnx.Param)
+    with pytest.raises(
+        CheckpointMismatch, match=r"params\.layers\.2\.attn\.q\.value: float32\[.*\] in this config, abs"
+    ):
+        Checkpointer(tmp_path / "saved-False", read_only=True).restore_latest({"params": deeper})

@@ -38,7 +38,11 @@ def test_qwen3_30b_a3b_platform_stages(platform, devices, stage):
         "full",
         "ring",
     )
-    assert c.mesh.rules == {"embed": ["fsdp", "seq"]}
+    if platform == "tpu-v5p":  # expert parallelism, dropless, scanned layers (README.md in the config folder)
+        assert c.mesh.rules == {"embed": ["fsdp", "seq", "expert"]} and c.mesh.expert == 8
+        assert (c.model.moe_ep_transport, c.model.moe_capacity_factor, c.model.scanned) == ("ragged", None, True)
+    else:
+        assert c.mesh.rules == {"embed": ["fsdp", "seq"]} and c.mesh.expert == 1
     stage_config = qlx.load_config(CONFIGS / f"stages/stage{stage}.yaml")
     assert c.data == stage_config.data and c.rl == stage_config.rl
     expected = "checkpoints/Qwen3-30B-A3B-Thinking-2507" if stage == 1 else f"runs/stage{stage - 1}"

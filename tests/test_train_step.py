@@ -14,6 +14,7 @@ from test_train_toydata import make_toy_run
 
 import qlx
 from qlx.config import OptimizerConfig, config_from_dict
+from qlx.mesh import make_mesh
 from qlx.models import build_model
 from qlx.train import rl as rl_module
 from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
@@ -103,7 +104,8 @@ def test_nonfinite_step_is_skipped():
 
 
 def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
-    """Reward 1 when the response starts with a chosen token: its probability must rise after one RL step."""
+    """Reward 1 when the response starts with a chosen token: its probability must rise after one RL step; the
+    step with expert parallelism on 8 devices computes the same."""
     data = make_toy_run(tmp_path, n=8, task_types=("reading",))
     config = config_from_dict(
         data,
@@ -154,6 +156,20 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
     after = first_token_probs(params)
     assert (after[:, rewarded].sum(axis=1) > before[:, rewarded].sum(axis=1)).all()
     assert after[:, rewarded].sum(axis=1).mean() > 1.1 * before[:, rewarded].sum(axis=1).mean()
+
+    # The same step with expert parallelism on 8 devices ({expert: 8}: rollout, log-probs and update all run the
+    # MoE in moe_ep's shard_map, scanned layers): the same rollouts, rewards, entropy and gradient.
+    ep_model = build_model(config.model, seed=3, mesh=make_mesh({"expert": 8, "fsdp": 1}))
+    assert ep_model.config.scanned
+    ep_policy, ep_params, ep_rest = Policy.split(ep_model)
+    ep_job = RLJob(config, prepared.dataset, ep_policy, ep_rest, optimizer, ep_model.layout, run_dir=tmp_path)
+    ep_job.begin(ep_params)
+    _, _, ep_metrics, ep_skipped = ep_job.step(1, ep_params, optimizer.init(ep_params))
+    assert ep_skipped is None
+    for key in ("reward/mean", "response_length/mean", "update/tokens"):
+        assert ep_metrics[key] == metrics[key], key
+    for key in ("entropy", "loss", "grad_norm"):
+        assert ep_metrics[key] == pytest.approx(metrics[key], rel=1e-4), key
 
 
 def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):

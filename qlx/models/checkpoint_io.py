@@ -41,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from qlx.models.stacking import match_layout, tree_is_scanned
+
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 8
@@ -182,6 +184,46 @@ def layout_differences(name: str, recorded: dict[str, dict], target) -> list[str
     return lines
 
 
+def _recorded_tree(records: dict[str, dict]) -> dict:
+    """The nested-dict form of a checkpoint's recorded leaves ({dotted path: record}), ShapeDtypeStruct leaves."""
+    tree: dict = {}
+    for path, record in records.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jax.ShapeDtypeStruct(tuple(record["shape"]), np.dtype(record["dtype"]))
+    return tree
+
+
+def _in_saved_layout(abstract, records: dict[str, dict]):
+    """``abstract`` (a target of ShapeDtypeStructs) in the layer layout of the checkpoint recorded as ``records``;
+    unchanged when they agree, or when the target's layers cannot be arranged so (then the layout check names the
+    leaves that differ)."""
+    try:
+        return match_layout(abstract, _recorded_tree(records))
+    except (KeyError, IndexError, ValueError, TypeError):
+        return abstract
+
+
+def _in_target_layout(tree, target):
+    """``tree`` (restored in the checkpoint's layer layout) in ``target``'s layout, tree types and shardings.
+
+    Converted leaf by leaf (stacking or slicing one parameter's layers), then placed where the target's leaf is."""
+    if tree_is_scanned(tree) == tree_is_scanned(target):
+        return tree
+    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    converted = {
+        _path(keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(match_layout(tree, target))[0]
+    }
+
+    def place(keys, want):
+        leaf = converted[_path(keys)]
+        return leaf if want.sharding is None else jax.device_put(leaf, want.sharding)
+
+    return treedef.unflatten([place(keys, want) for keys, want in flat])
+
+
 class CheckpointReader:
     """Restore checkpoints under ``directory`` (one folder per step); the trainer's ``Checkpointer`` adds saving.
 
@@ -227,19 +269,21 @@ class CheckpointReader:
         return meta
 
     def _restore_step(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """Items ``targets`` of ``step`` after the three checks (module docstring), read in the layer layout they
+        were saved in (:func:`qlx.models.stacking.match_layout`: a checkpoint of an unrolled model restores into a
+        scanned one and back) and returned in the targets' layout and shardings. Differences are named by the
+        checkpoint's leaf paths."""
         meta = self._read_meta(step)
-        differences = []
+        differences, asked = [], {}
         for name, target in targets.items():
             if name not in meta["arrays"]:
                 differences.append(f"{name}: in this config, absent from the checkpoint")
-            else:
-                differences += layout_differences(name, meta["arrays"][name], target)
+                continue
+            asked[name] = _in_saved_layout(jax.tree.map(ocp.utils.to_shape_dtype_struct, target), meta["arrays"][name])
+            differences += layout_differences(name, meta["arrays"][name], asked[name])
         if differences:
             raise CheckpointMismatch(self.directory, step, differences, meta)
-        args = {
-            name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
-            for name, target in targets.items()
-        }
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in asked.items()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 -- the layout matched, so a failure to read is damaged data
@@ -251,7 +295,7 @@ class CheckpointReader:
                 if record["checksum"] != saved:
                     key = f"{name}.{path}" if path else name
                     raise CorruptCheckpoint(f"{key}: checksum {record['checksum']} read back, {saved} when saved")
-        return items, meta
+        return {name: _in_target_layout(tree, targets[name]) for name, tree in items.items()}, meta
 
     def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any], dict] | None:
         """The newest checkpoint that passes its checks, as (step, {name: pytree}, meta); None when there is none.
