@@ -457,14 +457,15 @@ def advise(plan: Plan, config: Config, *, kv_shared: int) -> list[str]:
         )
     if plan.rollout_peak > cap:
         kv = items["rollout KV cache"]
-        room = cap - (plan.rollout_peak - kv)
+        per_call = kv + items["rollout working set"]  # both grow with the sequences of one generate call
+        room = cap - (plan.rollout_peak - per_call)
         wave = plan.rollout_sequences
-        while wave > 1 and kv * wave / plan.rollout_sequences > room:
+        while wave > 1 and per_call * wave / plan.rollout_sequences > room:
             wave //= 2
         hint = (
             f"generate {wave} sequences per call instead of {plan.rollout_sequences} (waves; qlx rolls out a whole "
             "step in one call today: lower train.batch_size)"
-            if kv * wave / plan.rollout_sequences <= room
+            if per_call * wave / plan.rollout_sequences <= room
             else "more devices on the batch or seq axes, or host offload of the optimizer state during rollouts"
         )
         out.append(
