@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 import qlx
@@ -74,18 +75,14 @@ def test_cli_table_json_and_exit_codes(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["mesh"]["fsdp"] == 16 and out["mesh"]["seq"] == 4 and out["remat"] == "full"
     params = next(i for i in out["items"] if i["name"] == "parameters")["bytes"]
-    assert abs(params * 64 * 2**-30 * 2**30 / 4 - 30.53e9) / 30.53e9 < 0.01  # 30.53 B float32 parameters
+    assert abs(params * 64 / 4 - 30.53e9) / 30.53e9 < 0.01  # 30.53 B float32 parameters over 64 chips
     assert out["peak_bytes"] == max(out["train_peak_bytes"], out["rollout_peak_bytes"])
 
-    gpus = ["--device", "h100", "--devices", "8", "--set", "mesh.fsdp=1", "--set", "mesh.seq=8"]
-    assert main(["plan", "--config", stage1, *gpus]) == 3
+    stage3 = str(ROOT / "configs/qwen3-30b-a3b/gpu-8xh100-stage3.yaml")
+    assert main(["plan", "--config", stage3, "--device", "h100", "--devices", "8"]) == 3
     text = capsys.readouterr().out
-    assert "GPU plan: an estimate" in text and "DOES NOT FIT" in text and "fix:" in text
-
-    stage3 = str(ROOT / "configs/qwen3-30b-a3b/tpu-v5p-stage3.yaml")
-    assert main(["plan", "--config", stage3, "--topology", "v5p:4x4x4"]) == 3
-    text = capsys.readouterr().out
-    assert "rollouts are over" in text and "sequences per call" in text
+    assert "GPU plan: an estimate" in text and "DOES NOT FIT" in text
+    assert "fix: rollouts are over" in text and "sequences per call instead of 1024" in text
 
 
 @pytest.mark.parametrize(
@@ -118,7 +115,12 @@ def test_tpu_v5p_aot_compile_of_tiny_step(monkeypatch):
     from jax.experimental import topologies
 
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+    except jax.errors.JaxRuntimeError as e:  # another process on this machine holds libtpu's lock
+        if "lockfile" not in str(e):
+            raise
+        pytest.skip(f"libtpu is in use by another process: {e}")
     config = _config(family="qwen3_moe", remat="full", attention="flash", head_dim=64)  # Mosaic: 64 or 128k
     lowered = lower_train_step(config, make_mesh(config.mesh, devices=devices), platform="tpu")
     stats = compiled_stats(lowered.compile())
