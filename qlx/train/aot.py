@@ -152,7 +152,7 @@ def lower_rollout_steps(config: Config, mesh, *, sequences: int, platform: str |
         model = policy.model(params, rest)
         graphdef, state = nnx.split(model)
         layout = model.layout
-        batch_axes = engine._batch_axes(model)
+        batch_axes = engine.batch_axes(model)
         shards = 1
         for axis in batch_axes:
             shards *= mesh.shape[axis]

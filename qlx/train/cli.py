@@ -25,11 +25,17 @@ def run(args) -> int:
     logging.getLogger("qlx").setLevel(logging.INFO)
     try:
         config = load_config(args.config, args.overrides)
+        from qlx.distributed import initialize
+
+        initialize()  # one of several processes (pod slice, Slurm, explicit coordinator): join them first
         from qlx.train.trainer import SIGTERM_EXIT_CODE, TrainingStopped, train
 
         result = train(config)
     except ConfigError as e:
         print(f"qlx train: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a bad QLX_DISTRIBUTED / JAX_* variable (named in the message)
+        print(f"qlx train: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"qlx train: {e}", file=sys.stderr)

@@ -8,10 +8,13 @@ Items, per device (bytes; arrays divided by the mesh axes the logical-axis rules
     gradients         the micro-batch gradient and its accumulator: 2 × parameters (1 × with one micro-batch)
     gathered weights  FSDP all-gathers: two decoder layers' weights (the one computing, the next one prefetched)
                       unsharded over the parameter axes, in the compute dtype, plus the LM head
-    activations       per decoder layer, the tensors the remat policy keeps (activation_widths, per token) for
-                      the micro-batch's local tokens, × L; plus one layer's full set while it is recomputed
-    attention         the "reference" backend keeps its float32 scores and weights per layer (H × visible keys per
-                      token, causal chunks as :func:`qlx.models.attention.chunk_bounds`); flash and ring keep O(T)
+    activations       per decoder layer, the tensors the ``model.remat`` policy keeps on the device
+                      (:data:`KEPT_ACTIVATIONS` of activation_widths, per token) for the micro-batch's local tokens,
+                      × L; plus one layer's full set (its backward: recomputed, or its cotangents)
+    attention         the "reference" backend's float32 scores and weights (H × visible keys per token, causal
+                      chunks as :func:`qlx.models.attention.chunk_bounds`): one layer's in the backward, and every
+                      layer's saved with remat "none"; flash and ring save O(T): XLA's blockwise kernel (CPU, GPU
+                      estimate) holds a few float32 score tiles of one layer, the Pallas TPU kernel none in HBM
     MoE buffers       per MoE layer: the T·k routed copies (x, fused gate/up, activation, expert output) and the
                       float32 router probabilities [T, E]; the blocked (CPU) backend adds a compute-dtype copy
                       of the layer's experts
@@ -28,8 +31,10 @@ Training peak = state (parameters + optimizer) + batch + gradients + gathered + 
 log-prob set. Rollout peak = state + KV cache + weights in the compute dtype (the engine casts them per call) +
 rollout working set. The plan's peak is the larger; it fits when it is below the device's memory less a headroom.
 
-Every per-layer item is a per-layer amount × L, so a plan of the 48-layer model is exact arithmetic even where the
-compile (unrolled layers today) uses fewer layers and scales.
+Every per-layer item is a per-layer amount × L, so a plan of the 48-layer model is exact arithmetic even where a
+compile uses fewer layers and scales. Checked against XLA's ``memory_analysis`` on CPU (tests/test_train_plan.py):
+within 6% for the reference attention backend with remat none / full, dense and MoE, fsdp and tensor meshes; the
+XLA blockwise flash kernel's temporaries are under-counted (the estimate is 17-29% low on CPU for it).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from qlx.mesh import axis_rules, resolve_sizes
 from qlx.models import build_model
 from qlx.models.attention import chunk_bounds
 from qlx.models.sharding import spec_for
+from qlx.models.stacking import STACKED_KEY, UNROLLED_KEY
 from qlx.train.aot import rollout_shapes, train_shapes
 
 GIB = 2**30
@@ -72,12 +78,24 @@ DEVICES: dict[str, Device] = {
 HEADROOM = 0.06
 """Fraction of device memory left free (XLA runtime, fragmentation, collectives' buffers)."""
 
-REMAT_POLICIES: dict[str, tuple[str, ...]] = {
+_QKV = ("q", "k", "v")
+KEPT_ACTIVATIONS: dict[str, tuple[str, ...]] = {
     "none": ("*",),
     "full": ("input",),
-    "save_dots": ("input", "q", "k", "v", "o", "gate", "up", "down", "moe_gate_up", "moe_down", "router"),
+    "minimal": ("input", *_QKV, "o", "gate", "up", "mlp_out", "router"),
+    "minimal_with_context": ("input", *_QKV, "attn_out", "o", "gate", "up", "mlp_out", "router"),
+    "save_dot_with_context_except_mlp": ("input", *_QKV, "attn_out", "o"),
+    "save_dot_except_mlpwi": ("input", *_QKV, "o", "mlp_out"),
+    "save_dot_except_mlp": ("input", *_QKV, "o"),
+    "save_qkv_proj": ("input", *_QKV),
+    "save_out_proj": ("input", "o"),
+    "qkv_proj_offloaded": ("input",),
+    "minimal_offloaded": ("input",),
 }
-"""Per-layer activations each remat policy keeps for the backward pass ("*": all of :func:`activation_widths`)."""
+"""Per-layer activations each ``model.remat`` policy (``qlx.models.remat``) keeps on the device for the backward
+pass ("*": all of :func:`activation_widths`). Every policy keeps the layer input (the checkpointed function's
+argument); the offloaded policies keep the rest in host memory. "minimal" saves dots without batch dimensions: the
+projections, not MoE's ragged_dot."""
 
 MOE_PREFIXES = ("router", "moe_")
 """Names of :func:`activation_widths` counted as MoE buffers rather than activations."""
@@ -130,15 +148,6 @@ class _SizesMesh:
         self.shape = dict(sizes)
 
 
-def remat_policy(config: Config) -> str:
-    """The config's remat policy name: ``model.remat_policy`` where the config has one, else "full" / "none" from
-    ``model.remat``."""
-    policy = getattr(config.model, "remat_policy", None)
-    if policy is None:
-        return "full" if config.model.remat else "none"
-    return "none" if not config.model.remat else str(policy)
-
-
 def activation_widths(config: Config) -> dict[str, tuple[int, str | None, int]]:
     """Per-layer activations of one token: name -> (elements, logical feature axis, itemsize).
 
@@ -170,10 +179,11 @@ def activation_widths(config: Config) -> dict[str, tuple[int, str | None, int]]:
             moe_gate_up=(k * 2 * i, None, act),
             moe_act=(k * i, None, act),
             moe_down=(k * c.hidden_size, None, act),
+            mlp_out=(c.hidden_size, None, act),
         )
     else:
         i = c.intermediate_size
-        widths.update(gate=(i, "mlp", act), up=(i, "mlp", act), act=(i, "mlp", act), down=(c.hidden_size, None, act))
+        widths.update(gate=(i, "mlp", act), up=(i, "mlp", act), act=(i, "mlp", act), mlp_out=(c.hidden_size, None, act))
     return widths
 
 
@@ -266,8 +276,12 @@ def _parameter_layout(config: Config):
         shape = var.get_value().shape
         names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        layer = keys[1] if keys and keys[0] == "layers" else None
-        out.append((tuple(shape), tuple(names), layer, keys[-1]))
+        if keys and keys[0] == STACKED_KEY:  # [L_r, ...]: one entry per layer of the run
+            start, stop = config.model.layer_runs[keys[1]]
+            out.extend((tuple(shape[1:]), tuple(names[1:]), i, keys[-1]) for i in range(start, stop))
+        else:
+            layer = keys[1] if keys and keys[0] == UNROLLED_KEY else None
+            out.append((tuple(shape), tuple(names), layer, keys[-1]))
     return out
 
 
@@ -286,9 +300,7 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
         raise ConfigError("mesh", f"{e} (target {target.label})") from None
     mesh = _SizesMesh(sizes)
     rules = axis_rules(mesh_cfg.rules)
-    policy = remat_policy(config)
-    if policy not in REMAT_POLICIES:
-        raise ConfigError("model.remat_policy", f"unknown policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+    policy = c.remat
     pdt, act = jnp.dtype(c.param_dtype).itemsize, jnp.dtype(c.dtype).itemsize
     layout = _parameter_layout(config)
     params = sum(_shard_bytes(s, n, pdt, mesh, rules) for s, n, _, _ in layout)
@@ -308,33 +320,31 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
         return _shard_bytes((b, length, width), ("batch", "length", feature), itemsize, mesh, rules)
 
     widths = activation_widths(config)
-    # XLA:CPU keeps every layer's tensors whatever the remat policy (measured: BUILD_NOTES "Planner")
-    kept_policy = "none" if target.device.platform == "cpu" else policy
-    keep = REMAT_POLICIES[kept_policy]
+    keep = KEPT_ACTIVATIONS[policy]
 
     def layer_bytes(names, moe: bool) -> int:
         return sum(tokens_bytes(*widths[n]) for n in names if n in widths and n.startswith(MOE_PREFIXES) == moe)
 
     kept = tuple(widths) if keep == ("*",) else keep
     moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-    recompute = kept_policy != "none"
     per_layer_kept = layer_bytes(kept, False)
-    per_layer_all = layer_bytes(tuple(widths), False)
-    activations = c.num_layers * per_layer_kept + recompute * per_layer_all + 3 * tokens_bytes(c.hidden_size, None, act)
+    per_layer_all = layer_bytes(tuple(widths), False)  # one layer's backward (recomputed, or its cotangents)
+    activations = c.num_layers * per_layer_kept + per_layer_all + 3 * tokens_bytes(c.hidden_size, None, act)
 
     pair_bytes = _shard_bytes((b, c.num_heads, 1), ("batch", "heads", None), 4, mesh, rules)
-    if c.attention == "reference":  # float32 scores and weights of every visible (query, key) pair
-        per_layer = 2 * pair_bytes * sum((end - start) * end for start, end in chunk_bounds(t))
+    if c.attention == "reference":  # float32 scores and weights of every visible (query, key) pair, saved per layer
+        attn_work = 2 * pair_bytes * sum((end - start) * end for start, end in chunk_bounds(t))
+        attn_saved = attn_work
     elif target.device.platform == "tpu":  # Pallas tiles live in VMEM; HBM holds O(T) (out, lse)
-        per_layer = 0
-    else:  # XLA blockwise kernel: float32 score tiles of up to 512 keys for the local queries
+        attn_work = attn_saved = 0
+    else:  # XLA blockwise kernel (custom_vjp saves O(T)): float32 score tiles of up to 512 keys, local queries
         t_local = t // ring if ring > 1 else _shard_bytes((1, t), (None, "length"), 1, mesh, rules)
-        per_layer = 3 * pair_bytes * t_local * min(t_local, 512) // 2
-    attention = per_layer * (c.num_layers if kept_policy == "none" else 1)
+        attn_work, attn_saved = 3 * pair_bytes * t_local * min(t_local, 512) // 2, 0
+    attention = attn_work + attn_saved * (c.num_layers if policy == "none" else 0)
     moe_backend = (
         c.moe_backend if c.moe_backend != "auto" else "blocked" if target.device.platform == "cpu" else "ragged"
     )
-    moe = moe_layers * layer_bytes(kept, True) + (moe_layers > 0) * recompute * layer_bytes(tuple(widths), True)
+    moe = moe_layers * layer_bytes(kept, True) + (moe_layers > 0) * layer_bytes(tuple(widths), True)
     if moe_layers and moe_backend == "blocked":  # the layer's experts split into separate compute-dtype arrays
         moe += 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * act // sizes["expert"]
     grads = params * (2 if shapes.micro_batches > 1 else 1)
@@ -375,9 +385,8 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
             activations,
             "train",
             f"remat '{policy}'"
-            + (" (XLA:CPU keeps all)" if kept_policy != policy else "")
             + f": {c.num_layers} layers x {per_layer_kept / 2**20:.1f} MiB kept"
-            + (f" + one layer recomputed {per_layer_all / 2**20:.1f} MiB" if recompute else "")
+            + f" + one layer's backward {per_layer_all / 2**20:.1f} MiB"
             + f"; micro-batch {b} x {t} tokens",
         ),
         Item(
@@ -448,14 +457,15 @@ def advise(plan: Plan, config: Config, *, kv_shared: int) -> list[str]:
         )
     if plan.rollout_peak > cap:
         kv = items["rollout KV cache"]
-        room = cap - (plan.rollout_peak - kv)
+        per_call = kv + items["rollout working set"]  # both grow with the sequences of one generate call
+        room = cap - (plan.rollout_peak - per_call)
         wave = plan.rollout_sequences
-        while wave > 1 and kv * wave / plan.rollout_sequences > room:
+        while wave > 1 and per_call * wave / plan.rollout_sequences > room:
             wave //= 2
         hint = (
             f"generate {wave} sequences per call instead of {plan.rollout_sequences} (waves; qlx rolls out a whole "
             "step in one call today: lower train.batch_size)"
-            if kv * wave / plan.rollout_sequences <= room
+            if per_call * wave / plan.rollout_sequences <= room
             else "more devices on the batch or seq axes, or host offload of the optimizer state during rollouts"
         )
         out.append(

@@ -196,7 +196,20 @@ def _restore(config: Config, checkpointer: Checkpointer, targets: dict, run_dir:
     return None
 
 
+def _primary() -> bool:
+    """Whether this is the process that writes the run folder's shared files (config, status, metrics)."""
+    return jax.process_index() == 0
+
+
+def _metrics_dir(run_dir: Path) -> Path:
+    """The run folder on the primary process; ``run_dir/processes/<k>`` on process k > 0 of a multi-host run (its
+    own throughput and timing; the losses are the same on every process)."""
+    return run_dir if _primary() else run_dir / "processes" / str(jax.process_index())
+
+
 def _write_config(config: Config, run_dir: Path) -> None:
+    if not _primary():
+        return
     path = run_dir / "config.yaml"
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     if path.is_file() and path.read_text() != text:
@@ -210,6 +223,8 @@ def _write_config(config: Config, run_dir: Path) -> None:
 
 
 def _write_status(run_dir: Path, step: int, status: str) -> None:
+    if not _primary():
+        return
     (run_dir / "status.json").write_text(json.dumps({"step": step, "status": status}))
 
 
@@ -292,7 +307,7 @@ def train(config: Config) -> TrainResult:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
         job.begin(params)
     _write_config(config, run_dir)
-    writer = MetricsWriter(run_dir, resume_step=start)
+    writer = MetricsWriter(_metrics_dir(run_dir), resume_step=start)
 
     def save(step: int) -> None:
         items = {"params": params, "opt_state": opt_state, "extra": {"rng": rng, **job.extra_state()}}
