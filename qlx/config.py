@@ -335,6 +335,11 @@ class TrainConfig:
     sft_prompt_weight: sft mode: weight of the next-token loss on the prompt's tokens relative to the answer's
         (0: answer tokens only). A model trained from random weights learns to read and copy from its context much
         sooner with language-model loss on the context too.
+    packing: place several samples in one row (first-fit by length into rows of a length bucket of the step's
+        longest sample), each with its own segment id and positions restarting at 0, so a step computes on data
+        instead of padding (qlx.train.batches). Exact: per-sample log-probs, entropies, advantages, masks and the
+        token-mean denominator are those of one row per sample (false: right-pad every sample to the step's
+        longest, the layout before packing). micro_batch_size then counts packed rows.
     """
 
     mode: Literal["sft", "rl"] = "rl"
@@ -351,6 +356,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     progress: bool = True
     sft_prompt_weight: float = 0.0
+    packing: bool = True
 
     def __post_init__(self):
         _check_finite(self)

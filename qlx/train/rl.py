@@ -34,10 +34,10 @@ from qlx import rl
 from qlx.config import Config
 from qlx.models.sharding import Layout
 from qlx.rollout.engine import generate
-from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.batches import batch_shards, micro_batches, pad_rows, put_micro_batches
 from qlx.train.evaluate import exact_score
 from qlx.train.inputs import Dataset
-from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason, stack_micro_batches
+from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason
 
 log = logging.getLogger(__name__)
 
@@ -221,20 +221,19 @@ class RLJob:
             keep_n &= ~zero_variance_groups(rewards_n, g)
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
-        rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
+        rows = pad_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
         rows["advantages_b"] = adv_n
-        micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
+        batch = self._micro_batches(rows)
         old_logp, entropy = forward_logprobs(
             params,
             self.rest,
-            put_micro_batches(micro, self.layout),
+            put_micro_batches(batch.arrays, self.layout),
             policy=self.policy,
             temperature=cfg.rollout.temperature,
             chunk=cfg.rl.logprob_chunk,
         )
         n = len(rows_idx)
-        old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
-        entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
+        old_logp_br, entropy_br = batch.per_sample(old_logp), batch.per_sample(entropy)
         h_all = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
         rows["mask_br"] *= keep_n[:, None]
         h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
@@ -264,6 +263,7 @@ class RLJob:
             "response_length/mean": float(lengths.mean()),
             "response_length/truncated_fraction": float(np.mean([r == "length" for r in result.finish_reasons])),
             "tokens_per_s": float(sum(len(p) for p in prompts) + lengths.sum()) / (now - start),
+            "padding_fraction": batch.padding_fraction,
             "step_time_s": now - start,
             "rollout_time_s": rollout_time,
             "update_time_s": now - update_start,
@@ -276,6 +276,17 @@ class RLJob:
                 metrics[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
                 metrics[f"response_length/{name}"] = float(lengths[here].mean())
         return params, opt_state, metrics, skipped
+
+    def _micro_batches(self, rows: dict):
+        """:func:`qlx.train.batches.micro_batches` of per-sample rows, packed with ``train.packing``."""
+        train = self.config.train
+        return micro_batches(
+            rows,
+            train.micro_batch_size,
+            pad_id=self.tokenizer.pad_id,
+            packing=train.packing,
+            batch_multiple=batch_shards(self.layout),
+        )
 
     def _update(self, rows: dict, params, opt_state):
         """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics."""
@@ -290,7 +301,7 @@ class RLJob:
             denominator = np.float32(part["mask_br"].sum())
             if denominator == 0:
                 continue
-            micro = stack_micro_batches(part, cfg.train.micro_batch_size, pad_row_values(part, self.tokenizer.pad_id))
+            micro = self._micro_batches(part).arrays
             params, opt_state, out = self.train_step(
                 params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
             )
