@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=20)
     parser.add_argument("--rl-steps", type=int, default=3)
     parser.add_argument("--init-from", default=None, help="the demo's SFT run folder (RL rollouts of a warm start)")
+    parser.add_argument("--packed-length", type=int, default=0, help="train.packed_length of the packed runs")
     args = parser.parse_args()
     out = Path(args.out)
     size = dataclasses.replace(FULL, n_train=args.n_train, n_eval=10)
@@ -90,7 +91,8 @@ def main() -> None:
             continue
         results = {}
         for packing in (False, True):
-            configs = demo_configs(out, size, 0, [f"train.packing={str(packing).lower()}"], ["train.init_from=null"])
+            layout = [f"train.packing={str(packing).lower()}", f"train.packed_length={args.packed_length}"]
+            configs = demo_configs(out, size, 0, layout, ["train.init_from=null"])
             config = configs.sft if name == "SFT" else configs.rl
             run_dir = out / f"{name.lower()}-{'packed' if packing else 'padded'}"
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -30,29 +30,35 @@ TINY = qlx.load_config(CONFIGS / "models/tiny-moe.yaml", ["model.vocab_size=96"]
 
 
 def test_packed_layout_hand_computed():
-    """Lengths 5, 3, 6, 2, 1 into rows of 16: first-fit decreasing puts 6, 5, 3, 2 in row 0 and 1 in row 1."""
+    """Lengths 5, 3, 6, 2, 1 into rows of 16: first-fit decreasing puts 6, 5, 3, 2 in row 0 and 1 in row 1; one
+    slot per response token (6 of them: a length bucket, a multiple of the 2 rows; K = 3 per row)."""
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [17]]
     responses = [[11, 12], [13], [14, 15], [16], []]
     rows = pad_rows(prompts, responses, pad_id=0)
     rows["advantages_b"] = np.arange(5, dtype=np.float32) + 1
+    rows["old_logp_br"] = -np.arange(40, dtype=np.float32).reshape(5, 8)
     assert first_fit(rows["length_b"].tolist(), 16) == [[2, 0, 1, 3], [4]]
     batch = micro_batches(rows, 0, pad_id=0, packing=True)
     a = batch.arrays
-    assert a["tokens_bt"].shape == (1, 2, 16) and a["mask_br"].shape == (1, 8, 8)  # 2 rows, K = 4 slots per row
+    assert a["tokens_bt"].shape == (1, 2, 16) and a["mask_br"].shape == (1, 6, 1)
     np.testing.assert_array_equal(a["tokens_bt"][0, 0], [6, 7, 8, 9, 14, 15, 1, 2, 3, 11, 12, 4, 5, 13, 10, 16])
     np.testing.assert_array_equal(a["tokens_bt"][0, 1], [17] + [0] * 15)
     np.testing.assert_array_equal(a["segment_ids_bt"][0, 0], [1] * 6 + [2] * 5 + [3] * 3 + [4] * 2)
     np.testing.assert_array_equal(a["segment_ids_bt"][0, 1], [1] + [0] * 15)
     np.testing.assert_array_equal(a["positions_bt"][0, 0], [*range(6), *range(5), *range(3), *range(2)])
-    np.testing.assert_array_equal(batch.slot_n, [1, 2, 0, 3, 4])
-    np.testing.assert_array_equal(a["start_b"][0], [4, 9, 13, 15, 1, 1, 1, 1])  # empty slots start at 1
-    np.testing.assert_array_equal(a["advantages_b"][0], [3, 1, 2, 4, 5, 0, 0, 0])
-    for name in ("mask_br", "advantages_b"):
-        np.testing.assert_array_equal(batch.per_sample(a[name]), rows[name])
+    # slots 0-2 read from row 0, slots 3-5 from row 1 (start relative to it): targets at flat 4, 5, 9, 10, 13, 15
+    np.testing.assert_array_equal(a["start_b"][0], [4, 5, 9, 10 - 16, 13 - 16, 15 - 16])
+    np.testing.assert_array_equal(a["advantages_b"][0], [3, 3, 1, 1, 2, 4])
+    np.testing.assert_array_equal(a["old_logp_br"][0, :, 0], [-16, -17, 0, -1, -8, -24])
+    np.testing.assert_array_equal(batch.per_sample(a["mask_br"]), rows["mask_br"])
+    np.testing.assert_array_equal(batch.per_sample(a["old_logp_br"]), rows["old_logp_br"] * rows["mask_br"])
     assert batch.padding_fraction == pytest.approx(1 - 17 / 32)
     padded = micro_batches(rows, 2, pad_id=0, packing=False)  # 5 rows -> 3 micro-batches of 2, one padding row
     assert padded.arrays["tokens_bt"].shape == (3, 2, 16) and padded.arrays["start_b"].shape == (3, 2)
     np.testing.assert_array_equal(padded.arrays["segment_ids_bt"][0, 0], [1] * 5 + [0] * 11)
+    np.testing.assert_array_equal(
+        padded.per_sample(padded.arrays["old_logp_br"]), rows["old_logp_br"] * rows["mask_br"]
+    )
     assert padded.padding_fraction == pytest.approx(1 - 17 / 96)
 
 

@@ -2,26 +2,32 @@
 
 Two steps. :func:`pad_rows` gives one row per sample: ``prompt + response`` right-padded to a length bucket T, the
 response window R a length bucket of the longest response; ``start_b`` is each prompt's length, ``mask_br`` marks the
-real response tokens, ``length_b`` counts the real tokens. The caller adds per-sample fields (advantages, old
-log-probs, a scaled mask) to that dict. :func:`micro_batches` then lays the samples out for the step, either
+real response tokens (the loss weights), ``length_b`` counts the real tokens. The caller adds per-sample fields to
+that dict: [N] (one value per sample, e.g. advantages) or [N, R] (one per response token, e.g. old log-probs).
+:func:`micro_batches` then lays the samples out for the step, either
 
-- padded (``packing=False``): one sample per row, as :func:`pad_rows` gave them; or
+- padded (``packing=False``): one sample per row, as :func:`pad_rows` gave them; a slot is a sample's window of R
+  response tokens; or
 - packed (``packing=True``): several samples per row. Samples are placed first-fit by decreasing length into rows of
-  ``length_bucket(longest sample)`` tokens; each row carries ``segment_ids_bt`` (1, 2, ... per sample, 0 on
-  padding) and ``positions_bt`` (0, 1, ... restarting at every sample), so attention never crosses a sample and RoPE
-  sees each sample exactly as it would alone.
+  ``row_length`` tokens (``train.packed_length``; 0, the default: a length bucket of the step's longest sample);
+  each row carries ``segment_ids_bt`` (1, 2, ... per sample, 0 on padding) and ``positions_bt`` (0, 1, ...
+  restarting at every sample), so attention never crosses a sample and RoPE sees each sample exactly as it would
+  alone. A slot is one response token (window W = 1): a micro-batch's slots are its samples' response tokens (S, a
+  bucket of the most any micro-batch has), so only real response tokens reach the vocabulary projection.
 
-Both layouts give every sample its own slot in the per-sample arrays: row-level fields (``tokens_bt``,
-``segment_ids_bt``, ``positions_bt``) are [M, b, T]; per-sample fields are [M, b·K, ...] with K slots per row (K = 1
-padded; the most samples any row holds, a power of two, packed), slot ``i·K + j`` being segment ``j + 1`` of row
-``i``, and ``start_b`` indexing the first response token within its row. Empty slots have ``mask_br`` 0. Per-sample
-values are therefore the same numbers in either layout; ``slot_n`` maps sample n to its flat slot index.
+Row fields (``tokens_bt``, ``segment_ids_bt``, ``positions_bt``) are [M, b, T]; slot fields are [M, b·K, W] (K = 1,
+W = R padded; W = 1, b·K = S packed). Slot s of a micro-batch reads the window that starts (its first target token)
+at ``start_b[s]`` of row s // K, the micro-batch's rows read as one flat sequence of b·T tokens (packed, a slot's
+target may lie in another row). Per-sample values are the same numbers in either layout, placed at their tokens'
+slots; :meth:`StepBatch.per_sample` maps a step's per-slot output back to [N, R]. Empty slots have ``mask_br`` 0.
 
 Where qlx differs from MaxText / levanter packing: rows hold whole samples of one step (a sample is never split or
-carried over to the next batch, so the step-wide token-mean denominator is the unpacked one); the row length and the
-row count are buckets of the step's own samples (not a fixed ``max_target_length``); placement is first-fit
-decreasing over the whole step rather than streaming first-fit; and the per-sample arrays keep a slot per sample
-(log-probs and entropies come back per sample, not per packed row).
+carried over to the next batch, so the step-wide token-mean denominator is the unpacked one), so the row count
+varies by step (a length bucket: a few compilations); rows default to the step's longest sample rather than a fixed
+``max_target_length`` (on CPU the tiny demo model's attention made longer rows slower: BUILD_NOTES.md); placement
+is first-fit decreasing over the whole step rather than streaming first-fit; and the loss reads only the response
+tokens' hidden states (MaxText and levanter project every position of the packed row and mask the loss), which keeps
+RL's short responses from paying for their long prompts in the vocabulary projection.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 
 from qlx.mesh import logical_to_spec
 from qlx.models.sharding import Layout
-from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
+from qlx.rollout.buckets import length_bucket, round_up
 
 ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt")
 """Fields with one entry per row; every other field of a step batch has one entry per sample slot."""
@@ -92,15 +98,15 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """Micro-batched host arrays of one step and where each sample sits in them.
+    """Micro-batched host arrays of one step and where each sample's response tokens sit in them.
 
-    arrays: row fields [M, b, T], per-sample fields [M, b·K, ...] (module docstring). slot_n: int [N], sample n's
-    index in the flattened slot axis (M·b·K). real_tokens / row_tokens: real and total token positions of the rows
-    (their ratio is 1 − the padding fraction).
+    arrays: row fields [M, b, T], slot fields [M, b·K, W] (module docstring). index_nr: int [N, R], the flat index
+    (into M·b·K·W) of sample n's response token r, -1 past its response. real_tokens / row_tokens: real and total
+    token positions of the rows (1 − their ratio is the padding fraction).
     """
 
     arrays: dict[str, np.ndarray]
-    slot_n: np.ndarray
+    index_nr: np.ndarray
     real_tokens: int
     row_tokens: int
 
@@ -109,42 +115,49 @@ class StepBatch:
         return 1.0 - self.real_tokens / max(self.row_tokens, 1)
 
     def per_sample(self, slots: np.ndarray) -> np.ndarray:
-        """[M, b·K, ...] per-slot values (a step's output) -> [N, ...] in sample order."""
-        slots = np.asarray(slots)
-        return slots.reshape(-1, *slots.shape[2:])[self.slot_n]
+        """[M, b·K, W] per-slot values (a step's log-probs, entropies) -> [N, R] per response token, 0 past it."""
+        flat = np.asarray(slots).reshape(-1)
+        return np.where(self.index_nr >= 0, flat[np.maximum(self.index_nr, 0)], 0).astype(flat.dtype)
 
 
 def micro_batches(
-    rows: dict[str, np.ndarray], micro_batch_size: int, *, pad_id: int, packing: bool, batch_multiple: int = 1
+    rows: dict[str, np.ndarray],
+    micro_batch_size: int,
+    *,
+    pad_id: int,
+    packing: bool,
+    row_length: int = 0,
+    batch_multiple: int = 1,
 ) -> StepBatch:
-    """:func:`pad_rows`' fields plus per-sample fields ([N, ...]) -> the step's micro-batches.
+    """:func:`pad_rows`' fields plus per-sample fields ([N] or [N, R]) -> the step's micro-batches.
 
     micro_batch_size: rows per micro-batch b (0: one micro-batch of every row); padded, a row is one sample.
-    Packed, the row count is rounded up to a length bucket (few distinct shapes, so few compilations) and to a
-    multiple of ``batch_multiple`` (the batch mesh shards) when it is one micro-batch; padding rows and empty slots
-    carry no loss.
+    Packed, rows are ``row_length`` tokens (at least a length bucket of the longest sample), and go into the fewest
+    micro-batches of at most ``micro_batch_size`` rows, b a length bucket (few distinct shapes, so few
+    compilations) rounded up to a multiple of ``batch_multiple`` (the batch mesh shards). Padding rows and empty
+    slots carry no loss.
     """
-    n = len(rows["tokens_bt"])
-    length_n = rows["length_b"]
-    fields = {name: array for name, array in rows.items() if name not in ("tokens_bt", "length_b")}
+    n, window = rows["mask_br"].shape
+    length_n, start_n = rows["length_b"], rows["start_b"]
+    response_n = length_n - start_n
     if packing:
-        width = length_bucket(int(length_n.max()))
+        width = max(row_length, length_bucket(int(length_n.max())))
         bins = first_fit(length_n.tolist(), width)
-        num_rows = length_bucket(len(bins), minimum=1)
+        micro_count = 1 if micro_batch_size == 0 else -(-len(bins) // micro_batch_size)
+        size = round_up(length_bucket(-(-len(bins) // micro_count), minimum=1), batch_multiple)
+        if micro_batch_size:
+            size = min(size, round_up(micro_batch_size, batch_multiple))
+        num_rows = round_up(len(bins), size)
     else:
         width = rows["tokens_bt"].shape[1]
         bins = [[i] for i in range(n)]
-        num_rows = n
-    if micro_batch_size == 0:
-        num_rows = size = round_up(num_rows, batch_multiple)
-    else:
-        size, num_rows = micro_batch_size, round_up(num_rows, micro_batch_size)
-    k = batch_bucket(max(len(b) for b in bins)) if packing else 1
+        size = n if micro_batch_size == 0 else micro_batch_size
+        num_rows = round_up(n, size)
     tokens_bt = np.full((num_rows, width), pad_id, np.int32)
     segment_ids_bt = np.zeros((num_rows, width), np.int32)
     positions_bt = np.zeros((num_rows, width), np.int32)
-    slot_n = np.zeros(n, np.int64)
     offset_n = np.zeros(n, np.int32)
+    row_n = np.zeros(n, np.int64)
     for r, members in enumerate(bins):
         offset = 0
         for j, i in enumerate(members):
@@ -152,17 +165,60 @@ def micro_batches(
             tokens_bt[r, offset : offset + length] = rows["tokens_bt"][i, :length]
             segment_ids_bt[r, offset : offset + length] = j + 1
             positions_bt[r, offset : offset + length] = np.arange(length)
-            slot_n[i], offset_n[i] = r * k + j, offset
+            offset_n[i], row_n[i] = offset, r
             offset += length
     arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
-    for name, array in fields.items():
-        fill = 1 if name == "start_b" else 0  # an empty slot's window starts at token 1 (its mask is 0)
-        slots = np.full((num_rows * k, *array.shape[1:]), fill, array.dtype)
-        slots[slot_n] = array + offset_n if name == "start_b" else array
-        arrays[name] = slots
+    fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
+    if packing:
+        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n)
+        index_nr = arrays.pop("index_nr")
+        k = arrays["start_b"].shape[0] // num_rows
+    else:
+        k = 1
+        index_nr = np.where(np.arange(window) < response_n[:, None], np.arange(n * window).reshape(n, window), -1)
+        arrays["start_b"] = np.ones(num_rows, np.int32)  # a padding row's window starts at token 1 (its mask is 0)
+        arrays["start_b"][:n] = start_n
+        for name, array in fields.items():
+            arrays[name] = np.zeros((num_rows, *array.shape[1:]), array.dtype)
+            arrays[name][:n] = array
     m = num_rows // size
     arrays = {name: a.reshape(m, size * (1 if name in ROW_FIELDS else k), *a.shape[1:]) for name, a in arrays.items()}
-    return StepBatch(arrays, slot_n, int(length_n.sum()), num_rows * width)
+    return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
+
+
+def _token_slots(fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n) -> dict:
+    """Packed slot fields: one slot per response token, micro-batch by micro-batch, plus ``index_nr``.
+
+    Micro-batch m (rows m·b .. m·b + b − 1) gets S slots (its rows' response tokens in row order, then empty
+    slots), S a length bucket of the most any micro-batch has, rounded up to a multiple of b (K = S / b). Slot s of a
+    micro-batch predicts the token at flat position ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as
+    one sequence (so start_b may lie outside the slot's nominal row s // K). [N] fields repeat over the
+    sample's tokens, [N, R] fields give each token its own value."""
+    n, window = fields["mask_br"].shape
+    num_rows, size, width = shape
+    micro = [bins[m : m + size] for m in range(0, len(bins), size)]
+    counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in micro]
+    slots = round_up(length_bucket(max(counts), minimum=1), size)
+    k, micro_count = slots // size, num_rows // size
+    index_nr = np.full((n, window), -1, np.int64)
+    start_s = np.ones(micro_count * slots, np.int32)
+    for m, rows in enumerate(micro):
+        slot = m * slots
+        for r, members in enumerate(rows):
+            for i in members:
+                count = int(response_n[i])
+                index_nr[i, :count] = np.arange(slot, slot + count)
+                local = np.arange(slot, slot + count) - m * slots  # the slots' indices within the micro-batch
+                start_s[slot : slot + count] = (r - local // k) * width + target_n[i] + np.arange(count)
+                slot += count
+    real = index_nr >= 0
+    out = {"start_b": start_s, "index_nr": index_nr}
+    for name, array in fields.items():
+        per_token = array[:, :, None] if array.ndim > 1 else np.broadcast_to(array[:, None, None], (n, window, 1))
+        values = np.zeros((micro_count * slots, 1), array.dtype)
+        values[index_nr[real]] = per_token[real]
+        out[name] = values if array.ndim > 1 else values[:, 0]
+    return out
 
 
 def batch_shards(layout: Layout) -> int:

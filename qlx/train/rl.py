@@ -285,6 +285,7 @@ class RLJob:
             train.micro_batch_size,
             pad_id=self.tokenizer.pad_id,
             packing=train.packing,
+            row_length=self.config.train.packed_length,
             batch_multiple=batch_shards(self.layout),
         )
 

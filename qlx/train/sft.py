@@ -89,7 +89,12 @@ class SFTJob:
         denominator = np.float32(rows["mask_br"].sum())
         train = self.config.train
         batch = micro_batches(
-            rows, train.micro_batch_size, pad_id=self.pad_id, packing=train.packing, batch_multiple=self.shards
+            rows,
+            train.micro_batch_size,
+            pad_id=self.pad_id,
+            packing=train.packing,
+            row_length=self.config.train.packed_length,
+            batch_multiple=self.shards,
         )
         params, opt_state, out = self.train_step(
             params, opt_state, self.rest, put_micro_batches(batch.arrays, self.layout), denominator

@@ -6,10 +6,10 @@ A step batch is a dict of arrays with a leading micro-batch axis M (``[M, b, ...
 - ``tokens_bt`` int32 [M, b, T]: prompt then response, right-padded, or several samples per row (packed);
 - ``segment_ids_bt``, ``positions_bt`` int32 [M, b, T] (optional): each token's sample (1, 2, ...; 0 padding) and
   its position within the sample (see :mod:`qlx.train.batches`);
-- ``start_b`` int32 [M, b·K]: index of the first response token of each sample slot within its row (>= 1; K slots
-  per row, K = 1 unpacked);
-- ``mask_br`` float32 [M, b·K, R]: 1 on response tokens that count in the loss (R = the response window);
-- plus whatever the loss reads, per slot (``advantages_b``, ``old_logp_br`` in RL).
+- ``start_b`` int32 [M, S]: where each slot's window of response tokens starts (S = b unpacked, one slot per row
+  starting at its prompt's length; packed, one slot per response token: see :mod:`qlx.train.batches`);
+- ``mask_br`` float32 [M, S, R]: the loss weight of each response token (1 on answer tokens; R = the window);
+- plus whatever the loss reads, per slot (``advantages_b`` [M, S], ``old_logp_br`` [M, S, R] in RL).
 
 Every loss is written as a sum over tokens, ``numerator = Σ_{m,i,t} ℓ_{m,i,t}``, and the step divides by
 ``denominator = Σ mask`` over the *whole step*, not per micro-batch:
@@ -58,20 +58,23 @@ class Policy:
 
 
 def response_window(tokens_bt: jax.Array, start_b: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of the positions that predict each slot's response tokens, and those tokens: ([b, K·R], [b, K·R]).
+    """Flat indices (into the b·T tokens of the rows read as one sequence) of the positions that predict each slot's
+    response tokens, and those tokens: ([S, R], [S, R]) int32.
 
-    ``start_b`` [b·K] holds K slots per row (slot ``i·K + j`` lies in row i; K = 1 without packing). Position
-    ``start - 1 + r`` of the row predicts token ``start + r``; indices past the row are clamped (their mask is 0).
+    ``start_b`` [S] holds K = S / b slots per row: slot s's window starts at token ``start_b[s]`` of row s // K
+    (unpacked: K = 1 and start is the prompt length; packed: see :mod:`qlx.train.batches`). Flat position
+    ``p - 1`` predicts token ``p``; indices past the rows are clamped (their mask is 0).
     """
     rows, length = tokens_bt.shape
-    pred_sr = jnp.clip(start_b[:, None] - 1 + jnp.arange(window)[None, :], 0, length - 1)
-    pred_bx = pred_sr.reshape(rows, -1)
-    targets_bx = jnp.take_along_axis(tokens_bt, jnp.clip(pred_bx + 1, 0, length - 1), axis=1)
-    return pred_bx, targets_bx
+    k = start_b.shape[0] // rows
+    base_s = (jnp.arange(start_b.shape[0]) // k) * length + start_b
+    pred_sr = jnp.clip(base_s[:, None] - 1 + jnp.arange(window)[None, :], 0, rows * length - 1)
+    targets_sr = jnp.take(tokens_bt.reshape(-1), jnp.clip(pred_sr + 1, 0, rows * length - 1))
+    return pred_sr, targets_sr
 
 
 def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [b·K, R].
+    """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [S, R].
 
     Packed rows (``segment_ids_bt``, ``positions_bt``: see :mod:`qlx.train.batches`) attend within their segment
     and restart RoPE at each sample. Only the response windows' hidden states reach the vocabulary projection (no
@@ -81,15 +84,10 @@ def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> 
     hidden_btd = model.hidden_states(
         tokens_bt, positions_bt=batch.get("positions_bt"), segment_ids_bt=batch.get("segment_ids_bt")
     )
-    pred_bx, targets_bx = response_window(tokens_bt, start_b, mask_br.shape[1])
-    hidden_brd = jnp.take_along_axis(hidden_btd, pred_bx[:, :, None], axis=1).reshape(*mask_br.shape, -1)
+    pred_sr, targets_sr = response_window(tokens_bt, start_b, mask_br.shape[1])
+    hidden_srd = jnp.take(hidden_btd.reshape(-1, hidden_btd.shape[-1]), pred_sr, axis=0)
     return token_logprobs_and_entropy(
-        hidden_brd,
-        model.lm_head_weight(),
-        targets_bx.reshape(mask_br.shape),
-        mask_br,
-        temperature=temperature,
-        chunk=chunk,
+        hidden_srd, model.lm_head_weight(), targets_sr, mask_br, temperature=temperature, chunk=chunk
     )
 
 
