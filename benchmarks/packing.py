@@ -10,7 +10,9 @@ runs the same steps twice from the same parameters and data state: the first pas
 need, the second is timed, so the table has no compilation in it. Real tokens are the prompt and response tokens of
 the step's samples (padding not counted). SFT: whole steps. RL: the training part of the step (log-probs of the
 rollouts, AEPO, the update), i.e. step time minus rollout time; the rollouts are the same in both layouts. The RL
-rollouts come from fresh weights (long, random answers) unless ``--init-from`` names the demo's SFT run.
+rollouts come from fresh weights (long, random answers) unless ``--init-from`` names the demo's SFT run; dynamic
+sampling and AEPO are off so that the update runs even when every reward is 0 (with fresh weights, dynamic sampling
+would drop every group and AEPO's keep mask every sample, leaving nothing to update).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def main() -> None:
         results = {}
         for packing in (False, True):
             layout = [f"train.packing={str(packing).lower()}", f"train.packed_length={args.packed_length}"]
-            configs = demo_configs(out, size, 0, layout, ["train.init_from=null"])
+            rl_only = ["train.init_from=null", "rl.dynamic_sampling=false", "rl.aepo=false"]
+            configs = demo_configs(out, size, 0, layout, rl_only)
             config = configs.sft if name == "SFT" else configs.rl
             run_dir = out / f"{name.lower()}-{'packed' if packing else 'padded'}"
             run_dir.mkdir(parents=True, exist_ok=True)
