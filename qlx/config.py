@@ -358,6 +358,14 @@ class TrainConfig:
     sft_prompt_weight: sft mode: weight of the next-token loss on the prompt's tokens relative to the answer's
         (0: answer tokens only). A model trained from random weights learns to read and copy from its context much
         sooner with language-model loss on the context too.
+    packing: place several samples in one row (first-fit by length into rows of a length bucket of the step's
+        longest sample), each with its own segment id and positions restarting at 0, so a step computes on data
+        instead of padding (qlx.train.batches). Exact: per-sample log-probs, entropies, advantages, masks and the
+        token-mean denominator are those of one row per sample (false: right-pad every sample to the step's
+        longest, the layout before packing). micro_batch_size then bounds the packed rows per pass.
+    packed_length: tokens per packed row (0: a length bucket of the step's longest sample). Longer rows hold more
+        samples and less padding but cost more attention per token; on the CPU demo's tiny model rows of 640 tokens
+        were slower than rows of the longest sample (BUILD_NOTES.md, "Sequence packing").
     """
 
     mode: Literal["sft", "rl", "memory"] = "rl"
@@ -374,6 +382,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     progress: bool = True
     sft_prompt_weight: float = 0.0
+    packing: bool = True
+    packed_length: int = 0
 
     def __post_init__(self):
         _check_finite(self)
@@ -385,6 +395,9 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         _check(self.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0 (0: answer tokens only)")
+        _check(
+            self.packed_length >= 0, "packed_length", "must be >= 0 (0: a length bucket of the step's longest sample)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,12 +17,12 @@ from qlx.memory.batch import conversations
 from qlx.mesh import axis_rules, make_mesh
 from qlx.models.sharding import Layout
 from qlx.train import memory_rl
-from qlx.train.batches import pack_rows, put_micro_batches
+from qlx.train.batches import micro_batches, pad_row_count, pad_rows, put_micro_batches
 from qlx.train.checkpoint import Checkpointer
-from qlx.train.memory_rl import pad_rows, trajectory_values
+from qlx.train.memory_rl import trajectory_values
 from qlx.train.optim import make_optimizer
 from qlx.train.preflight import preflight
-from qlx.train.step import forward_logprobs, stack_micro_batches
+from qlx.train.step import forward_logprobs
 from qlx.train.trainer import _abstract_model, _initial_params, _make_job, train
 
 MEMORY = {
@@ -85,8 +85,7 @@ def test_conversations_and_broadcast_hand_case():
     )
     assert adv_c.tolist() == [0.5, -0.5, 0.5, 0.5, -0.5] and reward_c.tolist() == [1, 0, 1, 1, 0]
     assert keep_c.all() and keep_n.all()
-    rows = pack_rows(conv.prompts, conv.responses, pad_id=0)
-    rows = pad_rows(rows, 7, {"tokens_bt": 0, "start_b": 1, "mask_br": 0})
+    rows = pad_row_count(pad_rows(conv.prompts, conv.responses, pad_id=0), 7, 0)
     weight = rows["mask_br"] * np.pad(adv_c, (0, 2))[:, None]
     expected = np.zeros_like(weight)
     for c, (a, n) in enumerate([(0.5, 3), (-0.5, 1), (0.5, 2), (0.5, 1), (-0.5, 3)]):
@@ -198,9 +197,9 @@ def _batch(job, rollout, rewards_n):
     conv = conversations(rollout)
     task_n = np.zeros(len(rewards_n), np.int32)
     (adv_c, reward_c, keep_c), _ = trajectory_values(job.config.rl, rollout, conv, rewards_n, task_n)
-    rows = pack_rows(conv.prompts, conv.responses, pad_id=job.tokenizer.pad_id)
+    rows = pad_rows(conv.prompts, conv.responses, pad_id=job.tokenizer.pad_id)
     total = job.row_count(len(conv))
-    rows = pad_rows(rows, total, {"tokens_bt": job.tokenizer.pad_id, "start_b": 1, "mask_br": 0})
+    rows = pad_row_count(rows, total, job.tokenizer.pad_id)
     pad = total - len(conv)
     return conv, rows, *(np.pad(x, (0, pad)) for x in (adv_c, reward_c, keep_c))
 
@@ -211,11 +210,11 @@ def _copy(tree):
 
 def _logp_c(job, params, rows, n):
     """Summed log-prob of each of the first n rows' responses under params: [n]."""
-    micro = stack_micro_batches(rows, 0, {"tokens_bt": job.tokenizer.pad_id, "start_b": 1, "mask_br": 0})
+    batch = micro_batches(rows, 0, pad_id=job.tokenizer.pad_id, packing=False)
     logp, _ = forward_logprobs(
-        params, job.rest, put_micro_batches(micro, job.layout), policy=job.policy, temperature=1.0, chunk=8192
+        params, job.rest, put_micro_batches(batch.arrays, job.layout), policy=job.policy, temperature=1.0, chunk=8192
     )
-    return (np.asarray(logp)[0] * rows["mask_br"]).sum(axis=1)[:n]
+    return (batch.per_sample(logp) * rows["mask_br"]).sum(axis=1)[:n]
 
 
 REWARDS = np.array([1.0, 0.0, 0.0, 1.0])

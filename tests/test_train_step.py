@@ -17,11 +17,11 @@ from qlx.config import OptimizerConfig, config_from_dict
 from qlx.mesh import make_mesh
 from qlx.models import build_model
 from qlx.train import rl as rl_module
-from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.batches import micro_batches, pad_rows, put_micro_batches
 from qlx.train.optim import make_optimizer
 from qlx.train.preflight import preflight
 from qlx.train.rl import RLJob, rl_loss_sum
-from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum, stack_micro_batches
+from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -42,7 +42,7 @@ def _tiny(optimizer, seed=0):
 def _random_rows(rng, n, vocab=96):
     prompts = [rng.integers(3, vocab, rng.integers(4, 12)).tolist() for _ in range(n)]
     responses = [rng.integers(3, vocab, rng.integers(1, 9)).tolist() for _ in range(n)]
-    rows = pack_rows(prompts, responses, pad_id=0)
+    rows = pad_rows(prompts, responses, pad_id=0)
     rows["advantages_b"] = rng.normal(size=n).astype(np.float32)
     rows["old_logp_br"] = rng.normal(-4.5, 0.1, rows["mask_br"].shape).astype(np.float32)
     return rows
@@ -50,7 +50,7 @@ def _random_rows(rng, n, vocab=96):
 
 def _step(rows, micro_batch_size, loss_sum, tiny, temperature=1.0):
     model, policy, params, rest, optimizer, opt_state = tiny
-    micro = stack_micro_batches(rows, micro_batch_size, pad_row_values(rows, 0))
+    micro = micro_batches(rows, micro_batch_size, pad_id=0, packing=False).arrays
     copy = jax.tree.map(jnp.copy, (params, opt_state))  # the step donates its inputs
     step = make_train_step(policy, optimizer, loss_sum, temperature=temperature, chunk=16)
     return step(*copy, rest, put_micro_batches(micro, model.layout), np.float32(rows["mask_br"].sum()))
@@ -131,7 +131,7 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
 
     def first_token_probs(p):
         prompts = [job.dataset.prompt(i) for i in range(len(job.dataset))]
-        rows = pack_rows(prompts, [[0]] * len(prompts), pad_id=tokenizer.pad_id)
+        rows = pad_rows(prompts, [[0]] * len(prompts), pad_id=tokenizer.pad_id)
         logits = policy.model(p, rest)(jnp.asarray(rows["tokens_bt"]))
         last = logits[jnp.arange(len(prompts)), rows["start_b"] - 1] / config.rollout.temperature
         return np.asarray(jax.nn.softmax(last, axis=-1))

@@ -12,9 +12,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 import qlx
 from qlx.mesh import axis_rules, make_mesh
 from qlx.models import build_model
-from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.batches import micro_batches, pad_rows, put_micro_batches
 from qlx.train.optim import make_optimizer
-from qlx.train.step import Policy, accumulate_gradients, make_train_step, sft_loss_sum, stack_micro_batches
+from qlx.train.step import Policy, accumulate_gradients, make_train_step, sft_loss_sum
 from qlx.train.trainer import _abstract_model, _initial_params, _opt_state_shardings
 
 TINY = Path(__file__).resolve().parents[1] / "configs/models/tiny-moe.yaml"
@@ -24,7 +24,7 @@ def _rows(seed: int, n: int, vocab: int = 96) -> dict:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, rng.integers(4, 10)).tolist() for _ in range(n)]
     responses = [rng.integers(3, vocab, rng.integers(2, 7)).tolist() for _ in range(n)]
-    return pack_rows(prompts, responses, pad_id=0)
+    return pad_rows(prompts, responses, pad_id=0)
 
 
 def _moments(opt_state):
@@ -53,7 +53,7 @@ def test_adam_moments_sharded_like_parameters_on_fsdp_tensor_mesh():
     opt_state = jax.jit(optimizer.init, out_shardings=shardings)(params)
     layout = policy.model(params, rest).layout
     rows = _rows(0, 8)
-    micro = put_micro_batches(stack_micro_batches(rows, 4, pad_row_values(rows, 0)), layout)
+    micro = put_micro_batches(micro_batches(rows, 4, pad_id=0, packing=False).arrays, layout)
     step = make_train_step(
         policy,
         optimizer,
@@ -84,8 +84,8 @@ def test_accumulated_gradient_under_remat_equals_one_batch():
     def grads(params, micro):
         return accumulate_gradients(policy, params, rest, micro, denominator, sft_loss_sum, temperature=1.0, chunk=16)
 
-    one = grads(params, put_micro_batches(stack_micro_batches(rows, 0, pad_row_values(rows, 0)), model.layout))
-    two = grads(params, put_micro_batches(stack_micro_batches(rows, 3, pad_row_values(rows, 0)), model.layout))
+    one = grads(params, put_micro_batches(micro_batches(rows, 0, pad_id=0, packing=False).arrays, model.layout))
+    two = grads(params, put_micro_batches(micro_batches(rows, 3, pad_id=0, packing=False).arrays, model.layout))
     np.testing.assert_allclose(float(two[0]), float(one[0]), rtol=1e-5)
     np.testing.assert_allclose(float(two[2]["entropy_sum"]), float(one[2]["entropy_sum"]), rtol=1e-5)
     assert float(optax.tree.norm(one[1])) > 0

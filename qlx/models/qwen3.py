@@ -176,6 +176,15 @@ class MoE(nnx.Module):
         return layout.constrain(y_td.reshape(b, t, d), BTD), (counts_e, prob_sums_e, drops)
 
 
+def valid_tokens(segment_ids_bt: jax.Array | None, positions_bt: jax.Array | None) -> jax.Array | None:
+    """bool [B, T] of the real tokens: segment id > 0 (packing; 0 is padding) and position >= 0 (a KV-cache
+    call's padding has position -1); None when neither is given (every token is real)."""
+    valid_bt = None if segment_ids_bt is None else segment_ids_bt > 0
+    if positions_bt is not None:
+        valid_bt = positions_bt >= 0 if valid_bt is None else valid_bt & (positions_bt >= 0)
+    return valid_bt
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)); the MLP is MoE per ``config.is_moe_layer``."""
 
@@ -189,7 +198,10 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x_btd, cos_btk, sin_btk, *, layout, segment_ids_bt=None, kv=None, positions_bt=None, expert_weights=None
     ):
-        """Returns (x [B, T, D], written (K, V) or None, router stats or None). expert_weights: see ``MoE``."""
+        """Returns (x [B, T, D], written (K, V) or None, router stats or None). expert_weights: see ``MoE``.
+
+        Padding tokens (:func:`valid_tokens` false) are routed to no expert: they cost no expert compute and never
+        take expert parallelism's capacity from real tokens."""
         h, new_kv = self.attn(
             self.input_norm(x_btd),
             cos_btk,
@@ -201,10 +213,12 @@ class DecoderLayer(nnx.Module):
         )
         x_btd = x_btd + h
         h = self.post_attn_norm(x_btd)
-        if expert_weights is None:
-            m, stats = self.mlp(h, layout=layout)
+        if isinstance(self.mlp, MoE):
+            m, stats = self.mlp(
+                h, layout=layout, expert_weights=expert_weights, valid_bt=valid_tokens(segment_ids_bt, positions_bt)
+            )
         else:
-            m, stats = self.mlp(h, layout=layout, expert_weights=expert_weights)
+            m, stats = self.mlp(h, layout=layout)
         return x_btd + checkpoint_name(m, "mlpwo"), new_kv, stats
 
 
@@ -222,7 +236,8 @@ class Qwen3ForCausalLM(nnx.Module):
     {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models),
     "moe_dropped_fraction": assignments dropped by expert parallelism's capacity (``model.moe_capacity_factor``)
     over all routed assignments of all MoE layers (0 when dropless)}.
-    Segment ids restrict attention to equal ids (packing); they do not combine with a cache.
+    Segment ids restrict attention to equal ids (packing: 1, 2, ... per sample, 0 on padding, which MoE layers route
+    to no expert, as tokens at a negative position); they do not combine with a cache.
     With ``model.attention="ring"`` (no cache) the forward runs sequence-parallel over the mesh axis ``seq`` (R
     devices): tokens, segment ids and positions are permuted once to the zig-zag layout of
     ``qlx.kernels.balance_tokens`` (T must divide by 2R), RoPE gets the balanced positions, and the final hidden

@@ -63,7 +63,8 @@ class TrainShapes:
 
 
 def train_shapes(config: Config) -> TrainShapes:
-    """The shapes ``qlx.train.batches.pack_rows`` + ``stack_micro_batches`` give a step of full-length rollouts."""
+    """The shapes ``qlx.train.batches.pad_rows`` + ``micro_batches`` give a step of full-length rollouts (one per
+    row, packed or not)."""
     train, data = config.train, config.data
     sequences = train.batch_size * (config.rl.group_size if train.mode == "rl" else 1)
     b = sequences if train.micro_batch_size == 0 else train.micro_batch_size
@@ -113,6 +114,8 @@ def train_batch(shapes: TrainShapes, layout: Layout) -> dict:
     m, b, t, r = shapes.micro_batches, shapes.micro_batch, shapes.length, shapes.window
     fields = {
         "tokens_bt": ((m, b, t), jnp.int32),
+        "segment_ids_bt": ((m, b, t), jnp.int32),
+        "positions_bt": ((m, b, t), jnp.int32),
         "start_b": ((m, b), jnp.int32),
         "mask_br": ((m, b, r), jnp.float32),
         "advantages_b": ((m, b), jnp.float32),

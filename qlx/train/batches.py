@@ -1,30 +1,67 @@
-"""Host-side batch assembly: (prompt, response) id lists -> the padded arrays of :mod:`qlx.train.step`, on the mesh.
+"""Host-side batch assembly: (prompt, response) id lists -> the micro-batched arrays of :mod:`qlx.train.step`.
 
-Rows are ``prompt + response`` right-padded to a length bucket T; the response window R is a length bucket of the
-longest response. ``start_b`` is each prompt's length, ``mask_br`` marks the real response tokens.
+Two steps. :func:`pad_rows` gives one row per sample: ``prompt + response`` right-padded to a length bucket T, the
+response window R a length bucket of the longest response; ``start_b`` is each prompt's length, ``mask_br`` marks the
+real response tokens (the loss weights), ``length_b`` counts the real tokens. The caller adds per-sample fields to
+that dict: [N] (one value per sample, e.g. advantages) or [N, R] (one per response token, e.g. old log-probs).
+:func:`micro_batches` then lays the samples out for the step, either
+
+- padded (``packing=False``): one sample per row, as :func:`pad_rows` gave them; a slot is a sample's window of R
+  response tokens; or
+- packed (``packing=True``): several samples per row. Samples are placed first-fit by decreasing length into rows of
+  ``row_length`` tokens (``train.packed_length``; 0, the default: a length bucket of the step's longest sample);
+  each row carries ``segment_ids_bt`` (1, 2, ... per sample, 0 on padding) and ``positions_bt`` (0, 1, ...
+  restarting at every sample), so attention never crosses a sample and RoPE sees each sample exactly as it would
+  alone. A slot is one response token (window W = 1): a micro-batch's slots are its samples' response tokens (S, a
+  bucket of the most any micro-batch has), so only real response tokens reach the vocabulary projection.
+
+Row fields (``tokens_bt``, ``segment_ids_bt``, ``positions_bt``) are [M, b, T]; slot fields are [M, b·K, W] (K = 1,
+W = R padded; W = 1, b·K = S packed). Slot s of a micro-batch reads the window that starts (its first target token)
+at ``start_b[s]`` of row s // K, the micro-batch's rows read as one flat sequence of b·T tokens (packed, a slot's
+target may lie in another row). Per-sample values are the same numbers in either layout, placed at their tokens'
+slots; :meth:`StepBatch.per_sample` maps a step's per-slot output back to [N, R]. Empty slots have ``mask_br`` 0.
+
+Where qlx differs from MaxText / levanter packing: rows hold whole samples of one step (a sample is never split or
+carried over to the next batch, so the step-wide token-mean denominator is the unpacked one), so the row count
+varies by step (a length bucket: a few compilations); rows default to the step's longest sample rather than a fixed
+``max_target_length`` (on CPU the tiny demo model's attention made longer rows slower: BUILD_NOTES.md); placement
+is first-fit decreasing over the whole step rather than streaming first-fit; and the loss reads only the response
+tokens' hidden states (MaxText and levanter project every position of the packed row and mask the loss), which keeps
+RL's short responses from paying for their long prompts in the vocabulary projection.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from qlx.mesh import logical_to_spec
 from qlx.models.sharding import Layout
-from qlx.rollout.buckets import length_bucket
+from qlx.rollout.buckets import length_bucket, round_up
+
+ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt")
+"""Fields with one entry per row; every other field of a step batch has one entry per sample slot."""
 
 
-def pack_rows(
+def pad_rows(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int
 ) -> dict[str, np.ndarray]:
-    """tokens_bt int32 [B, T], start_b int32 [B], mask_br float32 [B, R] for B (prompt, response) pairs."""
+    """One right-padded row per (prompt, response) pair, B pairs.
+
+    Returns tokens_bt int32 [B, T], start_b int32 [B], mask_br float32 [B, R], length_b int32 [B] (prompt + response
+    length).
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     window = length_bucket(max(1, max(len(r) for r in responses)), minimum=8)
     length = length_bucket(max(len(p) for p in prompts) + window)
     tokens_bt = np.full((len(prompts), length), pad_id, np.int32)
     start_b = np.zeros(len(prompts), np.int32)
+    length_b = np.zeros(len(prompts), np.int32)
     mask_br = np.zeros((len(prompts), window), np.float32)
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if len(prompt) < 1:
@@ -32,15 +69,178 @@ def pack_rows(
         row = list(prompt) + list(response)
         tokens_bt[i, : len(row)] = row
         start_b[i] = len(prompt)
+        length_b[i] = len(row)
         mask_br[i, : len(response)] = 1.0
-    return {"tokens_bt": tokens_bt, "start_b": start_b, "mask_br": mask_br}
+    return {"tokens_bt": tokens_bt, "start_b": start_b, "mask_br": mask_br, "length_b": length_b}
 
 
-def pad_row_values(batch: dict[str, np.ndarray], pad_id: int) -> dict:
-    """Values of a padding row (no loss): pad tokens, start 1, zero mask, zero for every other field."""
-    values = {name: 0 for name in batch}
-    values.update(tokens_bt=pad_id, start_b=1)
-    return values
+def pad_row_count(rows: dict[str, np.ndarray], total: int, pad_id: int) -> dict[str, np.ndarray]:
+    """:func:`pad_rows`' B rows followed by ``total − B`` rows that count for nothing (one pad token, start 1,
+    length 1, zero mask; zero in every other field), e.g. to bucket a step's row count or make it divide evenly."""
+    extra = total - len(rows["tokens_bt"])
+    if extra < 0:
+        raise ValueError(f"{len(rows['tokens_bt'])} rows do not fit in {total}")
+    values = {name: 0 for name in rows} | {"tokens_bt": pad_id, "start_b": 1, "length_b": 1}
+    return {
+        name: np.concatenate([a, np.broadcast_to(np.asarray(values[name], a.dtype), (extra, *a.shape[1:]))])
+        for name, a in rows.items()
+    }
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of sample indices, first-fit by decreasing length into bins of ``capacity`` tokens.
+
+    Each bin lists its samples in placement order; ties keep the input order, so the packing is deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the row length {capacity}")
+        for j, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[j].append(i)
+                room[j] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """Micro-batched host arrays of one step and where each sample's response tokens sit in them.
+
+    arrays: row fields [M, b, T], slot fields [M, b·K, W] (module docstring). index_nr: int [N, R], the flat index
+    (into M·b·K·W) of sample n's response token r, -1 past its response. real_tokens / row_tokens: real and total
+    token positions of the rows (1 − their ratio is the padding fraction).
+    """
+
+    arrays: dict[str, np.ndarray]
+    index_nr: np.ndarray
+    real_tokens: int
+    row_tokens: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / max(self.row_tokens, 1)
+
+    def per_sample(self, slots: np.ndarray) -> np.ndarray:
+        """[M, b·K, W] per-slot values (a step's log-probs, entropies) -> [N, R] per response token, 0 past it."""
+        flat = np.asarray(slots).reshape(-1)
+        return np.where(self.index_nr >= 0, flat[np.maximum(self.index_nr, 0)], 0).astype(flat.dtype)
+
+
+def micro_batches(
+    rows: dict[str, np.ndarray],
+    micro_batch_size: int,
+    *,
+    pad_id: int,
+    packing: bool,
+    row_length: int = 0,
+    batch_multiple: int = 1,
+) -> StepBatch:
+    """:func:`pad_rows`' fields plus per-sample fields ([N] or [N, R]) -> the step's micro-batches.
+
+    micro_batch_size: rows per micro-batch b (0: one micro-batch of every row); padded, a row is one sample.
+    Packed, rows are ``row_length`` tokens (at least a length bucket of the longest sample), and go into the fewest
+    micro-batches of at most ``micro_batch_size`` rows, b a length bucket (few distinct shapes, so few
+    compilations) rounded up to a multiple of ``batch_multiple`` (the batch mesh shards). Padding rows and empty
+    slots carry no loss.
+    """
+    n, window = rows["mask_br"].shape
+    length_n, start_n = rows["length_b"], rows["start_b"]
+    response_n = length_n - start_n
+    if packing:
+        width = max(row_length, length_bucket(int(length_n.max())))
+        bins = first_fit(length_n.tolist(), width)
+        micro_count = 1 if micro_batch_size == 0 else -(-len(bins) // micro_batch_size)
+        size = round_up(length_bucket(-(-len(bins) // micro_count), minimum=1), batch_multiple)
+        if micro_batch_size:
+            size = min(size, round_up(micro_batch_size, batch_multiple))
+        num_rows = round_up(len(bins), size)
+    else:
+        width = rows["tokens_bt"].shape[1]
+        bins = [[i] for i in range(n)]
+        size = n if micro_batch_size == 0 else micro_batch_size
+        num_rows = round_up(n, size)
+    tokens_bt = np.full((num_rows, width), pad_id, np.int32)
+    segment_ids_bt = np.zeros((num_rows, width), np.int32)
+    positions_bt = np.zeros((num_rows, width), np.int32)
+    offset_n = np.zeros(n, np.int32)
+    row_n = np.zeros(n, np.int64)
+    for r, members in enumerate(bins):
+        offset = 0
+        for j, i in enumerate(members):
+            length = int(length_n[i])
+            tokens_bt[r, offset : offset + length] = rows["tokens_bt"][i, :length]
+            segment_ids_bt[r, offset : offset + length] = j + 1
+            positions_bt[r, offset : offset + length] = np.arange(length)
+            offset_n[i], row_n[i] = offset, r
+            offset += length
+    arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
+    fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
+    if packing:
+        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n)
+        index_nr = arrays.pop("index_nr")
+        k = arrays["start_b"].shape[0] // num_rows
+    else:
+        k = 1
+        index_nr = np.where(np.arange(window) < response_n[:, None], np.arange(n * window).reshape(n, window), -1)
+        arrays["start_b"] = np.ones(num_rows, np.int32)  # a padding row's window starts at token 1 (its mask is 0)
+        arrays["start_b"][:n] = start_n
+        for name, array in fields.items():
+            arrays[name] = np.zeros((num_rows, *array.shape[1:]), array.dtype)
+            arrays[name][:n] = array
+    m = num_rows // size
+    arrays = {name: a.reshape(m, size * (1 if name in ROW_FIELDS else k), *a.shape[1:]) for name, a in arrays.items()}
+    return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
+
+
+def _token_slots(fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n) -> dict:
+    """Packed slot fields: one slot per response token, micro-batch by micro-batch, plus ``index_nr``.
+
+    Micro-batch m (rows m·b .. m·b + b − 1) gets S slots (its rows' response tokens in row order, then empty
+    slots), S a length bucket of the most any micro-batch has, rounded up to a multiple of b (K = S / b). Slot s of a
+    micro-batch predicts the token at flat position ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as
+    one sequence (so start_b may lie outside the slot's nominal row s // K). [N] fields repeat over the
+    sample's tokens, [N, R] fields give each token its own value."""
+    n, window = fields["mask_br"].shape
+    num_rows, size, width = shape
+    micro = [bins[m : m + size] for m in range(0, len(bins), size)]
+    counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in micro]
+    slots = round_up(length_bucket(max(counts), minimum=1), size)
+    k, micro_count = slots // size, num_rows // size
+    index_nr = np.full((n, window), -1, np.int64)
+    start_s = np.ones(micro_count * slots, np.int32)
+    for m, rows in enumerate(micro):
+        slot = m * slots
+        for r, members in enumerate(rows):
+            for i in members:
+                count = int(response_n[i])
+                index_nr[i, :count] = np.arange(slot, slot + count)
+                local = np.arange(slot, slot + count) - m * slots  # the slots' indices within the micro-batch
+                start_s[slot : slot + count] = (r - local // k) * width + target_n[i] + np.arange(count)
+                slot += count
+    real = index_nr >= 0
+    out = {"start_b": start_s, "index_nr": index_nr}
+    for name, array in fields.items():
+        per_token = array[:, :, None] if array.ndim > 1 else np.broadcast_to(array[:, None, None], (n, window, 1))
+        values = np.zeros((micro_count * slots, 1), array.dtype)
+        values[index_nr[real]] = per_token[real]
+        out[name] = values if array.ndim > 1 else values[:, 0]
+    return out
+
+
+def batch_shards(layout: Layout) -> int:
+    """Devices the rules split the "batch" axis over on the layout's mesh (1 without a mesh)."""
+    if layout.mesh is None:
+        return 1
+    entry = logical_to_spec(("batch",), dict(layout.rules))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(layout.mesh.shape[a] for a in axes)
 
 
 def put_micro_batches(micro_batches: dict[str, np.ndarray], layout: Layout) -> dict[str, jax.Array]:

@@ -32,15 +32,8 @@ from qlx.data.records import read_context
 from qlx.memory import MemoryRollout, run
 from qlx.memory.batch import Conversations, conversations
 from qlx.rollout.buckets import length_bucket, round_up
-from qlx.train.batches import pack_rows, pad_row_values
+from qlx.train.batches import pad_row_count, pad_rows
 from qlx.train.rl import RLJob, advantages, score, step_seed, zero_variance_groups
-
-
-def pad_rows(rows: dict[str, np.ndarray], total: int, pad_row: dict) -> dict[str, np.ndarray]:
-    """The B rows followed by ``total − B`` rows of ``pad_row`` values (zero mask: they count for nothing)."""
-    extra = total - len(rows["tokens_bt"])
-    pad = {name: np.broadcast_to(np.asarray(pad_row[name], a.dtype), (extra, *a.shape[1:])) for name, a in rows.items()}
-    return {name: np.concatenate([array, pad[name]]) for name, array in rows.items()}
 
 
 def trajectory_values(config: RLConfig, rollout: MemoryRollout, conv: Conversations, rewards_n, task_n):
@@ -112,9 +105,9 @@ class MemoryRLJob(RLJob):
         task_n = np.asarray([self.dataset.task_ids[i] for i in rows_idx], np.int32)
         conv = conversations(rollout)
         (adv_b, rewards_b, keep_b), keep_n = trajectory_values(cfg.rl, rollout, conv, rewards_n, task_n)
-        rows = pack_rows(conv.prompts, conv.responses, pad_id=self.tokenizer.pad_id)
+        rows = pad_rows(conv.prompts, conv.responses, pad_id=self.tokenizer.pad_id)
         total = self.row_count(len(conv))
-        rows = pad_rows(rows, total, pad_row_values(rows, self.tokenizer.pad_id))
+        rows = pad_row_count(rows, total, self.tokenizer.pad_id)
         adv_b, rewards_b, keep_b = (np.pad(x, (0, total - len(conv))) for x in (adv_b, rewards_b, keep_b))
         update_start = time.perf_counter()
         params, opt_state, out = self.policy_update(rows, params, opt_state, adv_b, rewards_b, keep_b)

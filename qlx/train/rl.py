@@ -34,10 +34,10 @@ from qlx import rl
 from qlx.config import Config, RLConfig
 from qlx.models.sharding import Layout
 from qlx.rollout.engine import generate
-from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.batches import batch_shards, micro_batches, pad_rows, put_micro_batches
 from qlx.train.evaluate import exact_score
 from qlx.train.inputs import Dataset
-from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason, stack_micro_batches
+from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class RLJob:
             keep_n &= ~zero_variance_groups(rewards_n, g)
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
-        rows = pack_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
+        rows = pad_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
         update_start = time.perf_counter()
         params, opt_state, out = self.policy_update(rows, params, opt_state, adv_n, rewards_n, keep_n)
         skipped = out.pop("skipped_reason", None)
@@ -254,24 +254,24 @@ class RLJob:
         return params, opt_state, metrics, skipped
 
     def policy_update(self, rows: dict, params, opt_state, adv_b, rewards_b, keep_b):
-        """The update of one rollout batch of B rows (``pack_rows`` arrays; rows whose ``keep_b`` is False and rows
-        with an all-zero mask count for nothing): log-probs and entropy under the current parameters, the AEPO
-        state from the batch entropy of the kept rows, AEPO's keep rule per row with (``adv_b``, ``rewards_b``),
-        then :meth:`_update`. Returns (params, opt_state, metrics: loss, entropy, aepo/...)."""
+        """The update of one rollout batch of B rows (``pad_rows`` arrays, one per sample; rows whose ``keep_b`` is
+        False and rows with an all-zero mask count for nothing): log-probs and entropy under the current parameters
+        (micro-batched, packed with ``train.packing``), the AEPO state from the batch entropy of the kept rows,
+        AEPO's keep rule per row with (``adv_b``, ``rewards_b``), then :meth:`_update`. Returns (params, opt_state,
+        metrics: loss, entropy, aepo/..., padding_fraction)."""
         cfg = self.config
         rows = {**rows, "advantages_b": np.asarray(adv_b, np.float32)}
-        micro = stack_micro_batches(rows, cfg.train.micro_batch_size, pad_row_values(rows, self.tokenizer.pad_id))
+        batch = self._micro_batches(rows)
         old_logp, entropy = forward_logprobs(
             params,
             self.rest,
-            put_micro_batches(micro, self.layout),
+            put_micro_batches(batch.arrays, self.layout),
             policy=self.policy,
             temperature=cfg.rollout.temperature,
             chunk=cfg.rl.logprob_chunk,
         )
         n = len(rows["tokens_bt"])
-        old_logp_br = np.asarray(old_logp).reshape(-1, old_logp.shape[-1])[:n]
-        entropy_br = np.asarray(entropy).reshape(-1, entropy.shape[-1])[:n]
+        old_logp_br, entropy_br = batch.per_sample(old_logp), batch.per_sample(entropy)
         h_all = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
         rows["mask_br"] = rows["mask_br"] * keep_b[:, None]
         h_batch = float(rl.batch_entropy(entropy_br, rows["mask_br"]))
@@ -290,9 +290,22 @@ class RLJob:
             "aepo/kept_fraction": float((aepo_keep_b & keep_b).sum() / max(keep_b.sum(), 1)),
             "aepo/h_low": cfg.rl.h_low,
             "aepo/h_high": cfg.rl.h_high,
+            "padding_fraction": batch.padding_fraction,
             **out,
         }
         return params, opt_state, metrics
+
+    def _micro_batches(self, rows: dict):
+        """:func:`qlx.train.batches.micro_batches` of per-sample rows, packed with ``train.packing``."""
+        train = self.config.train
+        return micro_batches(
+            rows,
+            train.micro_batch_size,
+            pad_id=self.tokenizer.pad_id,
+            packing=train.packing,
+            row_length=self.config.train.packed_length,
+            batch_multiple=batch_shards(self.layout),
+        )
 
     def _update(self, rows: dict, params, opt_state):
         """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics."""
@@ -307,7 +320,7 @@ class RLJob:
             denominator = np.float32(part["mask_br"].sum())
             if denominator == 0:
                 continue
-            micro = stack_micro_batches(part, cfg.train.micro_batch_size, pad_row_values(part, self.tokenizer.pad_id))
+            micro = self._micro_batches(part).arrays
             params, opt_state, out = self.train_step(
                 params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
             )

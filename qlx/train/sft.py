@@ -13,9 +13,9 @@ import numpy as np
 
 from qlx.config import Config
 from qlx.models.sharding import Layout
-from qlx.train.batches import pack_rows, pad_row_values, put_micro_batches
+from qlx.train.batches import batch_shards, micro_batches, pad_rows, put_micro_batches
 from qlx.train.inputs import Dataset
-from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum, stack_micro_batches
+from qlx.train.step import Policy, make_train_step, nonfinite_reason, sft_loss_sum
 
 
 class EpochIterator:
@@ -47,7 +47,7 @@ class EpochIterator:
 
 
 class SFTJob:
-    """One SFT step per call: next batch of records -> packed rows -> one optimizer step."""
+    """One SFT step per call: next batch of records -> rows (packed with ``train.packing``) -> one optimizer step."""
 
     def __init__(
         self, config: Config, dataset: Dataset, policy: Policy, rest, optimizer, layout: Layout, *, shardings=None
@@ -58,6 +58,7 @@ class SFTJob:
             policy, optimizer, sft_loss_sum, temperature=1.0, chunk=config.rl.logprob_chunk, shardings=shardings
         )
         self.iterator = EpochIterator(len(dataset), config.train.batch_size, config.seed)
+        self.shards = batch_shards(layout)
 
     def extra_state(self) -> dict:
         return {}
@@ -79,16 +80,24 @@ class SFTJob:
         targets = [self.dataset.target(i)[:limit] for i in indices]
         weight = self.config.train.sft_prompt_weight
         if weight > 0:  # the loss window starts at the second prompt token; prompt tokens count with `weight`
-            rows = pack_rows([p[:1] for p in prompts], [p[1:] + t for p, t in zip(prompts, targets, strict=True)],
-                             pad_id=self.pad_id)  # fmt: skip
+            rows = pad_rows([p[:1] for p in prompts], [p[1:] + t for p, t in zip(prompts, targets, strict=True)],
+                            pad_id=self.pad_id)  # fmt: skip
             for i, p in enumerate(prompts):
                 rows["mask_br"][i, : len(p) - 1] *= weight
         else:
-            rows = pack_rows(prompts, targets, pad_id=self.pad_id)
+            rows = pad_rows(prompts, targets, pad_id=self.pad_id)
         denominator = np.float32(rows["mask_br"].sum())
-        micro = stack_micro_batches(rows, self.config.train.micro_batch_size, pad_row_values(rows, self.pad_id))
+        train = self.config.train
+        batch = micro_batches(
+            rows,
+            train.micro_batch_size,
+            pad_id=self.pad_id,
+            packing=train.packing,
+            row_length=self.config.train.packed_length,
+            batch_multiple=self.shards,
+        )
         params, opt_state, out = self.train_step(
-            params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
+            params, opt_state, self.rest, put_micro_batches(batch.arrays, self.layout), denominator
         )
         skipped = nonfinite_reason(out)
         elapsed = time.perf_counter() - start
@@ -99,6 +108,7 @@ class SFTJob:
             "entropy": float(out["entropy_sum"]) / max(float(denominator), 1.0),
             "response_length/mean": float(np.mean([len(t) for t in targets])),
             "tokens_per_s": tokens / elapsed,
+            "padding_fraction": batch.padding_fraction,
             "step_time_s": elapsed,
         }
         return params, opt_state, metrics, skipped

@@ -3,10 +3,13 @@ non-finite guard.
 
 A step batch is a dict of arrays with a leading micro-batch axis M (``[M, b, ...]``):
 
-- ``tokens_bt`` int32 [M, b, T]: prompt then response, right-padded;
-- ``start_b`` int32 [M, b]: index of the first response token in each row (>= 1);
-- ``mask_br`` float32 [M, b, R]: 1 on response tokens that count in the loss (R = the response window);
-- plus whatever the loss reads (``advantages_b``, ``old_logp_br`` in RL).
+- ``tokens_bt`` int32 [M, b, T]: prompt then response, right-padded, or several samples per row (packed);
+- ``segment_ids_bt``, ``positions_bt`` int32 [M, b, T] (optional): each token's sample (1, 2, ...; 0 padding) and
+  its position within the sample (see :mod:`qlx.train.batches`);
+- ``start_b`` int32 [M, S]: where each slot's window of response tokens starts (S = b unpacked, one slot per row
+  starting at its prompt's length; packed, one slot per response token: see :mod:`qlx.train.batches`);
+- ``mask_br`` float32 [M, S, R]: the loss weight of each response token (1 on answer tokens; R = the window);
+- plus whatever the loss reads, per slot (``advantages_b`` [M, S], ``old_logp_br`` [M, S, R] in RL).
 
 Every loss is written as a sum over tokens, ``numerator = Σ_{m,i,t} ℓ_{m,i,t}``, and the step divides by
 ``denominator = Σ mask`` over the *whole step*, not per micro-batch:
@@ -25,7 +28,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -56,27 +58,36 @@ class Policy:
 
 
 def response_window(tokens_bt: jax.Array, start_b: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of the positions that predict the response tokens, and those tokens: ([b, R], [b, R]) int32.
+    """Flat indices (into the b·T tokens of the rows read as one sequence) of the positions that predict each slot's
+    response tokens, and those tokens: ([S, R], [S, R]) int32.
 
-    Position ``start - 1 + r`` predicts token ``start + r``; indices past the row are clamped (their mask is 0).
+    ``start_b`` [S] holds K = S / b slots per row: slot s's window starts at token ``start_b[s]`` of row s // K
+    (unpacked: K = 1 and start is the prompt length; packed: see :mod:`qlx.train.batches`). Flat position
+    ``p - 1`` predicts token ``p``; indices past the rows are clamped (their mask is 0).
     """
-    length = tokens_bt.shape[1]
-    pred_br = jnp.clip(start_b[:, None] - 1 + jnp.arange(window)[None, :], 0, length - 1)
-    targets_br = jnp.take_along_axis(tokens_bt, jnp.clip(pred_br + 1, 0, length - 1), axis=1)
-    return pred_br, targets_br
+    rows, length = tokens_bt.shape
+    k = start_b.shape[0] // rows
+    base_s = (jnp.arange(start_b.shape[0]) // k) * length + start_b
+    pred_sr = jnp.clip(base_s[:, None] - 1 + jnp.arange(window)[None, :], 0, rows * length - 1)
+    targets_sr = jnp.take(tokens_bt.reshape(-1), jnp.clip(pred_sr + 1, 0, rows * length - 1))
+    return pred_sr, targets_sr
 
 
 def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [b, R].
+    """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [S, R].
 
-    Only the response window's hidden states reach the vocabulary projection (no [b, T, V] array).
+    Packed rows (``segment_ids_bt``, ``positions_bt``: see :mod:`qlx.train.batches`) attend within their segment
+    and restart RoPE at each sample. Only the response windows' hidden states reach the vocabulary projection (no
+    [b, T, V] array).
     """
     tokens_bt, start_b, mask_br = batch["tokens_bt"], batch["start_b"], batch["mask_br"]
-    hidden_btd = model.hidden_states(tokens_bt)
-    pred_br, targets_br = response_window(tokens_bt, start_b, mask_br.shape[1])
-    hidden_brd = jnp.take_along_axis(hidden_btd, pred_br[:, :, None], axis=1)
+    hidden_btd = model.hidden_states(
+        tokens_bt, positions_bt=batch.get("positions_bt"), segment_ids_bt=batch.get("segment_ids_bt")
+    )
+    pred_sr, targets_sr = response_window(tokens_bt, start_b, mask_br.shape[1])
+    hidden_srd = jnp.take(hidden_btd.reshape(-1, hidden_btd.shape[-1]), pred_sr, axis=0)
     return token_logprobs_and_entropy(
-        hidden_brd, model.lm_head_weight(), targets_br, mask_br, temperature=temperature, chunk=chunk
+        hidden_srd, model.lm_head_weight(), targets_sr, mask_br, temperature=temperature, chunk=chunk
     )
 
 
@@ -172,20 +183,3 @@ def nonfinite_reason(metrics: dict) -> str | None:
     if not bool(metrics["finite_grad"]):
         reasons.append(f"gradient norm is {float(metrics['grad_norm'])}")
     return "; ".join(reasons) or None
-
-
-def stack_micro_batches(batch: dict[str, np.ndarray], micro_batch_size: int, pad_row: dict) -> dict[str, np.ndarray]:
-    """Host arrays with B rows -> [M, b, ...] with b = micro_batch_size (0: one micro-batch of all rows).
-
-    Rows are padded to a multiple of b with ``pad_row`` values (their ``mask_br`` must be 0).
-    """
-    rows = len(batch["tokens_bt"])
-    size = rows if micro_batch_size == 0 else micro_batch_size
-    total = -(-rows // size) * size
-    out = {}
-    for name, array in batch.items():
-        if total > rows:
-            pad = np.broadcast_to(np.asarray(pad_row[name], array.dtype), (total - rows, *array.shape[1:]))
-            array = np.concatenate([array, pad])
-        out[name] = array.reshape(total // size, size, *array.shape[1:])
-    return out
