@@ -33,7 +33,7 @@ from qlx.memory import MemoryRollout, run
 from qlx.memory.batch import Conversations, conversations
 from qlx.rollout.buckets import length_bucket, round_up
 from qlx.train.batches import pad_row_count, pad_rows
-from qlx.train.rl import RLJob, advantages, score, step_seed, zero_variance_groups
+from qlx.train.rl import RLJob, advantages, per_task_metrics, score, step_seed, zero_variance_groups
 
 
 def trajectory_values(config: RLConfig, rollout: MemoryRollout, conv: Conversations, rewards_n, task_n):
@@ -132,9 +132,5 @@ class MemoryRLJob(RLJob):
             "update_time_s": now - update_start,
             **out,
         }
-        for t, name in enumerate(self.dataset.task_types):
-            here = task_n == t
-            if here.any():
-                metrics[f"reward/{name}"] = float(rewards_n[here].mean())
-                metrics[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
+        metrics |= per_task_metrics(self.dataset.task_types, task_n, rewards_n)
         return params, opt_state, metrics, skipped

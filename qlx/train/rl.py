@@ -97,6 +97,20 @@ def zero_variance_groups(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
     return np.repeat(flat, group_size)
 
 
+def per_task_metrics(task_types, task_n, rewards_n, lengths_n=None) -> dict[str, float]:
+    """reward/<task>, accuracy/<task> (reward >= 1) and, given lengths, response_length/<task>: means over the rows
+    of each task present in the batch (task_n: [N] task index of each row)."""
+    out = {}
+    for t, name in enumerate(task_types):
+        here = task_n == t
+        if here.any():
+            out[f"reward/{name}"] = float(rewards_n[here].mean())
+            out[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
+            if lengths_n is not None:
+                out[f"response_length/{name}"] = float(lengths_n[here].mean())
+    return out
+
+
 class RLJob:
     """The RL step of the recipe, with its checkpointed state (sampler, AEPO) and the optional difficulty re-filter."""
 
@@ -245,12 +259,7 @@ class RLJob:
             "update_time_s": now - update_start,
             **out,
         }
-        for t, name in enumerate(self.dataset.task_types):
-            here = task_n == t
-            if here.any():
-                metrics[f"reward/{name}"] = float(rewards_n[here].mean())
-                metrics[f"accuracy/{name}"] = float((rewards_n[here] >= 1).mean())
-                metrics[f"response_length/{name}"] = float(lengths[here].mean())
+        metrics |= per_task_metrics(self.dataset.task_types, task_n, rewards_n, lengths_n=lengths)
         return params, opt_state, metrics, skipped
 
     def policy_update(self, rows: dict, params, opt_state, adv_b, rewards_b, keep_b):
