@@ -157,7 +157,7 @@ def test_six_benchmarks_resume_rescore_compare(served, tmp_path, capsys):
     assert "| MRCR | 1 |" in capsys.readouterr().out
     assert cli_main(_args(served, out, "--seed", "1")) == 2  # a different run in the same folder is refused
     assert cli_main(_args(served, tmp_path / "m", "--agent", "memory")) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "--agent memory runs the memory agent in process: pass --ckpt" in capsys.readouterr().err
 
 
 def test_resume_after_sigkill_loses_and_repeats_nothing(served, tmp_path):

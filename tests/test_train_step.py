@@ -168,8 +168,8 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
     assert ep_skipped is None
     for key in ("reward/mean", "response_length/mean", "update/tokens"):
         assert ep_metrics[key] == metrics[key], key
-    for key in ("entropy", "loss", "grad_norm"):
-        assert ep_metrics[key] == pytest.approx(metrics[key], rel=1e-4), key
+    for key in ("entropy", "loss", "grad_norm"):  # on-policy the loss is -mean(A) ~ 0: float noise is absolute
+        assert ep_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
 
 
 def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):
