@@ -33,7 +33,7 @@ from qlx.memory import MemoryRollout, run
 from qlx.memory.batch import Conversations, conversations
 from qlx.rollout.buckets import length_bucket, round_up
 from qlx.train.batches import pad_row_count, pad_rows
-from qlx.train.rl import RLJob, advantages, per_task_metrics, score, step_seed, zero_variance_groups
+from qlx.train.rl import RLJob, group_statistics, per_task_metrics, score, step_seed
 
 
 def trajectory_values(config: RLConfig, rollout: MemoryRollout, conv: Conversations, rewards_n, task_n):
@@ -44,10 +44,9 @@ def trajectory_values(config: RLConfig, rollout: MemoryRollout, conv: Conversati
     False for the trajectories of zero-variance groups under ``rl.dynamic_sampling``.
     """
     rewards_n = np.asarray(rewards_n, np.float32)
-    adv_n = advantages(config, rewards_n, rollout.question_index, np.asarray(task_n, np.int32))
-    keep_n = np.ones(len(rewards_n), bool)
-    if config.dynamic_sampling:
-        keep_n &= ~zero_variance_groups(rewards_n, len(rewards_n) // (rollout.question_index.max() + 1))
+    group_size = len(rewards_n) // (rollout.question_index.max() + 1)
+    task_n = np.asarray(task_n, np.int32)
+    adv_n, keep_n = group_statistics(config, rewards_n, rollout.question_index, task_n, group_size)
     return (conv.broadcast(adv_n), conv.broadcast(rewards_n), conv.broadcast(keep_n)), keep_n
 
 

@@ -97,6 +97,16 @@ def zero_variance_groups(rewards_n: np.ndarray, group_size: int) -> np.ndarray:
     return np.repeat(flat, group_size)
 
 
+def group_statistics(config: RLConfig, rewards_n, group_n, task_n, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A_n, keep_n) of N rollouts in contiguous groups of ``group_size``: :func:`advantages`, and keep_n False for
+    the rollouts of zero-variance groups under ``rl.dynamic_sampling`` (else all True)."""
+    adv_n = advantages(config, rewards_n, group_n, task_n)
+    keep_n = np.ones(len(rewards_n), bool)
+    if config.dynamic_sampling:
+        keep_n &= ~zero_variance_groups(rewards_n, group_size)
+    return adv_n, keep_n
+
+
 def per_task_metrics(task_types, task_n, rewards_n, lengths_n=None) -> dict[str, float]:
     """reward/<task>, accuracy/<task> (reward >= 1) and, given lengths, response_length/<task>: means over the rows
     of each task present in the batch (task_n: [N] task index of each row)."""
@@ -235,10 +245,7 @@ class RLJob:
         )
         task_n = np.asarray([self.dataset.task_ids[i] for i in rows_idx], np.int32)
         group_n = np.repeat(np.arange(len(indices), dtype=np.int32), g)
-        adv_n = advantages(cfg.rl, rewards_n, group_n, task_n)
-        keep_n = np.ones(len(rows_idx), bool)
-        if cfg.rl.dynamic_sampling:
-            keep_n &= ~zero_variance_groups(rewards_n, g)
+        adv_n, keep_n = group_statistics(cfg.rl, rewards_n, group_n, task_n, g)
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
         rows = pad_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
