@@ -24,7 +24,7 @@ from qlx.hlo import collective_bytes
 from qlx.mesh import make_mesh
 from qlx.models import build_model, shard_model
 from qlx.models.moe import expert_outputs_reference, route
-from qlx.models.moe_ep import ep_experts, kept_counts, permute_rows, receive_capacity
+from qlx.models.moe_ep import ep_experts, ep_route, kept_counts, permute_rows, receive_capacity
 from qlx.models.qwen3 import MoE
 from qlx.models.sharding import Layout, state_shardings
 
@@ -237,6 +237,18 @@ def test_ragged_transport_offsets(monkeypatch, capacity_factor):
     _, want_grads = ep_value_and_grads("dense", capacity_factor)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_ep_route_matches_route_without_collectives():
+    """ep_route returns route's weights, experts and probabilities row for row (13 rows: padded to the 8 token
+    shards, then sliced), and with 16 rows sharded over `expert` its compiled program has no collective at all."""
+    mesh = make_mesh(MESHES["expert=8"])
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(16, 16)), jnp.float32)
+    fn = jax.jit(lambda x: ep_route(x, 4, True, mesh=mesh, token_axes=("expert",)))
+    for got, want in zip(fn(logits[:13]), route(logits[:13], 4, True), strict=True):
+        np.testing.assert_array_equal(got, want)
+    sharded = jax.device_put(logits, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))
+    assert sum(collective_bytes(fn.lower(sharded).compile().as_text()).values()) == 0
 
 
 def test_kept_counts_small_case():

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from qlx.models.moe import experts, resolve_backend
+from qlx.models.moe import experts, resolve_backend, route
 from qlx.models.sharding import spec_for
 
 EP_TRANSPORTS = ("auto", "ragged", "ring", "dense", "xla")
@@ -155,6 +155,30 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _splitting(mesh: Mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The axes of ``axes`` with size > 1: a size-1 axis splits nothing, and naming it in a shard_map would only
+    add pcasts over it (all-reduces over singleton replica groups)."""
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
+def ep_route(
+    logits_te: jax.Array, top_k: int, normalize: bool, *, mesh: Mesh, token_axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`qlx.models.moe.route` run per token shard in a shard_map: logits [N, E] (rows split over
+    ``token_axes``) -> (weights [N, k], experts [N, k], probs [N, E]).
+
+    Left to XLA's partitioner, top_k all-gathers the [N, E] probabilities and routes every token on every device.
+    N is padded internally to a multiple of the token shards (padding rows are routed, then sliced off)."""
+    axes = _splitting(mesh, token_axes)
+    n = logits_te.shape[0]
+    pad = -n % math.prod(mesh.shape[axis] for axis in axes)
+    rows = PartitionSpec(axes, None)
+    routed = jax.shard_map(
+        lambda logits: route(logits, top_k, normalize), mesh=mesh, in_specs=rows, out_specs=(rows, rows, rows)
+    )(jnp.pad(logits_te, ((0, pad), (0, 0))))
+    return tuple(out[:n] for out in routed)
+
+
 def token_axes(mesh: Mesh, rules, shape_btd) -> tuple[str, ...]:
     """Mesh axes splitting the flattened [B * T] tokens: those of "batch", then "length", then ``expert``."""
     spec = spec_for(shape_btd, ("batch", "length", "embed"), mesh, rules)
@@ -192,7 +216,8 @@ def ep_experts(
     ep = mesh.shape[EXPERT_AXIS]
     gate_up_spec = spec_for(w_gate_up_edgi.shape, ("experts", None, None, "mlp"), mesh, rules)
     _check_ep(mesh, num_experts, gate_up_spec, token_axes)
-    mlp_axes = _axes(gate_up_spec[3])
+    token_axes = _splitting(mesh, token_axes)
+    mlp_axes = _splitting(mesh, _axes(gate_up_spec[3]))
     num_local = num_experts // ep
     n_global, k = experts_tk.shape
     shards = math.prod(mesh.shape[axis] for axis in token_axes)
@@ -285,11 +310,12 @@ def ep_experts(
 
     tokens = PartitionSpec(token_axes)
     rows = PartitionSpec(token_axes, None)
-    down_spec = PartitionSpec(EXPERT_AXIS, gate_up_spec[3], None)
+    mlp = mlp_axes or None
+    down_spec = PartitionSpec(EXPERT_AXIS, mlp, None)
     y_td, drops = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(rows, rows, rows, tokens, PartitionSpec(EXPERT_AXIS, None, None, gate_up_spec[3]), down_spec),
+        in_specs=(rows, rows, rows, tokens, PartitionSpec(EXPERT_AXIS, None, None, mlp), down_spec),
         out_specs=(rows, PartitionSpec()),
     )(x_td, weights_tk.astype(jnp.float32), experts_tk.astype(jnp.int32), valid_t, w_gate_up_edgi, w_down_eid)
     return y_td[:n_global], drops

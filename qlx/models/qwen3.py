@@ -35,7 +35,7 @@ from qlx.models.moe import (
     router_stats,
     split_experts,
 )
-from qlx.models.moe_ep import EXPERT_AXIS, ep_experts, resolve_transport, token_axes
+from qlx.models.moe_ep import EXPERT_AXIS, ep_experts, ep_route, resolve_transport, token_axes
 from qlx.models.remat import checkpoint_name, remat
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
@@ -142,9 +142,12 @@ class MoE(nnx.Module):
         x_td = x_btd.reshape(b * t, d)
         valid_t = jnp.ones((b * t,), bool) if valid_bt is None else valid_bt.reshape(b * t)
         logits_te = jnp.matmul(x_td, self.router[...].astype(dt), preferred_element_type=jnp.float32)
-        weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
         mesh = layout.mesh
         if mesh is not None and mesh.shape[EXPERT_AXIS] > 1 and resolve_transport(c.moe_ep_transport) != "xla":
+            axes = token_axes(mesh, dict(layout.rules), x_btd.shape)
+            weights_tk, experts_tk, probs_te = ep_route(
+                logits_te, c.num_experts_per_tok, c.norm_topk_prob, mesh=mesh, token_axes=axes
+            )
             y_td, drops = ep_experts(
                 x_td,
                 weights_tk,
@@ -154,13 +157,14 @@ class MoE(nnx.Module):
                 self.down[...].astype(dt),
                 mesh=mesh,
                 rules=dict(layout.rules),
-                token_axes=token_axes(mesh, dict(layout.rules), x_btd.shape),
+                token_axes=axes,
                 transport=c.moe_ep_transport,
                 capacity_factor=c.moe_capacity_factor,
                 backend=c.moe_backend,
                 block_size=c.moe_block_size,
             )
         else:
+            weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
             y_td = experts(
                 x_td,
                 weights_tk,
