@@ -5,7 +5,8 @@ plus ``expert``: every device of an expert group holds different tokens); each d
 (``experts`` -> ``expert``), their ``mlp`` width split over ``tensor``. Per device, with n local tokens, k experts
 per token and a = n * k (token, expert) assignments:
 
-1. route (outside, float32, :func:`qlx.models.moe.route`); padding tokens (``valid_t`` False) get no expert;
+1. route (float32, :func:`qlx.models.moe.route` per token shard: :func:`ep_route`); padding tokens (``valid_t``
+   False) get no expert;
 2. sort the assignments by expert (stable) with :func:`permute_rows`, a gather whose backward is the inverse
    gather (no scatter-add);
 3. ``all_gather`` the per-expert counts over ``expert``: every device knows counts[r, e] of every source r;
