@@ -1,9 +1,9 @@
 """Expert parallelism (qlx.models.moe_ep) on 8 fake CPU devices: the model's forward and gradients on expert meshes
 equal the single-device dropless model for the dense and ring transports; a capped receive buffer drops exactly the
 assignments of an independent plain-loop reading of the drop rule and reports them; padding is never routed; routing
-per token shard equals the plain router without a collective; the
-compiled program does not all-gather expert weights and splits the FLOPs over the expert axis; the ragged
-transport compiles ahead of time for a TPU v5p topology (skipped without libtpu)."""
+per token shard equals the plain router and needs no collective; the compiled program does not all-gather expert
+weights and splits the FLOPs over the expert axis; the ragged transport compiles ahead of time for a TPU v5p
+topology (skipped without libtpu)."""
 
 import dataclasses
 import importlib.util
