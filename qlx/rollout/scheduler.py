@@ -14,10 +14,11 @@ Budget (in pages of ``page_size`` tokens). Every running sequence keeps a reserv
 ``r = min(reserve_tokens, its remaining new tokens)`` tokens past what it has written. A new group of G samples
 with a P-token prompt, sample g allowed n_g new tokens, is admitted when
 
-    pages(P) + sum_g [pages(P + min(reserve, n_g)) - floor(P / page_size)] + outstanding <= free pages
+    floor(P / page_size) + sum_g [pages(P + min(reserve, n_g)) - floor(P / page_size)] + outstanding <= free pages
 
-where the bracket is the pages sample g appends to the shared prompt (its copy of a partial last page included)
-and ``outstanding`` the pages the running sequences still need to hold their reserves. A swapped group needs its
+where the first term is the prompt's full pages (shared), the bracket the pages sample g holds past them (its copy
+of a partial last page included: G - 1 samples copy it, the last keeps the original) and ``outstanding`` the pages
+the running sequences still need to hold their reserves. A swapped group needs its
 saved pages plus the same reserves. The reserve bounds preemptions (a sequence outgrowing it may still force one);
 ``reserve_tokens = 0`` admits as soon as the prompt fits.
 """
@@ -35,8 +36,7 @@ def group_pages(prompt_len: int, max_new: Sequence[int], *, page_size: int, rese
     """Pages a new group needs at admission: its prompt once, plus each sample's reserve past it (module
     docstring)."""
     shared = prompt_len // page_size
-    own = sum(pages_for(prompt_len + min(reserve_tokens, n), page_size) - shared for n in max_new)
-    return pages_for(prompt_len, page_size) + own
+    return shared + sum(pages_for(prompt_len + min(reserve_tokens, n), page_size) - shared for n in max_new)
 
 
 def outstanding_pages(written: int, held: int, remaining: int, *, page_size: int, reserve_tokens: int) -> int:
