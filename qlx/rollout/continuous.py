@@ -120,7 +120,8 @@ class EngineStats:
     tokens included); prefill_tokens: prompt tokens run through the model (a group's prompt counts once);
     recomputed_tokens: tokens run through the model again after a preemption (0: preemption swaps);
     swapped_out_groups, swapped_pages: preemptions and the pages they copied to host; bursts, burst_steps: compiled
-    bursts run and their decode steps; slot_occupancy: live slot-steps / (burst_steps x max_slots); busy_seconds:
+    bursts run and their decode steps; slot_occupancy: live slot-steps / (burst_steps x max_slots);
+    occupancy_while_queued: the same over the bursts that began with groups waiting (0 if none); busy_seconds:
     wall time inside ``step``; tokens_per_second: generated_tokens / busy_seconds.
     """
 
@@ -137,6 +138,7 @@ class EngineStats:
     bursts: int
     burst_steps: int
     slot_occupancy: float
+    occupancy_while_queued: float
     busy_seconds: float
     tokens_per_second: float
 
@@ -346,6 +348,8 @@ class ContinuousEngine:
             bursts=0,
             burst_steps=0,
             live_slot_steps=0,
+            queued_steps=0,
+            queued_live_slot_steps=0,
         )
         self._busy_seconds = 0.0
 
@@ -437,6 +441,9 @@ class ContinuousEngine:
             bursts=n["bursts"],
             burst_steps=n["burst_steps"],
             slot_occupancy=n["live_slot_steps"] / capacity if capacity else 0.0,
+            occupancy_while_queued=(
+                n["queued_live_slot_steps"] / (n["queued_steps"] * c.max_slots) if n["queued_steps"] else 0.0
+            ),
             busy_seconds=self._busy_seconds,
             tokens_per_second=n["generated_tokens"] / self._busy_seconds if self._busy_seconds else 0.0,
         )
@@ -704,6 +711,7 @@ class ContinuousEngine:
                 table[slot] = self.pool.page_table([seq_id], c.table_width)[0]
         k, v = self._split_pages()
         cache = PagedKVCache(k, v, jnp.asarray(table), jnp.asarray(a["written"]))
+        queued = len(self._queue) > 0
         cache, _, count_s, _, stopped_s, steps, outs = _burst(
             self._graphdef,
             self._state,
@@ -713,7 +721,7 @@ class ContinuousEngine:
                 jnp.asarray(a[name])
                 for name in ("token", "count", "live", "max_new", "temperature", "top_p", "top_k", "stops", "seeds")
             ),
-            jnp.bool_(len(self._queue) > 0),
+            jnp.bool_(queued),
             steps=c.burst,
         )
         self._pages = cache.k + cache.v
@@ -721,11 +729,15 @@ class ContinuousEngine:
         tokens, logprobs, policy, mass = (np.asarray(x) for x in outs)
         self._counts["bursts"] += 1
         self._counts["burst_steps"] += steps
+        live_steps = int(count_s.sum() - a["count"].sum())
+        self._counts["live_slot_steps"] += live_steps
+        if queued:
+            self._counts["queued_steps"] += steps
+            self._counts["queued_live_slot_steps"] += live_steps
         for slot, sample in enumerate(list(self._slots)):
             if sample is None:
                 continue
             n = int(count_s[slot]) - len(sample.tokens)
-            self._counts["live_slot_steps"] += n
             sample.written += n
             self._append(sample, tokens[slot, :n], logprobs[slot, :n], policy[slot, :n], mass[slot, :n])
             if stopped_s[slot]:
