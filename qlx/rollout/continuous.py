@@ -12,6 +12,7 @@ API (what a server or the RL loop drives; one engine per model, not thread-safe:
     engine.run()             # step() until every submitted group is done
     engine.stats()           # EngineStats: queue depth, slots busy, pages used, tokens/s, occupancy, ...
     generate_continuous(model, prompts, specs, config)           # generate_rows' contract, on this engine
+    generate_groups(model, prompts, group_specs, config)         # the same with G samples per prompt (RL)
 
 A tick:
 1. Admit (``qlx.rollout.scheduler``): swapped-out groups first, then waiting groups longest expected first, whole
@@ -775,11 +776,25 @@ def generate_continuous(
     with ``specs[i]``, all submitted at once. Returns the rows in prompt order."""
     if len(specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
+    return generate_groups(model, prompts, [[s] for s in specs], config)
+
+
+def generate_groups(
+    model,
+    prompts: Sequence[Sequence[int]],
+    group_specs: Sequence[Sequence[SamplingSpec]],
+    config: EngineConfig | None = None,
+) -> GenerateResult:
+    """Group i = ``len(group_specs[i])`` samples of ``prompts[i]`` (prefilled once), all submitted at once to a
+    :class:`ContinuousEngine`. Returns the samples as rows, group by group (sample g of group i after those of the
+    groups before it), as :func:`qlx.rollout.generate_rows` over the prompts repeated."""
+    if len(group_specs) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(group_specs)} groups of sampling specs")
     engine = ContinuousEngine(model, config)
-    handles = [engine.submit(p, [s]) for p, s in zip(prompts, specs, strict=True)]
+    handles = [engine.submit(p, s) for p, s in zip(prompts, group_specs, strict=True)]
     engine.run()
     results = [h.result() for h in handles]
-    width = max(s.max_new_tokens for s in specs)
+    width = max(s.max_new_tokens for specs in group_specs for s in specs)
 
     def stack(name):
         return np.concatenate([np.pad(getattr(r, name), ((0, 0), (0, width - r.tokens.shape[1]))) for r in results])
