@@ -1,7 +1,9 @@
 """Continuous batching over a paged KV cache: groups prefilled once, a fixed set of decode slots run in K-step bursts,
 the host admitting, allocating and evicting between bursts.
 
-API (what a server or the RL loop drives; one engine per model, not thread-safe: call it from one thread):
+API (what a server or the RL loop drives; one engine per model; ``submit``, ``cancel``, ``step`` and ``stats`` hold
+one lock, so a server may submit and cancel from its request threads while one thread steps: they wait for the
+running tick, at most one prefill plus one burst):
 
     engine = ContinuousEngine(model, EngineConfig(max_slots=8, page_size=16, num_pages=512, burst=16, ...))
     handle = engine.submit(prompt_ids, [SamplingSpec(...), ...])   # one group: G samples of one prompt -> Handle
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Sequence
 
@@ -353,6 +356,7 @@ class ContinuousEngine:
             queued_live_slot_steps=0,
         )
         self._busy_seconds = 0.0
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- public API
 
@@ -361,6 +365,10 @@ class ContinuousEngine:
     ) -> Handle:
         """Queue one group: ``len(specs)`` samples of ``prompt`` (token ids), sample g sampled by ``specs[g]``.
         ``expected_new_tokens`` orders the queue (longest expected first; default: the largest max_new_tokens)."""
+        with self._lock:
+            return self._submit(prompt, specs, expected_new_tokens)
+
+    def _submit(self, prompt, specs, expected_new_tokens) -> Handle:
         c = self.config
         (ids,) = _check_prompts([prompt], self.model.config.vocab_size)
         specs = tuple(specs)
@@ -398,6 +406,10 @@ class ContinuousEngine:
 
     def cancel(self, handle: Handle) -> None:
         """End the group's unfinished samples with finish_reason "cancelled" and free their slots and pages."""
+        with self._lock:
+            self._cancel(handle)
+
+    def _cancel(self, handle: Handle) -> None:
         if handle.done:
             return
         if handle._state in ("waiting", "swapped"):
@@ -412,13 +424,14 @@ class ContinuousEngine:
 
     def step(self) -> bool:
         """One tick (module docstring): admit, allocate, burst, collect. Returns whether work is left."""
-        began = time.perf_counter()
-        self._admit()
-        if any(s is not None for s in self._slots):
-            self._allocate()
-            self._run_burst()
-        self._busy_seconds += time.perf_counter() - began
-        return bool(len(self._queue) or self._running)
+        with self._lock:
+            began = time.perf_counter()
+            self._admit()
+            if any(s is not None for s in self._slots):
+                self._allocate()
+                self._run_burst()
+            self._busy_seconds += time.perf_counter() - began
+            return bool(len(self._queue) or self._running)
 
     def run(self) -> None:
         """Step until every submitted group is done."""
@@ -426,6 +439,10 @@ class ContinuousEngine:
             pass
 
     def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
         c, n = self.config, self._counts
         capacity = n["burst_steps"] * c.max_slots
         return EngineStats(
