@@ -116,20 +116,28 @@ def test_group_prefills_once_and_equals_separate_prefills(model):
 
 
 def test_preemption_swaps_to_host_and_outputs_are_unchanged(model):
-    """With no reserve, 4 sequences of 40-46-token prompts growing by 50 tokens outrun the 47 pages: groups are
-    swapped out and back (no token recomputed), and the outputs still equal the static engine's."""
-    prompts = _prompts((40, 44, 40, 46), seed=3)
+    """With no reserve, 4 sequences of 40-46-token prompts growing by 50 tokens (43 pages) outrun the 41 pages left
+    beside 6 held outside the engine: groups are swapped out and back (no token recomputed; the newest, a group of
+    2 sharing its prompt's pages, goes first and comes back with the same sharing), and the outputs still equal the
+    static engine's."""
+    prompts = _prompts((46, 44, 40), seed=3)
     specs = [SamplingSpec(max_new_tokens=50, temperature=0.0, stream=i) for i in range(4)]
-    specs[1] = SamplingSpec(max_new_tokens=50, temperature=0.7, top_p=0.95, seed=9, stream=1)
-    static = generate_rows(model, prompts, specs)
+    specs[3] = SamplingSpec(max_new_tokens=50, temperature=0.7, top_p=0.95, seed=9, stream=3)
+    static = generate_rows(model, [prompts[0], prompts[1], prompts[2], prompts[2]], specs)
     engine = cb.ContinuousEngine(model, dataclasses.replace(CONFIG, reserve_tokens=0))
-    handles = [engine.submit(p, [s]) for p, s in zip(prompts, specs, strict=True)]
+    engine.pool.admit("held elsewhere", 6 * CONFIG.page_size)
+    handles = [engine.submit(prompts[0], specs[:1]), engine.submit(prompts[1], specs[1:2])]
+    handles.append(engine.submit(prompts[2], specs[2:]))  # admitted last (shortest): preempted first
+    shared_swaps = 0
     while engine.step():
         engine.pool.check()
+        swap = handles[2]._swap
+        shared_swaps += swap is not None and swap.shared == 40 // CONFIG.page_size
     stats = engine.stats()
-    assert stats.swapped_out_groups > 0 and stats.swapped_pages > 0
+    assert stats.swapped_out_groups > 0 and stats.swapped_pages > 0 and shared_swaps > 0
     assert stats.recomputed_tokens == 0
-    assert [h.result().sequences()[0] for h in handles] == static.sequences()
+    assert [seq for h in handles for seq in h.result().sequences()] == static.sequences()
+    engine.pool.release("held elsewhere")
     _check_idle(engine)
 
 
