@@ -171,6 +171,26 @@ def test_cancel_and_streaming(model):
     _check_idle(engine)
 
 
+def test_chunked_prefill_is_interleaved_with_bursts(model):
+    """One prefill chunk per tick: a 40-token prompt (3 chunks) submitted while a group decodes is prefilled over 3
+    ticks, the running group gaining a burst of tokens in each, and both end as the static engine's rows."""
+    prompts = _prompts((5, 40), seed=5)
+    specs = [SamplingSpec(max_new_tokens=40, temperature=0.0, stream=i) for i in range(2)]
+    static = generate_rows(model, prompts, specs)
+    engine = cb.ContinuousEngine(model, dataclasses.replace(CONFIG, prefill_chunks_per_tick=1))
+    first = engine.submit(prompts[0], specs[:1])
+    engine.step()
+    late = engine.submit(prompts[1], specs[1:])
+    for tick in range(3):
+        before = len(first.tokens[0])
+        engine.step()
+        assert len(first.tokens[0]) == before + CONFIG.burst and bool(late.tokens[0]) == (tick == 2)
+    assert engine.stats().prefill_tokens == 45
+    engine.run()
+    assert first.tokens + late.tokens == static.sequences()
+    _check_idle(engine)
+
+
 def test_scheduler_budget_and_order():
     """group_pages equals the pages a pool hands out for a prompt, its forks and each sample's reserve (copies of the
     partial page included); the queue serves swapped groups first, then the longest expected."""

@@ -20,7 +20,9 @@ A tick:
 1. Admit (``qlx.rollout.scheduler``): swapped-out groups first, then waiting groups longest expected first, whole
    groups only, while free slots and the token budget (a reserve per sequence) allow. A new group's prompt gets
    pages once (``PagePool.admit``) and is prefilled once, in chunks, by the static engine's ``prefill_step`` over a
-   :class:`~qlx.models.cache.PagedKVCache` (up to ``prefill_rows`` prompts per call); its G samples fork the
+   :class:`~qlx.models.cache.PagedKVCache` (up to ``prefill_rows`` prompts per call; at most
+   ``prefill_chunks_per_tick`` calls per tick, a longer prefill resuming next tick between bursts, while no other
+   group is admitted); its G samples fork the
    prompt's pages and draw their first tokens from the prompt's one logits vector (random stream of each sample:
    its own ``SamplingSpec`` seed and stream, token j keyed by ``fold_in(key, j)`` as in the static engine).
 2. Allocate: each live slot gets room for min(K, its remaining tokens) more tokens (``PagePool.extend``; the
@@ -85,6 +87,8 @@ class EngineConfig:
     max_len: longest prompt + max_new_tokens of one sequence (the page-table width is ceil(max_len / page_size)).
     prefill_chunk: prompt positions per prefill call.
     prefill_rows: prompts prefilled together per call (a group's prompt is one row).
+    prefill_chunks_per_tick: most prefill calls (``prefill_chunk`` positions of ``prefill_rows`` prompts each) per
+        tick, so a long prompt's prefill is interleaved with the running slots' bursts; 0: no limit.
     reserve_tokens: room each running sequence keeps for its next tokens when groups are admitted
         (``qlx.rollout.scheduler``); 0 admits as soon as the prompt fits.
     max_stop_ids: most stop token ids per sample (the width of the stop table).
@@ -97,13 +101,14 @@ class EngineConfig:
     max_len: int = 1024
     prefill_chunk: int = 64
     prefill_rows: int = 1
+    prefill_chunks_per_tick: int = 0
     reserve_tokens: int = 64
     max_stop_ids: int = 4
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            least = 0 if field.name == "reserve_tokens" else (2 if field.name == "num_pages" else 1)
+            least = {"reserve_tokens": 0, "prefill_chunks_per_tick": 0, "num_pages": 2}.get(field.name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"EngineConfig.{field.name} must be an int >= {least}, got {value!r}")
         if self.max_slots & (self.max_slots - 1):
@@ -174,6 +179,16 @@ class _Swap:
     data: tuple  # host copies of every page, shared ones first: per layer K then V, [KV, n, page, D]
 
 
+@dataclasses.dataclass(eq=False)
+class _Prefill:
+    handles: list
+    tokens_rp: np.ndarray  # [prefill_rows, prompt positions padded to whole chunks]
+    lengths_r: np.ndarray
+    table_rw: np.ndarray
+    hidden_rd: jax.Array  # each row's hidden state at its last prompt position (once its chunk ran)
+    start: int  # the next chunk's first position
+
+
 class Handle:
     """One submitted group (G samples of one prompt), updated by the engine after every step.
 
@@ -183,7 +198,7 @@ class Handle:
     def __init__(self, gid: int, prompt: np.ndarray, specs: Sequence[SamplingSpec], expected: int):
         self.id, self.prompt, self.specs, self.expected = gid, prompt, tuple(specs), expected
         self._samples = [_Sample(spec, (gid, g)) for g, spec in enumerate(specs)]
-        self._state = "waiting"  # waiting | running | swapped | done
+        self._state = "waiting"  # waiting | prefilling | running | swapped | done
         self._swap: _Swap | None = None
         self._admitted = -1
 
@@ -341,6 +356,7 @@ class ContinuousEngine:
         self.pool = PagePool(c.num_pages, c.page_size)
         self._slots: list[_Sample | None] = [None] * c.max_slots
         self._queue = GroupQueue()
+        self._prefilling: _Prefill | None = None
         self._running: list[Handle] = []
         self._ids = 0
         self._admissions = 0  # admission order (the newest running group is preempted first)
@@ -431,7 +447,7 @@ class ContinuousEngine:
                 self._allocate()
                 self._run_burst()
             self._busy_seconds += time.perf_counter() - began
-            return bool(len(self._queue) or self._running)
+            return bool(len(self._queue) or self._running or self._prefilling is not None)
 
     def run(self) -> None:
         """Step until every submitted group is done."""
@@ -506,13 +522,20 @@ class ContinuousEngine:
         return len(handle.specs), pages
 
     def _admit(self) -> None:
+        """Readmit swapped groups and admit new ones (module docstring, tick 1). A prefill unfinished within this
+        tick's ``prefill_chunks_per_tick`` resumes next tick; nothing else is admitted meanwhile."""
+        budget = [self.config.prefill_chunks_per_tick or None]  # prefill calls left this tick (None: no limit)
+        if self._prefilling is not None and not self._advance_prefill(budget):
+            return
         fresh: list[Handle] = []
         slots_left, pages_left = len(self._free_slots()), self.pool.free_pages - self._outstanding()
         while len(self._queue):
             handle = self._queue.peek()
             if handle._state == "waiting" and len(fresh) == self.config.prefill_rows:
-                self._prefill(fresh)
+                self._start_prefill(fresh)
                 fresh = []
+                if not self._advance_prefill(budget):
+                    return
                 slots_left, pages_left = len(self._free_slots()), self.pool.free_pages - self._outstanding()
             slots, pages = self._needs(handle)
             if slots > slots_left or pages > pages_left:
@@ -523,12 +546,14 @@ class ContinuousEngine:
                 self._swap_in(handle)
             else:
                 self.pool.admit(("prompt", handle.id), handle.prompt.size)
+                handle._state = "prefilling"
                 fresh.append(handle)
         if fresh:
-            self._prefill(fresh)
+            self._start_prefill(fresh)
+            self._advance_prefill(budget)
 
-    def _prefill(self, handles: list[Handle]) -> None:
-        """Prefill the groups' prompts (one row each) into their pages, fork them to the samples, draw token 0."""
+    def _start_prefill(self, handles: list[Handle]) -> None:
+        """The groups' prompts (one row each, padded to whole chunks) and page tables for :meth:`_advance_prefill`."""
         c = self.config
         rows = c.prefill_rows
         prompt_len = round_up(max(h.prompt.size for h in handles), c.prefill_chunk)
@@ -539,31 +564,52 @@ class ContinuousEngine:
             tokens_rp[r, : h.prompt.size] = h.prompt
             lengths_r[r] = h.prompt.size
             table_rw[r] = self.pool.page_table([("prompt", h.id)], c.table_width)[0]
-        k, v = self._split_pages()
-        cache = PagedKVCache(k, v, jnp.asarray(table_rw), jnp.zeros(rows, jnp.int32))
-        last_hidden_rd = jnp.zeros((rows, self.model.config.hidden_size), self.model.config.dtype)
-        lengths = jnp.asarray(lengths_r)
+        hidden_rd = jnp.zeros((rows, self.model.config.hidden_size), self.model.config.dtype)
+        self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0)
+
+    def _advance_prefill(self, budget: list) -> bool:
+        """Run chunks of the prefill in progress while ``budget[0]`` (calls left, None: no limit) allows; when the
+        prompts are done, hand the groups their slots and first tokens. Returns whether it finished."""
+        c, p = self.config, self._prefilling
         cache_len = c.table_width * c.page_size
-        for start in range(0, prompt_len, c.prefill_chunk):
-            span = min(cache_len, 1 << (start + c.prefill_chunk - 1).bit_length())
-            cache, last_hidden_rd = _prefill_chunk(
+        lengths = jnp.asarray(p.lengths_r)
+        while p.start < p.tokens_rp.shape[1]:
+            if budget[0] is not None:
+                if budget[0] == 0:
+                    return False
+                budget[0] -= 1
+            k, v = self._split_pages()
+            cache = PagedKVCache(k, v, jnp.asarray(p.table_rw), jnp.zeros(len(p.lengths_r), jnp.int32))  # donated
+            span = min(cache_len, 1 << (p.start + c.prefill_chunk - 1).bit_length())
+            cache, p.hidden_rd = _prefill_chunk(
                 self._graphdef,
                 self._state,
                 self._expert_weights,
                 cache,
-                last_hidden_rd,
-                jnp.asarray(tokens_rp[:, start : start + c.prefill_chunk]),
-                start,
+                p.hidden_rd,
+                jnp.asarray(p.tokens_rp[:, p.start : p.start + c.prefill_chunk]),
+                p.start,
                 lengths,
                 span=span,
             )
-        self._pages = cache.k + cache.v
-        self._counts["prefill_tokens"] += int(lengths_r.sum())
+            self._pages = cache.k + cache.v
+            p.start += c.prefill_chunk
+        self._prefilling = None
+        self._counts["prefill_tokens"] += int(p.lengths_r.sum())
+        self._place(p.handles, p.hidden_rd)
+        return True
 
+    def _place(self, handles: list[Handle], last_hidden_rd) -> None:
+        """Fork each prefilled prompt to its samples, give them slots and draw their token 0 (groups cancelled
+        during the prefill only release the prompt)."""
+        c = self.config
         free = self._free_slots()
         row_s = np.zeros(c.max_slots, np.int32)
         placed: list[_Sample] = []
         for r, h in enumerate(handles):
+            if h._state == "done":  # cancelled while prefilling
+                self.pool.release(("prompt", h.id))
+                continue
             h._state, h._admitted = "running", self._admission()
             self._running.append(h)
             for sample in h._samples:
@@ -573,6 +619,8 @@ class ContinuousEngine:
                 row_s[sample.slot] = r
                 placed.append(sample)
             self.pool.release(("prompt", h.id))
+        if not placed:
+            return
         arrays = self._slot_arrays()
         drawn = _first_draw(
             self._graphdef,
@@ -590,7 +638,7 @@ class ContinuousEngine:
             elif sample.remaining == 0:
                 self._finish(sample, FINISH_LENGTH)
         for h in handles:
-            if h.done:
+            if h.done and h in self._running:
                 self._retire(h)
 
     def _admission(self) -> int:
