@@ -191,6 +191,26 @@ def test_chunked_prefill_is_interleaved_with_bursts(model):
     _check_idle(engine)
 
 
+def test_update_weights_decodes_with_the_new_parameters(model):
+    """After update_weights(other model of the same shapes), new requests equal the static engine on the other
+    model, with no compilation."""
+    other = build_model(model.config, seed=2)
+    prompts = _prompts((11, 6), seed=6)
+    specs = _greedy((12, 12))
+    static = generate_rows(other, prompts, specs)
+    engine = cb.ContinuousEngine(model, CONFIG)
+    engine.submit(prompts[0], specs[:1])
+    engine.run()
+    compiled = [f._cache_size() for f in COMPILED]
+    engine.update_weights(other)
+    handles = [engine.submit(p, [s]) for p, s in zip(prompts, specs, strict=True)]
+    engine.run()
+    assert [h.result().sequences()[0] for h in handles] == static.sequences()
+    assert [f._cache_size() for f in COMPILED] == compiled
+    with pytest.raises(ValueError, match="architecture"):
+        engine.update_weights(build_model(dataclasses.replace(model.config, num_layers=1), seed=0))
+
+
 def test_scheduler_budget_and_order():
     """group_pages equals the pages a pool hands out for a prompt, its forks and each sample's reserve (copies of the
     partial page included); the queue serves swapped groups first, then the longest expected."""

@@ -11,6 +11,7 @@ running tick, at most one prefill plus one burst):
     handle.take_new()        # per sample, the tokens generated since the last call (stream them after each step)
     handle.done, handle.finish_reasons, handle.result()          # GenerateResult of the group, as the static engine's
     engine.cancel(handle)    # unfinished samples end with finish_reason "cancelled"; pages and slots are freed
+    engine.update_weights(model)  # new parameters (same shapes) from the next tick; in-flight KV is kept
     engine.run()             # step() until every submitted group is done
     engine.stats()           # EngineStats: queue depth, slots busy, pages used, tokens/s, occupancy, ...
     generate_continuous(model, prompts, specs, config)           # generate_rows' contract, on this engine
@@ -22,9 +23,9 @@ A tick:
    pages once (``PagePool.admit``) and is prefilled once, in chunks, by the static engine's ``prefill_step`` over a
    :class:`~qlx.models.cache.PagedKVCache` (up to ``prefill_rows`` prompts per call; at most
    ``prefill_chunks_per_tick`` calls per tick, a longer prefill resuming next tick between bursts, while no other
-   group is admitted); its G samples fork the
-   prompt's pages and draw their first tokens from the prompt's one logits vector (random stream of each sample:
-   its own ``SamplingSpec`` seed and stream, token j keyed by ``fold_in(key, j)`` as in the static engine).
+   group is admitted); its G samples fork the prompt's pages and draw their first tokens from the prompt's one
+   logits vector (random stream of each sample: its own ``SamplingSpec`` seed and stream, token j keyed by
+   ``fold_in(key, j)`` as in the static engine).
 2. Allocate: each live slot gets room for min(K, its remaining tokens) more tokens (``PagePool.extend``; the
    copy-on-write copies of a shared partial page run on the device first). When pages run out, the most recently
    admitted running group is **swapped** to host memory (its pages copied out, released, and copied back into fresh
@@ -222,8 +223,9 @@ class Handle:
         """Per sample, the tokens generated since the previous call (what to stream after a step)."""
         out = []
         for s in self._samples:
-            out.append(s.tokens[s.streamed :])
-            s.streamed = len(s.tokens)
+            new = s.tokens[s.streamed :]  # one read: tokens appended meanwhile by step() come next time
+            s.streamed += len(new)
+            out.append(new)
         return out
 
     def result(self) -> GenerateResult:
@@ -419,6 +421,17 @@ class ContinuousEngine:
         self._ids += 1
         self._queue.push(handle, handle.expected)
         return handle
+
+    def update_weights(self, model) -> None:
+        """Decode with ``model``'s parameters from the next tick on (same architecture and shapes: nothing
+        recompiles). Sequences in flight keep their KV pages, computed under the old weights (``keep`` semantics);
+        cancel them first to drop them."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("update_weights needs a model of the engine's architecture (its nnx graph differs)")
+        with self._lock:
+            self.model, self._state = model, state
+            self._expert_weights = _expert_weights(graphdef, state)
 
     def cancel(self, handle: Handle) -> None:
         """End the group's unfinished samples with finish_reason "cancelled" and free their slots and pages."""
