@@ -450,17 +450,34 @@ class RolloutConfig:
     temperature: sampling temperature; the policy's log-probs and entropy use the same temperature.
     top_p: nucleus sampling mass (1.0: off).
     top_k: keep the k most likely tokens (0: off).
+    engine: "static" (``qlx.rollout.generate``: every row of a batch runs until the longest ends) or "continuous"
+        (``qlx.rollout.continuous``: decode slots refilled between bursts, a group's prompt prefilled once, paged KV).
+    slots: continuous engine: sequences decoded together (a power of two).
+    page_size: continuous engine: tokens per KV page.
+    kv_tokens: continuous engine: KV cache size in tokens; 0: slots x (data.max_input_tokens + max_output_tokens).
+    burst: continuous engine: decode steps per compiled burst between the host's admissions.
     """
 
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0
+    engine: Literal["static", "continuous"] = "static"
+    slots: int = 64
+    page_size: int = 16
+    kv_tokens: int = 0
+    burst: int = 16
 
     def __post_init__(self):
         _check_finite(self)
         _check(self.temperature > 0, "temperature", f"must be positive (got {self.temperature})")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
         _check(self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
+        _check(
+            self.slots >= 1 and self.slots & (self.slots - 1) == 0, "slots", f"must be a power of two ({self.slots})"
+        )
+        for key in ("page_size", "burst"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        _check(self.kv_tokens >= 0, "kv_tokens", "must be >= 0 (0: slots x the longest sequence)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from flax import nnx
 import qlx
 from qlx.models import build_model
 from qlx.models.attention import attention, attention_mask, chunk_bounds, reference_attention
+from qlx.models.cache import PagedKVCache
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 11)), jnp.int32)
@@ -46,6 +47,28 @@ def test_prefill_and_decode_with_cache_match_full_forward(moe_model):
             valid = positions < n
             np.testing.assert_allclose(logits[row][valid], full[row, positions[valid]], atol=1e-4)
     np.testing.assert_array_equal(cache.lengths, lengths)
+    for step in range(5):
+        next_tokens = jnp.stack([TOKENS[row, n + step] for row, n in enumerate(lengths)])[:, None]
+        logits, cache = cached_step(moe_model, next_tokens, cache, cache.default_positions(1))
+        for row, n in enumerate(lengths):
+            np.testing.assert_allclose(logits[row, 0], full[row, n + step], atol=1e-4)
+    np.testing.assert_array_equal(cache.lengths, [10, 8])
+
+
+def test_paged_cache_matches_full_forward(moe_model):
+    """The same prefill + decode over a PagedKVCache (pages of 4 slots, scattered and out of order, page 0 padding
+    the tables): every logit equals the full forward's."""
+    full = np.asarray(forward(moe_model, TOKENS))
+    c = moe_model.config
+    lengths = [5, 3]
+    table = jnp.asarray([[7, 2, 9, 0], [4, 8, 1, 0]], jnp.int32)  # row 0 reaches page 9 (tokens 8-9), row 1 page 1
+    pages = [jnp.full((c.num_kv_heads, 10, 4, c.head_dim), 3.0, c.dtype) for _ in range(2 * c.num_layers)]
+    cache = PagedKVCache(tuple(pages[::2]), tuple(pages[1::2]), table, jnp.zeros(2, jnp.int32))
+    positions = np.arange(0, 6)
+    pos = np.stack([np.where(positions < n, positions, -1) for n in lengths])
+    logits, cache = cached_step(moe_model, TOKENS[:, :6], cache, jnp.asarray(pos, jnp.int32))
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(logits[row][:n], full[row, :n], atol=1e-4)
     for step in range(5):
         next_tokens = jnp.stack([TOKENS[row, n + step] for row, n in enumerate(lengths)])[:, None]
         logits, cache = cached_step(moe_model, next_tokens, cache, cache.default_positions(1))

@@ -172,6 +172,37 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
         assert ep_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
 
 
+def test_rl_step_on_the_continuous_engine_equals_the_static_engine(tmp_path, monkeypatch):
+    """``rollout.engine=continuous`` (two groups of 4 at a time in 8 slots, prompts prefilled once per group) gives
+    the static engine's rollouts (the same random streams, T 1 / top-p 0.9), rewards and update."""
+    data = make_toy_run(tmp_path, n=8, task_types=("reading",))
+    overrides = ["train.mode=rl", "train.batch_size=4", "rl.group_size=4", "rl.aepo=false", "rollout.temperature=1.0"]
+    overrides += ["rollout.top_p=0.9", "data.max_output_tokens=6", "rollout.slots=8", "rollout.burst=4"]
+    seen = []
+
+    def reward_parity(dataset, index, response, rule):
+        seen.append(response)
+        return float(sum(map(ord, response)) % 2)
+
+    monkeypatch.setattr(rl_module, "score", reward_parity)
+    out = {}
+    for engine in ("static", "continuous"):
+        config = config_from_dict(data, [*overrides, f"rollout.engine={engine}"])
+        prepared = preflight(config)
+        model = build_model(config.model, seed=3)
+        policy, params, rest = Policy.split(model)
+        optimizer = make_optimizer(config.train.optimizer)
+        job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path / engine)
+        job.begin(params)
+        seen.clear()
+        metrics = job.step(1, params, optimizer.init(params))[2]
+        out[engine] = list(seen), metrics
+    assert out["continuous"][0] == out["static"][0] and len(set(out["static"][0])) > 1
+    assert 0 < out["static"][1]["reward/mean"] < 1
+    for key in ("reward/mean", "response_length/mean", "update/tokens", "entropy", "loss", "grad_norm"):
+        assert out["continuous"][1][key] == pytest.approx(out["static"][1][key], rel=1e-5, abs=1e-7), key
+
+
 def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):
     """Pass rates 1, 1/2 and 0 by record; the band [0.25, 0.75] keeps the middle records only, and a restart
     reuses the saved selection instead of sampling again."""

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from qlx.config import ModelConfig
 from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
-from qlx.models.cache import KVCache, write_kv
+from qlx.models.cache import KVCache, PagedLayerKV, write_kv
 from qlx.models.layers import RMSNorm, normal_param, normal_value, param
 from qlx.models.moe import (
     ExpertWeights,
@@ -78,6 +78,10 @@ class Attention(nnx.Module):
         if kv is None:
             out = attention(q, k, v, backend=backend, causal=True, segment_ids_bt=segment_ids_bt, layout=layout)
             new_kv = None
+        elif isinstance(kv, PagedLayerKV):  # a paged cache (qlx.models.cache.PagedKVCache)
+            written = kv.write(k, v, positions_bt)
+            out = written.attend(q, positions_bt, backend=backend)
+            new_kv = (written.k, written.v)
         else:
             new_kv = (write_kv(kv[0], k, positions_bt), write_kv(kv[1], v, positions_bt))
             out = attention(q, new_kv[0].astype(dt), new_kv[1].astype(dt), backend=backend, q_positions_bt=positions_bt)
@@ -381,7 +385,7 @@ class Qwen3ForCausalLM(nnx.Module):
         else:
             # Unrolled layers, and every call with a KV cache (prefill / decode keep one cache array per layer).
             for i, layer in enumerate(self.layer_modules()):
-                kv = None if cache is None else (cache.k[i], cache.v[i])
+                kv = None if cache is None else cache.layer(i)
                 layer_experts = None if expert_weights is None else expert_weights[i]
                 graphdef, state = nnx.split(layer)
                 step = functools.partial(run, graphdef)

@@ -218,15 +218,10 @@ def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start,
     chunk = tokens_bc.shape[1]
     positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
-    prefix = dataclasses.replace(cache, k=tuple(k[:, :span] for k in cache.k), v=tuple(v[:, :span] for v in cache.v))
     hidden_bcd, prefix = model.hidden_states(
-        tokens_bc, positions_bt=positions_bc, cache=prefix, expert_weights=expert_weights
+        tokens_bc, positions_bt=positions_bc, cache=cache.prefix(span), expert_weights=expert_weights
     )
-    cache = dataclasses.replace(
-        prefix,
-        k=tuple(jax.lax.dynamic_update_slice_in_dim(k, p, 0, 1) for k, p in zip(cache.k, prefix.k, strict=True)),
-        v=tuple(jax.lax.dynamic_update_slice_in_dim(v, p, 0, 1) for v, p in zip(cache.v, prefix.v, strict=True)),
-    )
+    cache = cache.with_prefix(prefix)
     offset_b = lengths_b - 1 - start
     inside_b = (offset_b >= 0) & (offset_b < chunk)
     picked_bd = jnp.take_along_axis(hidden_bcd, jnp.clip(offset_b, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -270,6 +265,27 @@ def _decode(
     )
 
 
+def stream_keys(seeds_b3: jax.Array) -> jax.Array:
+    """One typed PRNG key per row from uint32 (seed lo, seed hi, stream) [B, 3] (:class:`SamplingSpec`); token j of
+    the row draws with ``fold_in(key, j)``."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
+
+
+def draw_tokens(logits_bv, temperature_b, top_p_b, top_k_b, step_keys_b, *, with_policy: bool):
+    """One token per row from its sampling distribution (``qlx.rollout.sampling``) over logits [B, V] (float32).
+
+    Returns (token_b, logprob_b) and, with ``with_policy``, also (policy_logprob_b, log_nucleus_mass_b):
+    log pi = log_softmax(z / T)[token] and log S = log pi - log p (the same for every kept token; 0 unfiltered).
+    """
+    logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b)
+    token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b)
+    if not with_policy:
+        return token_b, logprob_b
+    pi_b = policy_logprobs(logits_bv, temperature_b, token_b)
+    filtered_b = (temperature_b > 0) & ((top_p_b < 1) | (top_k_b > 0))
+    return token_b, logprob_b, pi_b, jnp.where(filtered_b, pi_b - logprob_b, 0.0)
+
+
 def decode_loop(
     model,
     expert_weights,
@@ -297,25 +313,21 @@ def decode_loop(
     compiled form.
     """
     w_dv = model.lm_head_weight()
-    keys_b = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), s[2]))(seeds_b3)
+    keys_b = stream_keys(seeds_b3)
     batch = lengths_b.shape[0]
-    filtered_b = (temperature_b > 0) & ((top_p_b < 1) | (top_k_b > 0))
 
     def emit(j, hidden_bd, done_b, stopped_b, count_b, tokens_bn, logprobs_bn, *policy):
         logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, w_dv, preferred_element_type=jnp.float32)
-        logp_bv = sampling_logprobs(logits_bv, temperature_b, top_p_b, top_k_b)
         step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, j)
-        token_b, logprob_b = sample_tokens(logp_bv, temperature_b, step_keys_b)
+        token_b, logprob_b, *drawn_policy = draw_tokens(
+            logits_bv, temperature_b, top_p_b, top_k_b, step_keys_b, with_policy=bool(policy)
+        )
         live_b = ~done_b
         tokens_bn = tokens_bn.at[:, j].set(jnp.where(live_b, token_b, 0))
         logprobs_bn = logprobs_bn.at[:, j].set(jnp.where(live_b, logprob_b, 0.0))
-        if policy:  # log pi of the token, and log S = log pi - log p (the same for every kept token; 0 unfiltered)
-            pi_b = policy_logprobs(logits_bv, temperature_b, token_b)
-            log_mass_b = jnp.where(filtered_b, pi_b - logprob_b, 0.0)
-            policy = tuple(
-                x_bn.at[:, j].set(jnp.where(live_b, x_b, 0.0))
-                for x_bn, x_b in zip(policy, (pi_b, log_mass_b), strict=True)
-            )
+        policy = tuple(
+            x_bn.at[:, j].set(jnp.where(live_b, x_b, 0.0)) for x_bn, x_b in zip(policy, drawn_policy, strict=True)
+        )
         hit_b = live_b & jnp.any(token_b[:, None] == stops_bs, axis=-1)
         count_b = count_b + live_b.astype(jnp.int32)
         done_b = done_b | hit_b | (count_b >= max_new_b)

@@ -31,9 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlx import rl
-from qlx.config import Config, RLConfig
+from qlx.config import Config, ConfigError, RLConfig
 from qlx.models.sharding import Layout
-from qlx.rollout.engine import generate
+from qlx.rollout.buckets import length_bucket, round_up
+from qlx.rollout.continuous import EngineConfig, generate_groups
+from qlx.rollout.engine import SamplingSpec, generate
+from qlx.rollout.kv_pages import pages_for
 from qlx.train.batches import batch_shards, micro_batches, pad_rows, put_micro_batches
 from qlx.train.evaluate import exact_score
 from qlx.train.inputs import Dataset
@@ -62,6 +65,26 @@ def rl_loss_sum(logp_br, entropy_br, batch, *, clip_low: float, clip_high: float
         "clipfrac_lower_sum": m["pg_clipfrac_lower"] * tokens,
         "entropy_sum": jnp.sum(entropy_br * mask_br),
     }
+
+
+def continuous_config(rollout, prompts, max_new_tokens: int, group_size: int, model) -> EngineConfig:
+    """The continuous engine's shapes for a step (``rollout.engine = continuous``): ``rollout.slots`` slots of
+    ``rollout.page_size``-token pages, sequences up to the longest prompt + max_new_tokens (rounded up to a length
+    bucket, so steps share compilations), ``rollout.kv_tokens`` of KV (0: every slot's longest sequence; at least
+    one whole group's worst case, G + 1 such sequences)."""
+    if rollout.slots < group_size:
+        raise ConfigError("rollout.slots", f"must hold a whole group (rl.group_size {group_size}), got {rollout.slots}")
+    longest = length_bucket(max(len(p) for p in prompts) + max_new_tokens)
+    max_len = min(round_up(longest, rollout.page_size), model.config.max_position_embeddings)
+    kv_tokens = max(rollout.kv_tokens or rollout.slots * max_len, (group_size + 1) * max_len)
+    return EngineConfig(
+        max_slots=rollout.slots,
+        page_size=rollout.page_size,
+        num_pages=pages_for(kv_tokens, rollout.page_size) + 1,
+        burst=rollout.burst,
+        max_len=max_len,
+        prefill_chunk=min(512, length_bucket(max(len(p) for p in prompts))),
+    )
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -216,18 +239,38 @@ class RLJob:
 
     def _rollout(self, model, indices, group_size: int, *, seed: int):
         prompts = [self.dataset.prompt(i) for i in indices]
-        ro = self.config.rollout
-        result = generate(
-            model,
-            [p for p in prompts for _ in range(group_size)],
-            max_new_tokens=self.config.data.max_output_tokens,
-            temperature=ro.temperature,
-            top_p=ro.top_p,
-            top_k=ro.top_k,
-            stop_token_ids=[self.tokenizer.eos_id],
-            seed=seed,
-            return_logprobs=False,
-        )
+        ro, new_tokens = self.config.rollout, self.config.data.max_output_tokens
+        if ro.engine == "continuous":  # the same random streams as ``generate``: row i = prompt i // G, stream i
+            specs = [
+                [
+                    SamplingSpec(
+                        max_new_tokens=new_tokens,
+                        temperature=ro.temperature,
+                        top_p=ro.top_p,
+                        top_k=ro.top_k,
+                        stop_token_ids=(self.tokenizer.eos_id,),
+                        seed=seed,
+                        stream=i * group_size + g,
+                    )
+                    for g in range(group_size)
+                ]
+                for i in range(len(prompts))
+            ]
+            result = generate_groups(
+                model, prompts, specs, continuous_config(ro, prompts, new_tokens, group_size, model)
+            )
+        else:
+            result = generate(
+                model,
+                [p for p in prompts for _ in range(group_size)],
+                max_new_tokens=new_tokens,
+                temperature=ro.temperature,
+                top_p=ro.top_p,
+                top_k=ro.top_k,
+                stop_token_ids=[self.tokenizer.eos_id],
+                seed=seed,
+                return_logprobs=False,
+            )
         responses = result.sequences()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return responses, texts, result
