@@ -175,7 +175,7 @@ def test_concurrent_requests_are_batched_together(model, tokenizer):
     finally:
         server.close()
         thread.join()
-    assert len(server.worker.batches) < len(prompts) and sum(server.worker.batches) == len(prompts)
+    assert len(server.backend.batches) < len(prompts) and sum(server.backend.batches) == len(prompts)
     for prompt, choice in zip(prompts, results, strict=True):
         tokens = _expected(model, tokenizer, tokenizer.encode(prompt), 5)[0]
         assert choice.text == tokenizer.decode(tokens, skip_special_tokens=True)
