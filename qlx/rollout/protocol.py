@@ -387,7 +387,7 @@ class ChoiceBuilder:
         returns the newly final part (its ``completion_tokens``: tokens fed so far). Nothing is added once
         finished (a stop string may finish the text before the generation ends)."""
         if self.finish_reason is not None:
-            return self._delta("", 0)
+            return self._delta("", self._sent)
         self._tokens += [int(t) for t in tokens]
         self._logprobs += [float(x) for x in logprobs]
         body = self._tokens[:-1] if finish_reason == "stop" and self._tokens else self._tokens
