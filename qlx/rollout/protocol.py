@@ -535,7 +535,8 @@ def stream_events(request: ParsedRequest, header: dict, index: int, delta: Choic
     """The server-sent events (each sent as ``data: <json>``; the stream ends with ``data: [DONE]``) for the newly
     final part ``delta`` of choice ``index`` (:meth:`ChoiceBuilder.feed`): a content event when it has text or
     tokens (for chat, the choice's ``first`` event carries the role), then a finish event when it finished.
-    ``offset``: characters of the choice sent before (the completions log-probs' ``text_offset``)."""
+    ``offset``: the summed length of the choice's token texts sent before (the completions log-probs'
+    ``text_offset``)."""
     chat = request.endpoint == "chat"
     events = []
     if delta.text or delta.token_ids or (chat and first):

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 _GET_PATHS = ("/health", "/metrics")
 _OTHER_METHODS = {"PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+_KEEP_ALIVE_S = 30  # idle keep-alive connections close after this (uvicorn's 5 s races clients reusing them)
+_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)  # long prompts, long outputs
 _DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this size so the client sees the 413
 
 
@@ -72,6 +74,7 @@ class _RequestStream:
     """One request's :class:`~qlx.rollout.backend.Sink`: backend threads put chunks, the event loop awaits them.
 
     open_rows: rows whose last chunk has not arrived (0 or ``failed``: the backend is done with the request).
+    first_token_at: ``time.monotonic()`` when the first chunk with tokens arrived (None before).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rows: int):
@@ -79,6 +82,7 @@ class _RequestStream:
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.open_rows = rows
         self.failed = False
+        self.first_token_at: float | None = None
 
     def chunk(self, chunk: Chunk) -> None:
         self._put(chunk)
@@ -107,6 +111,8 @@ class _RequestStream:
             raise APIError(500, f"generation failed: {type(item).__name__}: {item}") from item
         if item.finish_reason is not None:
             self.open_rows -= 1
+        if item.tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         return item
 
 
@@ -142,10 +148,16 @@ class _Metrics:
         )
         self.running = Gauge("qlx_requests_running", "Generation requests in flight.", registry=self.registry)
         self.first_token = Histogram(
-            "qlx_time_to_first_token_seconds", "From submission to a request's first tokens.", registry=self.registry
+            "qlx_time_to_first_token_seconds",
+            "From submission to a request's first tokens.",
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "qlx_request_seconds", "From submission to a generation request's end.", registry=self.registry
+            "qlx_request_seconds",
+            "From submission to a generation request's end.",
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(_BackendCollector(backend))
 
@@ -367,44 +379,37 @@ class OpenAIApp:
         self.metrics.running.inc()
         try:
             if request.stream:
-                await self._stream(request, rows, stream, disconnected, send, started)
+                await self._stream(request, len(rows), stream, disconnected, send)
             else:
-                builders = await self._collect(request, rows, stream, disconnected, started)
+                builders = await self._collect(request, len(rows), stream, disconnected)
                 await _send_json(send, 200, response_body(request, [b.choice() for b in builders]))
         finally:
             self.metrics.running.dec()
             self.metrics.latency.observe(time.monotonic() - started)
+            if stream.first_token_at is not None:
+                self.metrics.first_token.observe(stream.first_token_at - started)
             disconnected.cancel()
             if not stream.done:
                 self.backend.cancel(request_id)
 
-    def _first_token(self, chunk: Chunk, started: float, seen: list[bool]) -> None:
-        if chunk.tokens and not seen:
-            seen.append(True)
-            self.metrics.first_token.observe(time.monotonic() - started)
-
-    async def _collect(self, request, rows, stream, disconnected, started) -> list[ChoiceBuilder]:
-        builders = [ChoiceBuilder(self.tokenizer, request.stop) for _ in rows]
-        seen: list[bool] = []
+    async def _collect(self, request, rows: int, stream, disconnected) -> list[ChoiceBuilder]:
+        builders = [ChoiceBuilder(self.tokenizer, request.stop) for _ in range(rows)]
         while not all(b.finish_reason for b in builders):
             chunk = await stream.next(disconnected)
-            self._first_token(chunk, started, seen)
             builders[chunk.row].feed(chunk.tokens, chunk.logprobs, chunk.finish_reason)
         return builders
 
-    async def _stream(self, request, rows, stream, disconnected, send, started) -> None:
+    async def _stream(self, request, rows: int, stream, disconnected, send) -> None:
         """Server-sent events as chunks arrive; the response starts with the first chunk (a failure before it is a
         500, as for a non-streamed request)."""
-        builders = [ChoiceBuilder(self.tokenizer, request.stop) for _ in rows]
+        builders = [ChoiceBuilder(self.tokenizer, request.stop) for _ in range(rows)]
         header = stream_header(request)
-        offsets = [0] * len(rows)  # characters of token texts sent per choice (log-probs' text_offset)
-        seen: list[bool] = []
-        first = [True] * len(rows)
+        offsets = [0] * rows  # characters of token texts sent per choice (log-probs' text_offset)
+        first = [True] * rows
         opened = False
         try:
             while not all(b.finish_reason for b in builders):
                 chunk = await stream.next(disconnected)
-                self._first_token(chunk, started, seen)
                 delta = builders[chunk.row].feed(chunk.tokens, chunk.logprobs, chunk.finish_reason)
                 events = stream_events(
                     request, header, chunk.row, delta, first=first[chunk.row], offset=offsets[chunk.row]
@@ -510,7 +515,13 @@ class OpenAIServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
         config = uvicorn.Config(
-            self.app, http=_JSONErrorsH11, lifespan="off", log_config=None, access_log=False, server_header=False
+            self.app,
+            http=_JSONErrorsH11,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=_KEEP_ALIVE_S,
         )
         self._uvicorn = uvicorn.Server(config)
         self._serving = threading.Event()
