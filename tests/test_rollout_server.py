@@ -8,6 +8,7 @@ import queue
 import random
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
 import jax
@@ -26,7 +27,7 @@ from qlx.data.llm import ChatClient, LLMConfig
 from qlx.data.tokenizer import render_chat, train_bpe_tokenizer
 from qlx.rl.rewards.judge import Judge, JudgeConfig
 from qlx.rollout import OpenAIServer, generate, serve_in_thread
-from qlx.rollout.backend import BackendStats, Chunk, Row, StaticBackend
+from qlx.rollout.backend import BackendStats, Chunk, ContinuousBackend, Row, StaticBackend
 from qlx.rollout.engine import SamplingSpec
 from qlx.rollout.protocol import ChoiceBuilder, ServeLimits, finish_choice
 from qlx.rollout.serve_cli import build_server, load_model
@@ -585,3 +586,41 @@ def test_choice_builder_fed_in_pieces_equals_the_whole(tokenizer, seed):
         assert [t for p in pieces for t in p.token_ids] == list(whole.token_ids) == body[:keep]
         assert [x for p in pieces for x in p.logprobs] == list(whole.logprobs) == logprobs[:keep]
         assert builder.finish_reason == whole.finish_reason == ("stop" if stops else finish)
+
+
+def test_continuous_backend_streams_per_burst_and_answers_as_the_static_engine(model, tokenizer):
+    """The continuous engine (``qlx.rollout.continuous``, built on another branch; skipped without it) behind the
+    server: a stream arrives in one event per burst, a client leaving mid-stream frees its slot, and every answer
+    equals the static engine's greedy one."""
+    continuous = pytest.importorskip("qlx.rollout.continuous")
+    config = continuous.EngineConfig(max_slots=8, page_size=16, num_pages=128, burst=4, max_len=512, prefill_chunk=64)
+    backend = ContinuousBackend(continuous.ContinuousEngine(model, config), max_rows=8)
+    limits = ServeLimits(max_model_len=512, max_rows=8)
+    with serve_in_thread(model, tokenizer, model_name=NAME, limits=limits, backend=backend) as base_url:
+        conn = _open_stream(base_url, {"model": NAME, "prompt": "abc", "max_tokens": 12, "temperature": 0,
+                                       "stream": True})  # fmt: skip
+        response = conn.getresponse()
+        events = []
+        while (event := _next_event(response)) != "[DONE]":
+            events.append(event["choices"][0])
+        conn.close()
+        long = _open_stream(base_url, {"model": NAME, "prompt": "de", "max_tokens": 400, "stream": True})
+        _next_event(long.getresponse())
+        long.close()  # mid-stream: the engine cancels the row and frees its slot
+        deadline = time.monotonic() + 60
+        while backend.stats().cancelled_rows == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = backend.stats()
+        assert (stats.cancelled_rows, stats.busy_slots, stats.queued_rows) == (1, 0, 0)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        prompts = ["fox de", "the quick brown", "abc de fox"]
+        out = client.completions.create(model=NAME, prompt=prompts, max_tokens=12, temperature=0, n=2)
+        metrics = _metrics(base_url)
+    tokens, _, finish = _expected(model, tokenizer, tokenizer.encode("abc"), 12)
+    texts = [e["text"] for e in events if e["finish_reason"] is None]
+    assert len(texts) == 3 and "".join(texts) == tokenizer.decode(tokens, skip_special_tokens=True)  # 12 / burst 4
+    assert events[-1]["finish_reason"] == finish == "length"
+    for i, prompt in enumerate(prompts):
+        text = tokenizer.decode(_expected(model, tokenizer, tokenizer.encode(prompt), 12)[0], skip_special_tokens=True)
+        assert out.choices[2 * i].text == out.choices[2 * i + 1].text == text
+    assert metrics[("qlx_kv_pages_total", ())] == 127 and metrics[("qlx_cancelled_rows_total", ())] == 1

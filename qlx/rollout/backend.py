@@ -17,12 +17,14 @@ Results flow back through ``sink`` (:class:`Sink`), from any backend thread, wit
   gets exactly one last chunk, cancelled or not, unless ``sink.fail`` is called.
 - ``sink.fail(error)``: generation of the request failed; no chunk follows.
 
-Plugging in a continuous-batching engine (``submit / step / cancel / stats``, e.g. ``qlx.rollout.continuous``)
-takes one thread that loops ``step()`` while anything is admitted, turns the tokens each burst produced into one
-:class:`Chunk` per row, calls ``engine.cancel`` for ids passed to ``cancel`` between bursts, and fills
-:class:`BackendStats` from the engine's statistics (slots, KV pages); a request's rows of one prompt are its group.
-:class:`StaticBackend` below is today's static engine (``generate_rows``) on this protocol: requests queued within
-``batch_wait_s`` of the first one run together as one batch.
+Two backends here:
+
+- :class:`StaticBackend`: the static engine (``generate_rows``); requests queued within ``batch_wait_s`` of the first
+  one run together as one batch, and each row comes back as one chunk when the batch ends.
+- :class:`ContinuousBackend`: any continuous-batching engine with ``submit / step / cancel / stats``
+  (``qlx.rollout.continuous.ContinuousEngine``): one thread loops ``step()`` while anything is admitted, submits and
+  cancels between steps (a request's rows of one prompt are one group), and sends each row's new tokens after every
+  step: requests join the running batch and stream per burst.
 """
 
 from __future__ import annotations
@@ -253,3 +255,146 @@ class StaticBackend:
                 zip(part.sequences(), part.lengths, part.finish_reasons, strict=True)
             ):
                 job.sink.chunk(Chunk(row, tuple(tokens), tuple(float(x) for x in part.logprobs[row, :n]), reason))
+
+
+@dataclasses.dataclass
+class _Live:
+    """A request on the continuous engine: its groups (first row, engine handle) and tokens sent per row."""
+
+    sink: Sink
+    groups: list
+    sent: list[int]
+    open: set[int]
+
+
+class ContinuousBackend:
+    """A continuous-batching engine on the backend protocol: ``engine`` has ``submit(prompt, specs) -> handle``,
+    ``step()``, ``cancel(handle)`` and ``stats()`` (``qlx.rollout.continuous.ContinuousEngine``: handles with
+    ``tokens`` / ``logprobs`` / ``finish_reasons`` per sample, stats with ``queue_depth``, ``slots_busy``,
+    ``max_slots``, ``pages_used``, ``pages_total``, ``generated_tokens``, ``tokens_per_second``).
+
+    One thread owns the engine: between steps it submits new requests (each run of a request's rows with the same
+    prompt is one group, so a prompt's n samples share its prefill) and cancels, then steps and sends every row's new
+    tokens as one chunk, so requests join the running batch and stream per burst. ``max_rows`` (rows per request)
+    must not pass the engine's slots. ``stats()`` is the engine's as of the last step (the engine is not
+    thread-safe); ``queued_rows`` = unfinished rows not in a slot.
+    """
+
+    def __init__(self, engine, *, max_rows: int):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+        self.engine = engine
+        self.max_rows = max_rows
+        self._inbox: queue.Queue = queue.Queue()
+        self._live: dict[str, _Live] = {}
+        self._thread = threading.Thread(target=self._loop, name="qlx-continuous", daemon=True)
+        self._lock = threading.Lock()
+        self._open_rows = self._cancelled_rows = 0
+        self._stats = BackendStats(0, 0, max_rows, 0, 0.0, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Cancel what is still running, then stop the thread."""
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, request_id: str, rows: Sequence[Row], sink: Sink) -> None:
+        if not 0 < len(rows) <= self.max_rows:
+            raise ValueError(f"a request has 1..{self.max_rows} rows, got {len(rows)}")
+        with self._lock:
+            self._open_rows += len(rows)
+        self._inbox.put(("submit", request_id, rows, sink))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            queued = max(0, self._open_rows - self._stats.busy_slots)
+            return dataclasses.replace(self._stats, queued_rows=queued, cancelled_rows=self._cancelled_rows)
+
+    def _loop(self) -> None:
+        while True:
+            items = [] if self._live else [self._inbox.get()]  # idle: wait for work; busy: take what came
+            while not self._inbox.empty():
+                items.append(self._inbox.get())
+            for item in items:
+                if item is None:
+                    for request_id in list(self._live):
+                        self._cancel(request_id)
+                    self._emit()
+                    return
+                if item[0] == "submit":
+                    self._submit(*item[1:])
+                else:
+                    self._cancel(item[1])
+            if self._live:
+                try:
+                    self.engine.step()
+                except Exception as error:  # noqa: BLE001 - every live request gets it (a 500); the thread goes on
+                    logger.exception("a continuous-engine step failed")
+                    for request_id in list(self._live):
+                        self._fail(request_id, error)
+            self._emit()
+
+    def _submit(self, request_id: str, rows: Sequence[Row], sink: Sink) -> None:
+        groups: list[tuple[int, tuple[int, ...], list[SamplingSpec]]] = []
+        for i, row in enumerate(rows):
+            if groups and groups[-1][1] == row.prompt:
+                groups[-1][2].append(row.spec)
+            else:
+                groups.append((i, row.prompt, [row.spec]))
+        live = _Live(sink, [], [0] * len(rows), set(range(len(rows))))
+        self._live[request_id] = live
+        try:
+            for first, prompt, specs in groups:
+                live.groups.append((first, self.engine.submit(prompt, specs)))
+        except Exception as error:  # noqa: BLE001 - a request the engine refuses is a 500 for it alone
+            self._fail(request_id, error)
+
+    def _cancel(self, request_id: str) -> None:
+        live = self._live.get(request_id)
+        for _, handle in live.groups if live else ():
+            self.engine.cancel(handle)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        live = self._live.pop(request_id)
+        for _, handle in live.groups:
+            self.engine.cancel(handle)
+        with self._lock:
+            self._open_rows -= len(live.open)
+        live.sink.fail(error)
+
+    def _emit(self) -> None:
+        """Refresh the statistics, send every row's tokens since the last call, forget finished requests."""
+        s = self.engine.stats()
+        with self._lock:
+            self._stats = BackendStats(
+                queued_rows=0,
+                busy_slots=s.slots_busy,
+                total_slots=s.max_slots,
+                generated_tokens=s.generated_tokens,
+                tokens_per_s=s.tokens_per_second,
+                cancelled_rows=0,
+                kv_pages_used=s.pages_used,
+                kv_pages_total=s.pages_total,
+            )
+        for request_id, live in list(self._live.items()):
+            for first, handle in live.groups:
+                tokens, logprobs, reasons = handle.tokens, handle.logprobs, handle.finish_reasons
+                for g, reason in enumerate(reasons):
+                    row, sent = first + g, live.sent[first + g]
+                    if row not in live.open or (len(tokens[g]) == sent and reason is None):
+                        continue
+                    live.sent[row] = len(tokens[g])
+                    if reason is not None:
+                        live.open.discard(row)
+                        with self._lock:
+                            self._open_rows -= 1
+                            self._cancelled_rows += reason == FINISH_CANCELLED
+                    live.sink.chunk(Chunk(row, tuple(tokens[g][sent:]), tuple(logprobs[g][sent:]), reason))
+            if not live.open:
+                del self._live[request_id]
