@@ -371,7 +371,14 @@ class ChoiceBuilder:
     (finish_reason then becomes "stop"; only tokens that end before the cut are listed). :meth:`feed` returns the
     part that became final: while the row runs, text that could still be the start of a stop string or an
     incomplete UTF-8 character is held back. :meth:`choice` is everything fed so far.
+
+    Work per feed is bounded by the tokens since the last final one (not the whole generation): ``decode(t[:k])``
+    is computed as the cached text of a settled prefix ``t[:a]`` plus ``decode(t[a - 2:k])`` minus
+    ``decode(t[a - 2:a])`` (two tokens of context keep word-boundary spaces right); a settled prefix ends at a whole
+    character, and a window that does not extend its context falls back to the full decode.
     """
+
+    _CONTEXT = 2
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -379,8 +386,19 @@ class ChoiceBuilder:
         self.finish_reason: str | None = None
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
-        self._text = ""
+        self._text = ""  # the final text so far
         self._sent = 0  # tokens already final
+        self._anchor, self._settled, self._context = 0, "", ""  # a, decode(t[:a]), decode(t[a - 2:a])
+
+    def _decode(self, start: int, stop: int) -> str:
+        return self.tokenizer.decode(self._tokens[start:stop], skip_special_tokens=True)
+
+    def _after_settled(self, k: int) -> str:
+        """``decode(tokens[:k])`` past the settled prefix, for k >= the anchor."""
+        window = self._decode(max(0, self._anchor - self._CONTEXT), k)
+        if window.startswith(self._context):
+            return window[len(self._context) :]
+        return self._decode(0, k)[len(self._settled) :]
 
     def feed(self, tokens: Sequence[int], logprobs: Sequence[float], finish_reason: str | None = None) -> Choice:
         """Add the next tokens (``finish_reason`` on the last ones: "stop" when the last token is a stop token);
@@ -390,24 +408,29 @@ class ChoiceBuilder:
             return self._delta("", self._sent)
         self._tokens += [int(t) for t in tokens]
         self._logprobs += [float(x) for x in logprobs]
-        body = self._tokens[:-1] if finish_reason == "stop" and self._tokens else self._tokens
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        end = len(self._tokens) - (finish_reason == "stop" and bool(self._tokens))  # without a final stop token
+        text = self._settled + self._after_settled(end)
+        cuts = [i for i in (text.find(s, len(self._text)) for s in self.stop) if i >= 0]
         if cuts:
             final, self.finish_reason = min(cuts), "stop"
         elif finish_reason is not None:
             final, self.finish_reason = len(text), finish_reason
         else:
             final = self._safe_length(text)
-        keep = len(body)
+        keep = end
         if len(text) > final:  # the tokens whose text ends within the final text
             keep -= 1
-            while keep > self._sent and len(self.tokenizer.decode(body[:keep], skip_special_tokens=True)) > final:
+            while keep > self._sent and len(self._settled) + len(self._after_settled(keep)) > final:
                 keep -= 1
         keep = max(keep, self._sent)
         delta = text[len(self._text) : final]
         self._text += delta
         sent, self._sent = self._sent, keep
+        if keep > self._anchor:
+            rest = self._after_settled(keep)
+            if not rest.endswith("\ufffd"):  # settle only at a whole character
+                self._anchor, self._settled = keep, self._settled + rest
+                self._context = self._decode(max(0, keep - self._CONTEXT), keep)
         return self._delta(delta, sent)
 
     def _safe_length(self, text: str) -> int:
