@@ -4,7 +4,8 @@
   return_logprobs=True)`` -> :class:`GenerateResult` (tokens, log-probs, lengths, finish reasons).
 - ``generate_rows(model, prompts, specs)``: the same with one :class:`SamplingSpec` per prompt.
 - ``sampling_logprobs(logits, temperature, top_p, top_k)``: the distribution tokens are drawn from.
-- ``serve_in_thread(model, tokenizer, port=0)``: the HTTP server in a background thread (yields the base URL).
+- ``serve_in_thread(model, tokenizer, port=0)``: the HTTP server in a background thread (yields the base URL);
+  ``qlx.rollout.backend`` is the generation-backend protocol it speaks (``StaticBackend``, ``ContinuousBackend``).
 """
 
 from qlx.rollout.engine import GenerateResult, SamplingSpec, generate, generate_rows
