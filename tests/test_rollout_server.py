@@ -1,11 +1,15 @@
-"""The OpenAI-compatible server over a real localhost socket: the official openai client, raw HTTP, concurrent
-batching, error responses, and `qlx serve`'s loading of Hugging Face and qlx checkpoints."""
+"""The OpenAI-compatible server (ASGI on uvicorn) over a real localhost socket: the official openai client, raw
+HTTP, concurrent batching, error responses, streaming per backend chunk, cancellation on disconnect, the queue
+budget's 429, /metrics, and `qlx serve`'s loading of Hugging Face and qlx checkpoints."""
 
 import http.client
+import io
 import json
+import queue
 import random
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
 import jax
@@ -15,15 +19,18 @@ import pytest
 import torch
 import yaml
 from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import qlx
 from qlx.cli import main as qlx_main
 from qlx.data.llm import ChatClient, LLMConfig
-from qlx.data.tokenizer import render_chat, train_bpe_tokenizer
+from qlx.data.tokenizer import load_tokenizer, render_chat, train_bpe_tokenizer
 from qlx.rl.rewards.judge import Judge, JudgeConfig
 from qlx.rollout import OpenAIServer, generate, serve_in_thread
-from qlx.rollout.protocol import ServeLimits
+from qlx.rollout.backend import BackendStats, Chunk, ContinuousBackend, Row, StaticBackend
+from qlx.rollout.engine import SamplingSpec
+from qlx.rollout.protocol import ChoiceBuilder, ServeLimits, finish_choice
 from qlx.rollout.serve_cli import build_server, load_model
 
 NAME = "tiny"
@@ -175,7 +182,7 @@ def test_concurrent_requests_are_batched_together(model, tokenizer):
     finally:
         server.close()
         thread.join()
-    assert len(server.worker.batches) < len(prompts) and sum(server.worker.batches) == len(prompts)
+    assert len(server.backend.batches) < len(prompts) and sum(server.backend.batches) == len(prompts)
     for prompt, choice in zip(prompts, results, strict=True):
         tokens = _expected(model, tokenizer, tokenizer.encode(prompt), 5)[0]
         assert choice.text == tokenizer.decode(tokens, skip_special_tokens=True)
@@ -343,3 +350,302 @@ def test_unsupported_methods_get_json_405_with_allow(url, client, method, path, 
     assert (got, headers["Allow"], headers["Content-Type"]) == (405, allow, "application/json")
     assert payload["error"]["code"] == "method_not_allowed" and method in payload["error"]["message"]
     assert client.completions.create(model=NAME, prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+class ScriptedBackend:
+    """A backend the test drives (the protocol of ``qlx.rollout.backend``): it records what the server submits
+    and cancels, holds every submitted row as queued until ``finish``, and the test sends the chunks itself."""
+
+    max_rows = 8
+
+    def __init__(self):
+        self.submitted: queue.Queue = queue.Queue()  # (request_id, rows, sink)
+        self.cancelled: queue.Queue = queue.Queue()
+        self.open: dict[str, int] = {}
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
+    def submit(self, request_id, rows, sink):
+        self.open[request_id] = len(rows)
+        self.submitted.put((request_id, rows, sink))
+
+    def cancel(self, request_id):
+        self.cancelled.put(request_id)
+
+    def finish(self, request_id):
+        del self.open[request_id]
+
+    def stats(self):
+        return BackendStats(
+            queued_rows=sum(self.open.values()),
+            busy_slots=1,
+            total_slots=self.max_rows,
+            generated_tokens=42,
+            tokens_per_s=12.5,
+            cancelled_rows=self.cancelled.qsize(),
+            kv_pages_used=3,
+            kv_pages_total=10,
+        )
+
+
+@pytest.fixture
+def scripted(model, tokenizer):
+    backend = ScriptedBackend()
+    limits = ServeLimits(max_model_len=512, max_rows=4, max_queued_rows=6, retry_after_s=3)
+    with serve_in_thread(model, tokenizer, model_name=NAME, limits=limits, backend=backend) as base_url:
+        yield backend, base_url
+
+
+def _open_stream(url, body: dict):
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn
+
+
+def _next_event(response):
+    """The next server-sent event's JSON (or "[DONE]")."""
+    while True:
+        line = response.readline()
+        assert line, "the stream ended"
+        if line.startswith(b"data: "):
+            data = line[len(b"data: ") :].strip()
+            return data.decode() if data == b"[DONE]" else json.loads(data)
+
+
+def test_streamed_chunks_arrive_before_the_request_ends(scripted, tokenizer):
+    backend, url = scripted
+    conn = _open_stream(url, {"model": NAME, "prompt": "abc", "max_tokens": 20, "stream": True, "logprobs": 0})
+    request_id, rows, sink = backend.submitted.get(timeout=60)
+    assert [r.prompt for r in rows] == [tuple(tokenizer.encode("abc"))] and rows[0].spec.max_new_tokens == 20
+    first, second = tokenizer.encode("fox de"), tokenizer.encode(" the quick")
+    sink.chunk(Chunk(0, tuple(first), (-0.5,) * len(first)))
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    event = _next_event(response)  # arrives while the backend has not finished the row
+    assert event["choices"][0]["text"] == tokenizer.decode(first) and event["choices"][0]["finish_reason"] is None
+    assert event["choices"][0]["logprobs"]["token_logprobs"] == [-0.5] * len(first)
+    assert backend.cancelled.empty()
+    backend.finish(request_id)
+    sink.chunk(Chunk(0, (*second, tokenizer.im_end_id), (-1.0,) * (len(second) + 1), "stop"))
+    event = _next_event(response)
+    assert tokenizer.decode(first) + event["choices"][0]["text"] == tokenizer.decode(first + second)
+    assert event["choices"][0]["logprobs"]["text_offset"][0] == len(tokenizer.decode(first))
+    assert _next_event(response)["choices"][0]["finish_reason"] == "stop"
+    assert _next_event(response) == "[DONE]"
+    conn.close()
+    assert backend.cancelled.empty()  # the backend ended the request itself: nothing to cancel
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_gets_its_request_cancelled(scripted, tokenizer, stream):
+    backend, url = scripted
+    conn = _open_stream(url, {"model": NAME, "prompt": "abc", "max_tokens": 20, "stream": stream, "n": 2})
+    request_id, rows, sink = backend.submitted.get(timeout=60)
+    assert len(rows) == 2
+    if stream:  # mid-stream: after the first chunk was delivered
+        sink.chunk(Chunk(1, tuple(tokenizer.encode("fox")), (0.0,)))
+        assert _next_event(conn.getresponse())["choices"][0]["index"] == 1
+    conn.close()
+    assert backend.cancelled.get(timeout=30) == request_id
+    backend.finish(request_id)
+
+
+def test_requests_over_the_queue_budget_get_429_with_retry_after(scripted, tokenizer):
+    backend, url = scripted
+    waiting = _open_stream(url, {"model": NAME, "prompt": "abc", "max_tokens": 4, "n": 4})  # 4 of the 6 queued rows
+    request_id, rows, sink = backend.submitted.get(timeout=60)
+    body = json.dumps({"model": NAME, "prompt": ["a", "b", "c"], "max_tokens": 4}).encode()
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    assert (response.status, response.getheader("Retry-After")) == (429, "3")
+    assert payload["error"]["code"] == "rate_limit_exceeded" and "4 rows" in payload["error"]["message"]
+    assert backend.submitted.empty()  # the refused request never reached the backend
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=NAME, prompt=["a", "b", "c"], max_tokens=4)
+    backend.finish(request_id)  # the queue drains: the same request is accepted now
+    for row in range(4):
+        sink.chunk(Chunk(row, tuple(tokenizer.encode("de")), (0.0,), "length"))
+    assert waiting.getresponse().status == 200
+    waiting.close()
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    other_id, rows, sink = backend.submitted.get(timeout=60)
+    assert len(rows) == 3
+    backend.finish(other_id)
+    for row in range(3):
+        sink.chunk(Chunk(row, (), (), "length"))
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def _metrics(url):
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(response.read().decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    conn.close()
+    return samples
+
+
+def test_metrics_report_the_backend_and_the_requests(scripted):
+    backend, url = scripted
+    samples = _metrics(url)
+    for name, value in [("qlx_queue_depth", 0), ("qlx_slots_busy", 1), ("qlx_slots_total", 8),
+                        ("qlx_tokens_per_second", 12.5), ("qlx_generated_tokens_total", 42),
+                        ("qlx_kv_pages_used", 3), ("qlx_kv_pages_total", 10), ("qlx_requests_running", 0)]:  # fmt: skip
+        assert samples[(name, ())] == value, name
+    backend.open["someone"] = 5
+    assert _metrics(url)[("qlx_queue_depth", ())] == 5
+    assert _metrics(url)[("qlx_requests_total", (("path", "/metrics"), ("status", "200")))] >= 2
+
+
+def test_metrics_count_the_static_engines_tokens(url, client):
+    before = _metrics(url)[("qlx_generated_tokens_total", ())]
+    out = client.completions.create(model=NAME, prompt="abc de", max_tokens=7, temperature=0, n=2)
+    after = _metrics(url)
+    assert after[("qlx_generated_tokens_total", ())] - before == out.usage.completion_tokens
+    assert after[("qlx_time_to_first_token_seconds_count", ())] >= 1 and after[("qlx_queue_depth", ())] == 0
+
+
+class _Recorder:
+    def __init__(self):
+        self.chunks, self.errors, self.done = [], [], threading.Event()
+
+    def chunk(self, chunk):
+        self.chunks.append(chunk)
+        if chunk.finish_reason is not None:
+            self.done.set()
+
+    def fail(self, error):
+        self.errors.append(error)
+        self.done.set()
+
+
+def test_static_backend_drops_a_request_cancelled_in_the_queue(model, tokenizer):
+    backend = StaticBackend(model, max_rows=4, batch_wait_s=0.5)
+    backend.start()
+    kept, dropped = _Recorder(), _Recorder()
+    spec = SamplingSpec(max_new_tokens=5, temperature=0.0, stop_token_ids=tuple(_stops(tokenizer)))
+    prompt = tuple(tokenizer.encode("fox de"))
+    try:
+        backend.submit("kept", [Row(prompt, spec)], kept)
+        backend.submit("dropped", [Row(prompt, spec), Row(prompt, spec)], dropped)
+        backend.cancel("dropped")  # within the batch window: before the batch runs
+        assert kept.done.wait(120) and dropped.done.wait(120)
+    finally:
+        backend.close()
+    assert backend.batches == [1]
+    assert [(c.row, c.tokens, c.finish_reason) for c in dropped.chunks] == [(0, (), "cancelled"), (1, (), "cancelled")]
+    tokens, logprobs, finish = _expected(model, tokenizer, list(prompt), 5)
+    (chunk,) = kept.chunks
+    assert chunk.finish_reason == finish and list(chunk.tokens[: len(tokens)]) == tokens
+    stats = backend.stats()
+    assert (stats.queued_rows, stats.busy_slots, stats.cancelled_rows) == (0, 0, 2)
+    assert stats.generated_tokens == len(chunk.tokens)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    """A sentencepiece BPE (dummy prefix: a word's leading space is dropped at the start of a decode; bytes for
+    characters it has no piece for)."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_texts()),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"],
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("sp")
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    return load_tokenizer(path)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+@pytest.mark.parametrize("seed", range(6))
+def test_choice_builder_fed_in_pieces_equals_the_whole(tokenizer, sp_tokenizer, kind, seed):
+    """Text, tokens and log-probs streamed in random pieces add up to the one-shot answer, and match the
+    definition: decode without a final stop token, cut before the stop string, tokens that end before the cut.
+    Seeds 4 and 5 have characters split over several byte tokens (a piece may end inside one)."""
+    tokenizer = tokenizer if kind == "bpe" else sp_tokenizer
+    rng = random.Random(seed)
+    text = " ".join(_texts(40)[rng.randrange(40)] for _ in range(3)) if seed < 4 else "abc naïve 日本語 de 😀 fox " * 2
+    tokens = tokenizer.encode(text)[:40]
+    full = tokenizer.decode(tokens, skip_special_tokens=True)
+    start = rng.randrange(1, len(full) - 3)
+    stop = full[start : start + rng.randint(1, 3)]
+    finish = rng.choice(["stop", "length"])
+    if finish == "stop":
+        tokens = [*tokens, tokenizer.im_end_id]
+    logprobs = [-0.1 * i for i in range(len(tokens))]
+    for stops in [(), (stop,)]:
+        builder = ChoiceBuilder(tokenizer, stops)
+        pieces, i = [], 0
+        while i < len(tokens):
+            j = min(len(tokens), i + rng.randint(1, 4))
+            pieces.append(builder.feed(tokens[i:j], logprobs[i:j], finish if j == len(tokens) else None))
+            i = j
+        streamed = "".join(p.text for p in pieces)
+        whole = finish_choice(tokens, logprobs, finish, tokenizer=tokenizer, stop=stops)
+        body = tokens[:-1] if finish == "stop" else tokens
+        cut = full.find(stop) if stops else len(full)
+        keep = max(k for k in range(len(body) + 1) if len(tokenizer.decode(body[:k], skip_special_tokens=True)) <= cut)
+        assert streamed == whole.text == full[:cut]
+        assert [t for p in pieces for t in p.token_ids] == list(whole.token_ids) == body[:keep]
+        assert [x for p in pieces for x in p.logprobs] == list(whole.logprobs) == logprobs[:keep]
+        assert builder.finish_reason == whole.finish_reason == ("stop" if stops else finish)
+
+
+def test_continuous_backend_streams_per_burst_and_answers_as_the_static_engine(model, tokenizer):
+    """The continuous engine (``qlx.rollout.continuous``, built on another branch; skipped without it) behind the
+    server: a stream arrives in one event per burst, a client leaving mid-stream frees its slot, and every answer
+    equals the static engine's greedy one."""
+    continuous = pytest.importorskip("qlx.rollout.continuous")
+    config = continuous.EngineConfig(max_slots=8, page_size=16, num_pages=128, burst=4, max_len=512, prefill_chunk=64)
+    backend = ContinuousBackend(continuous.ContinuousEngine(model, config), max_rows=8)
+    limits = ServeLimits(max_model_len=512, max_rows=8)
+    with serve_in_thread(model, tokenizer, model_name=NAME, limits=limits, backend=backend) as base_url:
+        conn = _open_stream(base_url, {"model": NAME, "prompt": "abc", "max_tokens": 12, "temperature": 0,
+                                       "stream": True})  # fmt: skip
+        response = conn.getresponse()
+        events = []
+        while (event := _next_event(response)) != "[DONE]":
+            events.append(event["choices"][0])
+        conn.close()
+        long = _open_stream(base_url, {"model": NAME, "prompt": "de", "max_tokens": 400, "stream": True})
+        _next_event(long.getresponse())
+        long.close()  # mid-stream: the engine cancels the row and frees its slot
+        deadline = time.monotonic() + 60
+        while backend.stats().cancelled_rows == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = backend.stats()
+        assert (stats.cancelled_rows, stats.busy_slots, stats.queued_rows) == (1, 0, 0)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        prompts = ["fox de", "the quick brown", "abc de fox"]
+        out = client.completions.create(model=NAME, prompt=prompts, max_tokens=12, temperature=0, n=2)
+        metrics = _metrics(base_url)
+    tokens, _, finish = _expected(model, tokenizer, tokenizer.encode("abc"), 12)
+    texts = [e["text"] for e in events if e["finish_reason"] is None]
+    assert len(texts) == 3 and "".join(texts) == tokenizer.decode(tokens, skip_special_tokens=True)  # 12 / burst 4
+    assert events[-1]["finish_reason"] == finish == "length"
+    for i, prompt in enumerate(prompts):
+        text = tokenizer.decode(_expected(model, tokenizer, tokenizer.encode(prompt), 12)[0], skip_special_tokens=True)
+        assert out.choices[2 * i].text == out.choices[2 * i + 1].text == text
+    assert metrics[("qlx_kv_pages_total", ())] == 127 and metrics[("qlx_cancelled_rows_total", ())] == 1

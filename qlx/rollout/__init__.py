@@ -7,7 +7,8 @@
   ``step`` bursts, stream, ``cancel``, ``stats``; ``qlx.rollout.continuous``); ``generate_continuous`` is
   ``generate_rows``' contract on it.
 - ``sampling_logprobs(logits, temperature, top_p, top_k)``: the distribution tokens are drawn from.
-- ``serve_in_thread(model, tokenizer, port=0)``: the HTTP server in a background thread (yields the base URL).
+- ``serve_in_thread(model, tokenizer, port=0)``: the HTTP server in a background thread (yields the base URL);
+  ``qlx.rollout.backend`` is the generation-backend protocol it speaks (``StaticBackend``, ``ContinuousBackend``).
 """
 
 from qlx.rollout.continuous import ContinuousEngine, EngineConfig, generate_continuous

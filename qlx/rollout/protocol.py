@@ -48,23 +48,32 @@ class APIError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask for.
+    """What one request may ask for, and how much the server queues.
 
     max_model_len: prompt tokens + max_tokens of every prompt must fit in this.
-    max_rows: prompts × n of one request (also the most rows the batching worker runs together).
+    max_rows: prompts × n of one request (also the most rows the static engine runs together).
     max_body_bytes: largest accepted request body.
     max_json_depth: deepest nesting of arrays and objects in a body (a chat request needs 5).
+    max_queued_rows: rows waiting in the backend (not yet generating) the server accepts; a request that would
+        pass it gets 429 with ``Retry-After``. At least ``max_rows``, so any valid request fits an empty queue.
+    retry_after_s: the ``Retry-After`` seconds of that 429.
     """
 
     max_model_len: int = 4096
     max_rows: int = 16
     max_body_bytes: int = 8 << 20
     max_json_depth: int = 32
+    max_queued_rows: int = 256
+    retry_after_s: int = 1
 
     def __post_init__(self):
-        for name in ("max_model_len", "max_rows", "max_body_bytes", "max_json_depth"):
+        for name in ("max_model_len", "max_rows", "max_body_bytes", "max_json_depth", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_queued_rows < self.max_rows:
+            raise ValueError(
+                f"ServeLimits.max_queued_rows must be >= max_rows ({self.max_rows}), got {self.max_queued_rows}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +364,104 @@ def parse_request(
     )
 
 
+class ChoiceBuilder:
+    """One generation's text as its tokens arrive (in chunks, or all at once).
+
+    A final stop token is not part of the text, and the text ends before the earliest ``stop`` string
+    (finish_reason then becomes "stop"; only tokens that end before the cut are listed). :meth:`feed` returns the
+    part that became final: while the row runs, text that could still be the start of a stop string or an
+    incomplete UTF-8 character is held back. :meth:`choice` is everything fed so far.
+
+    Work per feed is bounded by the tokens since the last final one (not the whole generation): ``decode(t[:k])``
+    is computed as the cached text of a settled prefix ``t[:a]`` plus ``decode(t[a - 2:k])`` minus
+    ``decode(t[a - 2:a])`` (two tokens of context keep word-boundary spaces right); a settled prefix ends at a whole
+    character, and a window that does not extend its context falls back to the full decode.
+    """
+
+    _CONTEXT = 2
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.finish_reason: str | None = None
+        self._tokens: list[int] = []
+        self._logprobs: list[float] = []
+        self._text = ""  # the final text so far
+        self._sent = 0  # tokens already final
+        self._anchor, self._settled, self._context = 0, "", ""  # a, decode(t[:a]), decode(t[a - 2:a])
+
+    def _decode(self, start: int, stop: int) -> str:
+        return self.tokenizer.decode(self._tokens[start:stop], skip_special_tokens=True)
+
+    def _after_settled(self, k: int) -> str:
+        """``decode(tokens[:k])`` past the settled prefix, for k >= the anchor."""
+        window = self._decode(max(0, self._anchor - self._CONTEXT), k)
+        if window.startswith(self._context):
+            return window[len(self._context) :]
+        return self._decode(0, k)[len(self._settled) :]
+
+    def feed(self, tokens: Sequence[int], logprobs: Sequence[float], finish_reason: str | None = None) -> Choice:
+        """Add the next tokens (``finish_reason`` on the last ones: "stop" when the last token is a stop token);
+        returns the newly final part (its ``completion_tokens``: tokens fed so far). Nothing is added once
+        finished (a stop string may finish the text before the generation ends)."""
+        if self.finish_reason is not None:
+            return self._delta("", self._sent)
+        self._tokens += [int(t) for t in tokens]
+        self._logprobs += [float(x) for x in logprobs]
+        end = len(self._tokens) - (finish_reason == "stop" and bool(self._tokens))  # without a final stop token
+        text = self._settled + self._after_settled(end)
+        cuts = [i for i in (text.find(s, len(self._text)) for s in self.stop) if i >= 0]
+        if cuts:
+            final, self.finish_reason = min(cuts), "stop"
+        elif finish_reason is not None:
+            final, self.finish_reason = len(text), finish_reason
+        else:
+            final = self._safe_length(text)
+        keep = end
+        if len(text) > final:  # the tokens whose text ends within the final text
+            keep -= 1
+            while keep > self._sent and len(self._settled) + len(self._after_settled(keep)) > final:
+                keep -= 1
+        keep = max(keep, self._sent)
+        delta = text[len(self._text) : final]
+        self._text += delta
+        sent, self._sent = self._sent, keep
+        if keep > self._anchor:
+            rest = self._after_settled(keep)
+            if not rest.endswith("\ufffd"):  # settle only at a whole character
+                self._anchor, self._settled = keep, self._settled + rest
+                self._context = self._decode(max(0, keep - self._CONTEXT), keep)
+        return self._delta(delta, sent)
+
+    def _safe_length(self, text: str) -> int:
+        """Length of ``text`` that no later token can change: without a trailing incomplete character (U+FFFD) and
+        without a suffix that begins a stop string."""
+        end = len(text.rstrip("\ufffd"))
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, end), hold, -1):
+                if text.endswith(s[:k], 0, end):
+                    hold = k
+                    break
+        return end - hold
+
+    def _delta(self, text: str, first: int) -> Choice:
+        tokens = self._tokens[first : self._sent]
+        return Choice(
+            text,
+            tuple(tokens),
+            tuple(self._logprobs[first : self._sent]),
+            tuple(self.tokenizer.decode([t]) for t in tokens),
+            self.finish_reason,
+            len(self._tokens),
+        )
+
+    def choice(self) -> Choice:
+        """Everything final so far (the whole generation once finished)."""
+        delta = self._delta("", 0)
+        return dataclasses.replace(delta, text=self._text)
+
+
 def finish_choice(
     tokens: Sequence[int],
     logprobs: Sequence[float],
@@ -363,23 +470,10 @@ def finish_choice(
     tokenizer,
     stop: Sequence[str] = (),
 ) -> Choice:
-    """Text of one generation: a final stop token is not part of the text, and the text ends before the earliest
-    ``stop`` string (finish_reason then becomes "stop"; only tokens that end before the cut are listed)."""
-    tokens, logprobs = list(tokens), list(logprobs)
-    completion_tokens = len(tokens)
-    if finish_reason == "stop" and tokens:
-        tokens, logprobs = tokens[:-1], logprobs[:-1]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    if cuts:
-        cut = min(cuts)
-        text, finish_reason = text[:cut], "stop"
-        keep = 0
-        while keep < len(tokens) and len(tokenizer.decode(tokens[: keep + 1], skip_special_tokens=True)) <= cut:
-            keep += 1
-        tokens, logprobs = tokens[:keep], logprobs[:keep]
-    token_texts = tuple(tokenizer.decode([t]) for t in tokens)
-    return Choice(text, tuple(tokens), tuple(float(x) for x in logprobs), token_texts, finish_reason, completion_tokens)
+    """A finished generation's :class:`Choice` (see :class:`ChoiceBuilder`)."""
+    builder = ChoiceBuilder(tokenizer, stop)
+    builder.feed(tokens, logprobs, finish_reason)
+    return builder.choice()
 
 
 def _usage(request: ParsedRequest, choices: Sequence[Choice]) -> dict:
@@ -392,11 +486,11 @@ def _usage(request: ParsedRequest, choices: Sequence[Choice]) -> dict:
     }
 
 
-def _logprobs_body(request: ParsedRequest, choice: Choice) -> dict | None:
+def _logprobs_body(request: ParsedRequest, choice: Choice, offset: int = 0) -> dict | None:
     if not request.logprobs:
         return None
     if request.endpoint == "completions":
-        offsets, offset = [], 0
+        offsets = []
         for text in choice.token_texts:
             offsets.append(offset)
             offset += len(text)
@@ -449,29 +543,45 @@ def response_body(request: ParsedRequest, choices: Sequence[Choice]) -> dict:
     }
 
 
-def stream_events(request: ParsedRequest, choices: Sequence[Choice]) -> list[dict]:
-    """The server-sent events of a streamed response (each sent as ``data: <json>``, then ``data: [DONE]``).
+def stream_header(request: ParsedRequest) -> dict:
+    """The fields every event of one streamed response shares (``id``, ``object``, ``created``, ``model``)."""
+    chat = request.endpoint == "chat"
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+    }
 
-    Generation runs as one compiled loop, so each choice arrives as one content chunk followed by its finish chunk.
-    """
-    full = response_body(request, choices)
-    base = {"id": full["id"], "created": full["created"], "model": full["model"]}
+
+def stream_events(request: ParsedRequest, header: dict, index: int, delta: Choice, *, first: bool, offset: int = 0):
+    """The server-sent events (each sent as ``data: <json>``; the stream ends with ``data: [DONE]``) for the newly
+    final part ``delta`` of choice ``index`` (:meth:`ChoiceBuilder.feed`): a content event when it has text or
+    tokens (for chat, the choice's ``first`` event carries the role), then a finish event when it finished.
+    ``offset``: the summed length of the choice's token texts sent before (the completions log-probs'
+    ``text_offset``)."""
+    chat = request.endpoint == "chat"
     events = []
-    for i, c in enumerate(choices):
-        logprobs = _logprobs_body(request, c)
-        if request.endpoint == "completions":
-            obj = "text_completion"
-            events.append({**base, "object": obj, "choices": [_chunk(i, text=c.text, logprobs=logprobs)]})
-            events.append({**base, "object": obj, "choices": [_chunk(i, text="", finish=c.finish_reason)]})
+    if delta.text or delta.token_ids or (chat and first):
+        logprobs = _logprobs_body(request, delta, offset)
+        if chat:
+            message = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+            events.append({**header, "choices": [_chunk(index, delta=message, logprobs=logprobs)]})
         else:
-            obj = "chat.completion.chunk"
-            delta = {"role": "assistant", "content": c.text}
-            events.append({**base, "object": obj, "choices": [_chunk(i, delta=delta, logprobs=logprobs)]})
-            events.append({**base, "object": obj, "choices": [_chunk(i, delta={}, finish=c.finish_reason)]})
-    if request.include_usage:
-        obj = "text_completion" if request.endpoint == "completions" else "chat.completion.chunk"
-        events.append({**base, "object": obj, "choices": [], "usage": full["usage"]})
+            events.append({**header, "choices": [_chunk(index, text=delta.text, logprobs=logprobs)]})
+    if delta.finish_reason is not None:
+        end = (
+            _chunk(index, delta={}, finish=delta.finish_reason)
+            if chat
+            else _chunk(index, text="", finish=delta.finish_reason)
+        )
+        events.append({**header, "choices": [end]})
     return events
+
+
+def usage_event(request: ParsedRequest, header: dict, choices: Sequence[Choice]) -> dict:
+    """The last event of a stream with ``stream_options.include_usage``."""
+    return {**header, "choices": [], "usage": _usage(request, choices)}
 
 
 def _chunk(index: int, *, text: str | None = None, delta: dict | None = None, logprobs=None, finish=None) -> dict:

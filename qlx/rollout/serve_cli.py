@@ -5,7 +5,9 @@
 
 The tokenizer is ``--tokenizer`` (a tokenizer.json, a sentencepiece .model, or a folder holding one); without it, the
 checkpoint folder's own tokenizer file, or for a qlx run folder its ``data.tokenizer``. Endpoints: ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` (see ``qlx.rollout.protocol`` for the supported fields).
+``POST /v1/completions``, ``POST /v1/chat/completions`` (see ``qlx.rollout.protocol`` for the supported fields),
+``GET /health``, ``GET /metrics`` (Prometheus). It runs on uvicorn; a request that would push the queue past
+``--max-queued-rows`` gets 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=16, help="rows generated together (and per request)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
+    parser.add_argument(
+        "--max-queued-rows", type=int, default=256, help="rows waiting for the engine before requests get 429"
+    )
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill step")
     parser.add_argument(
         "--chat-mode",
@@ -83,12 +88,12 @@ def load_serving_tokenizer(ckpt: Path, tokenizer: Path | None):
 
 
 def build_server(args: argparse.Namespace):
-    """The :class:`~qlx.rollout.server.OpenAIServer` the arguments describe (bound, worker running, not serving)."""
+    """The :class:`~qlx.rollout.server.OpenAIServer` the arguments describe (bound, backend running, not serving)."""
     from qlx.rollout.server import OpenAIServer
 
     model = load_model(args.ckpt, dtype=args.dtype)
     max_model_len = args.max_model_len or min(4096, model.config.max_position_embeddings)
-    limits = ServeLimits(max_model_len=max_model_len, max_rows=args.max_batch)
+    limits = ServeLimits(max_model_len=max_model_len, max_rows=args.max_batch, max_queued_rows=args.max_queued_rows)
     tokenizer = load_serving_tokenizer(args.ckpt, args.tokenizer)
     return OpenAIServer(
         model,
@@ -116,6 +121,5 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        server.worker.stop()
+        server.close()
     return 0
