@@ -232,19 +232,24 @@ def test_openai_client_raises_typed_errors(client):
 def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer, capsys):
     qlx.save_hf(model, tmp_path / "hf")
     tokenizer.save(tmp_path / "hf")
-    args = build_args(tmp_path / "hf")
-    server = build_server(args)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == ["hf"]
-        text = client.completions.create(model="hf", prompt="abc", max_tokens=4, temperature=0).choices[0].text
-    finally:
-        server.close()
-        thread.join()
+    texts = {}
+    for engine in ("static", "continuous"):
+        server = build_server(build_args(tmp_path / "hf", "--engine", engine, "--max-batch", "4", "--burst", "2"))
+        assert type(server.backend).__name__ == {"static": "StaticBackend", "continuous": "ContinuousBackend"}[engine]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+            assert [m.id for m in client.models.list().data] == ["hf"]
+            out = client.completions.create(model="hf", prompt="abc", max_tokens=4, temperature=0)
+            texts[engine] = out.choices[0].text
+        finally:
+            server.close()
+            thread.join()
     tokens = _expected(model, tokenizer, tokenizer.encode("abc"), 4)[0]
-    assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert texts["static"] == texts["continuous"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="--max-batch must be a power of two"):
+        build_server(build_args(tmp_path / "hf", "--engine", "continuous", "--max-batch", "6"))
 
     from qlx.config import to_dict
     from qlx.train.checkpoint import Checkpointer
@@ -264,14 +269,14 @@ def test_qlx_serve_loads_hf_and_qlx_checkpoints(tmp_path, model, tokenizer, caps
     assert "neither a Hugging Face directory" in capsys.readouterr().err
 
 
-def build_args(ckpt):
+def build_args(ckpt, *extra):
     import argparse
 
     from qlx.rollout import serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)
-    return parser.parse_args(["--ckpt", str(ckpt), "--port", "0", "--max-model-len", "64"])
+    return parser.parse_args(["--ckpt", str(ckpt), "--port", "0", "--max-model-len", "64", *extra])
 
 
 def _raw(url, request: bytes):
@@ -614,10 +619,9 @@ def test_choice_builder_fed_in_pieces_equals_the_whole(tokenizer, sp_tokenizer, 
 
 
 def test_continuous_backend_streams_per_burst_and_answers_as_the_static_engine(model, tokenizer):
-    """The continuous engine (``qlx.rollout.continuous``, built on another branch; skipped without it) behind the
-    server: a stream arrives in one event per burst, a client leaving mid-stream frees its slot, and every answer
-    equals the static engine's greedy one."""
-    continuous = pytest.importorskip("qlx.rollout.continuous")
+    """The continuous engine (``qlx.rollout.continuous``) behind the server: a stream arrives in one event per
+    burst, a client leaving mid-stream frees its slot, and every answer equals the static engine's greedy one."""
+    from qlx.rollout import continuous
     config = continuous.EngineConfig(max_slots=8, page_size=16, num_pages=128, burst=4, max_len=512, prefill_chunk=64)
     backend = ContinuousBackend(continuous.ContinuousEngine(model, config), max_rows=8)
     limits = ServeLimits(max_model_len=512, max_rows=8)

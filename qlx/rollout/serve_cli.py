@@ -8,6 +8,11 @@ checkpoint folder's own tokenizer file, or for a qlx run folder its ``data.token
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (see ``qlx.rollout.protocol`` for the supported fields),
 ``GET /health``, ``GET /metrics`` (Prometheus). It runs on uvicorn; a request that would push the queue past
 ``--max-queued-rows`` gets 429 with Retry-After.
+
+``--engine static`` (default) batches the requests that arrive within ``--batch-wait-ms`` and answers each row at the
+end of its batch; ``--engine continuous`` runs :class:`qlx.rollout.continuous.ContinuousEngine` (``--max-batch``
+paged-KV slots, ``--kv-tokens`` of KV in pages of ``--page-size``): requests join the running batch between bursts
+of ``--burst`` decode steps and stream per burst.
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queued-rows", type=int, default=256, help="rows waiting for the engine before requests get 429"
     )
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt positions per prefill step")
+    parser.add_argument(
+        "--engine", choices=("static", "continuous"), default="static", help="generation backend (see above)"
+    )
+    parser.add_argument(
+        "--kv-tokens", type=int, help="continuous engine: KV cache tokens (default: --max-batch x --max-model-len)"
+    )
+    parser.add_argument("--page-size", type=int, default=16, help="continuous engine: tokens per KV page")
+    parser.add_argument("--burst", type=int, default=16, help="continuous engine: decode steps between admissions")
     parser.add_argument(
         "--chat-mode",
         choices=("thinking", "instruct", "no_think"),
@@ -87,6 +100,31 @@ def load_serving_tokenizer(ckpt: Path, tokenizer: Path | None):
         raise FileNotFoundError(f"--ckpt {ckpt} holds no tokenizer.json or .model file; pass --tokenizer") from None
 
 
+def build_backend(args: argparse.Namespace, model, max_model_len: int):
+    """The continuous engine's backend for ``--engine continuous``; None for the static engine (the server builds it)."""
+    if args.engine == "static":
+        return None
+    from qlx.rollout.backend import ContinuousBackend
+    from qlx.rollout.continuous import ContinuousEngine, EngineConfig
+    from qlx.rollout.kv_pages import pages_for
+
+    if args.max_batch & (args.max_batch - 1):
+        raise ValueError(f"--max-batch must be a power of two with --engine continuous (slots), got {args.max_batch}")
+    kv_tokens = args.kv_tokens or args.max_batch * max_model_len
+    if kv_tokens < max_model_len:
+        raise ValueError(f"--kv-tokens ({kv_tokens}) must hold one whole request (--max-model-len {max_model_len})")
+    config = EngineConfig(
+        max_slots=args.max_batch,
+        page_size=args.page_size,
+        num_pages=pages_for(kv_tokens, args.page_size) + 1,
+        burst=args.burst,
+        max_len=max_model_len,
+        prefill_chunk=args.prefill_chunk,
+        backend=build_backend(args, model, max_model_len),
+    )
+    return ContinuousBackend(ContinuousEngine(model, config), max_rows=args.max_batch)
+
+
 def build_server(args: argparse.Namespace):
     """The :class:`~qlx.rollout.server.OpenAIServer` the arguments describe (bound, backend running, not serving)."""
     from qlx.rollout.server import OpenAIServer
@@ -105,6 +143,7 @@ def build_server(args: argparse.Namespace):
         chat_mode=args.chat_mode,
         batch_wait_s=args.batch_wait_ms / 1000,
         prefill_chunk=args.prefill_chunk,
+        backend=build_backend(args, model, max_model_len),
     )
 
 
