@@ -42,11 +42,11 @@ class MemoryDemoSize:
     """
 
     n_train: int = 2000
-    n_eval: int = 200
+    n_eval: int = 100
     context_tokens: int = 512
-    sft_steps: int = 600
-    rl_steps: int = 20
-    rl_batch: int = 8
+    sft_steps: int = 400
+    rl_steps: int = 8
+    rl_batch: int = 4
     eval_batch: int = 100
     task_types: tuple[str, ...] = ("reading", "multihop")
 
