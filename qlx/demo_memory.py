@@ -44,7 +44,7 @@ class MemoryDemoSize:
     n_train: int = 2000
     n_eval: int = 100
     context_tokens: int = 512
-    sft_steps: int = 400
+    sft_steps: int = 1000
     rl_steps: int = 8
     rl_batch: int = 4
     eval_batch: int = 100

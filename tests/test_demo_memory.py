@@ -76,7 +76,8 @@ def test_warm_start_targets_are_the_evidence_seen_so_far():
             new = turn.target[:-1]
             assert all(x in set(ids[t * 48 : (t + 1) * 48]) | set(tokenizer.encode(memory_text)) for x in new)
             memory_text = memory if memory else TEMPLATE.no_memory
-        assert all(fact in memory_text for fact in facts)  # the final turn sees every fact
+        assert all(fact in memory_text for fact in facts)  # the final turn sees every fact, and nothing else
+        assert "".join(memory_text.split()) == "".join("".join(sorted(facts, key=record.context.index)).split())
         final = turns[-1]
         values = {"question": question[0], "memory": memory_text, "instructions": question[1]}
         assert tokenizer.decode(final.prompt) == render_text(template.final, values)

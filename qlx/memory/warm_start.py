@@ -35,15 +35,19 @@ class Turn:
 
 def fact_token_spans(record: Record, tokenizer, base_dir=".") -> tuple[list[int], list[tuple[int, int]]]:
     """(document ids, [a_i, b_i) per evidence fact in document order): the tokens whose character offsets overlap
-    the fact's span ``[char_start, char_end)`` (needs a tokenizer with ``encode_with_offsets``)."""
+    the fact's span ``[char_start, char_end)`` without its surrounding whitespace (needs a tokenizer with
+    ``encode_with_offsets``)."""
     if not hasattr(tokenizer, "encode_with_offsets"):
         raise TypeError(f"{type(tokenizer).__name__} has no encode_with_offsets (character offsets of its tokens)")
-    ids, offsets = tokenizer.encode_with_offsets(read_context(record, base_dir))
+    text = read_context(record, base_dir)
+    ids, offsets = tokenizer.encode_with_offsets(text)
     facts = record.evidence.get("facts") or []
     if not facts:
         raise ValueError(f"record {record.id!r} has no evidence facts (evidence['facts']) to build a memory from")
     spans = []
     for start, end in sorted((int(f["char_start"]), int(f["char_end"])) for f in facts):
+        piece = text[start:end]  # spans end with the sentence's trailing space: not part of the fact
+        start, end = start + len(piece) - len(piece.lstrip()), start + len(piece.rstrip())
         inside = [k for k, (s, e) in enumerate(offsets) if s < end and e > start]
         if not inside:
             raise ValueError(f"record {record.id!r}: no token overlaps the evidence span [{start}, {end})")
