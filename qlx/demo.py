@@ -61,7 +61,8 @@ QUICK = DemoSize(
 def add_arguments(parser) -> None:
     from qlx.config import add_override_argument
 
-    parser.add_argument("--out", default="runs/demo", help="output folder (data, runs, plots, results.json)")
+    parser.add_argument("--out", help="output folder (data, runs, plots, results.json); runs/demo, runs/demo-memory")
+    parser.add_argument("--memory", action="store_true", help="the memory-agent demo (qlx.demo_memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task set, the model and the sampling")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few questions (a smoke test)")
     add_override_argument(parser, "override a key of both training configs, e.g. --set model.num_layers=1")
@@ -176,6 +177,10 @@ def evaluate_run(config, run_dir: Path, held_out, size: DemoSize, seed: int):
 
 
 def run(args) -> int:
+    if args.memory:
+        from qlx.demo_memory import run as run_memory
+
+        return run_memory(args)
     from qlx.config import ConfigError
     from qlx.train.evaluate import format_table, paired_change
     from qlx.train.plot import plot_accuracy, plot_run
@@ -183,7 +188,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     size = QUICK if args.quick else FULL
-    out = Path(args.out)
+    out = Path(args.out or "runs/demo")
     start = time.perf_counter()
     print(f"qlx demo: task set ({size.n_train} training, {size.n_eval} held-out questions) -> {out / 'data'}")
     try:

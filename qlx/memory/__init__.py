@@ -7,6 +7,8 @@
 - ``memory_analysis(...)``: compiled device memory of run's two executables (flat in document length).
 - ``evidence_chunks(record, tokenizer, config)``: the chunk (update turn) that shows each evidence fact of a
   ``qlx synth`` record, for results by evidence position (``qlx.memory.evidence``).
+- ``warm_start_turns(record, tokenizer, config, question, answer, stop_id=...)``: every turn of a record with its
+  ideal target (memory = the evidence seen so far, then the answer), for an SFT warm start (``qlx.memory.warm_start``).
 - ``qlx.memory.batch.conversations``: a rollout's turns as the conversations of the RL batch (``train.mode: memory``).
 - ``MemoryTemplate``, ``TEMPLATES``: prompts with slots; ``carried_memory``: the carry rule (``qlx.memory.carry``).
 """
@@ -16,6 +18,7 @@ from qlx.memory.carry import CARRY_RULES, TagPatterns, carried_memory
 from qlx.memory.config import MemoryAgentConfig
 from qlx.memory.evidence import evidence_chunks
 from qlx.memory.templates import TEMPLATES, MemoryTemplate, tokenize_template
+from qlx.memory.warm_start import warm_start_turns
 
 __all__ = [
     "CARRY_RULES",
@@ -32,4 +35,5 @@ __all__ = [
     "run",
     "run_reference",
     "tokenize_template",
+    "warm_start_turns",
 ]

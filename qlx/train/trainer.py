@@ -265,8 +265,12 @@ def _make_job(config: Config, dataset, policy: Policy, rest, optimizer, layout: 
     return RLJob(config, dataset, policy, rest, optimizer, layout, run_dir=run_dir, shardings=shardings)
 
 
-def train(config: Config) -> TrainResult:
-    """Run (or resume) the training described by ``config``; see the module docstring."""
+def train(config: Config, dataset=None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; see the module docstring.
+
+    ``dataset`` replaces the examples built from ``config.data`` (which preflight still checks): any object with
+    the ``qlx.train.inputs.Dataset`` interface, e.g. prompts and targets built by the caller (``qlx demo --memory``
+    trains the memory agent's warm start on its turns this way)."""
     prepared = preflight(config)
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +287,8 @@ def train(config: Config) -> TrainResult:
     opt_shardings = _opt_state_shardings(optimizer, abstract_params, mesh)
     param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
     shardings = (param_shardings, opt_shardings, replicated)
-    job = _make_job(config, prepared.dataset, policy, rest, optimizer, layout, run_dir, shardings)
+    dataset = prepared.dataset if dataset is None else dataset
+    job = _make_job(config, dataset, policy, rest, optimizer, layout, run_dir, shardings)
     targets = {
         "params": abstract_params,
         "opt_state": _with_shardings(jax.eval_shape(optimizer.init, abstract_params), opt_shardings),
