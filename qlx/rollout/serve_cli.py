@@ -101,7 +101,7 @@ def load_serving_tokenizer(ckpt: Path, tokenizer: Path | None):
 
 
 def build_backend(args: argparse.Namespace, model, max_model_len: int):
-    """The continuous engine's backend for ``--engine continuous``; None for the static engine (the server builds it)."""
+    """The continuous engine's backend for ``--engine continuous``; None for static (the server builds that one)."""
     if args.engine == "static":
         return None
     from qlx.rollout.backend import ContinuousBackend
