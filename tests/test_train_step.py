@@ -232,3 +232,32 @@ def test_difficulty_refilter_keeps_the_pass_rate_band(tmp_path, monkeypatch):
     again = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path)
     again.begin(params)
     assert len(calls) == 9 * 4 and [r.id for r in again.dataset.records] == [r.id for r in job.dataset.records]
+
+
+def test_rl_update_leaves_out_rows_that_count_for_nothing(tmp_path):
+    """Rows with an all-zero mask (dynamic sampling, AEPO) are left out of the update: parameters, loss and gradient
+    norm equal the same train step over every row, the zero rows included."""
+    data = make_toy_run(tmp_path, n=4, task_types=("reading",))
+    config = config_from_dict(data, ["train.mode=rl", "train.micro_batch_size=4", "train.packing=false"])
+    prepared = preflight(config)
+    model = build_model(config.model, seed=2)
+    policy, params, rest = Policy.split(model)
+    optimizer = make_optimizer(config.train.optimizer)
+    opt_state = optimizer.init(params)
+    job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path)
+    rows = _random_rows(np.random.default_rng(5), 12, vocab=prepared.tokenizer.vocab_size)
+    rows["mask_br"][[0, 3, 4, 5, 8, 11]] = 0
+    micro = micro_batches(rows, 4, pad_id=0, packing=False).arrays
+    assert micro["tokens_bt"].shape[:2] == (3, 4)  # the reference runs all 12 rows
+    copy = jax.tree.map(jnp.copy, (params, opt_state))  # both steps donate their inputs
+    ref_params, _, ref = job.train_step(
+        *copy, rest, put_micro_batches(micro, model.layout), np.float32(rows["mask_br"].sum())
+    )
+    shapes, step = [], job.train_step
+    job.train_step = lambda *args: shapes.append(args[3]["tokens_bt"].shape[:2]) or step(*args)
+    new_params, _, out = job._update(rows, params, opt_state)
+    assert shapes == [(2, 4)]  # the 6 rows with tokens to learn from
+    np.testing.assert_allclose(out["loss"], float(ref["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(out["grad_norm"], float(ref["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

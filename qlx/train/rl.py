@@ -367,7 +367,10 @@ class RLJob:
         )
 
     def _update(self, rows: dict, params, opt_state):
-        """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics."""
+        """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics.
+
+        Rows whose mask is all zero (dropped by dynamic sampling or AEPO) leave the mini-batch before it is packed:
+        they add nothing to the loss or the gradient, and with dynamic sampling they are most of the batch."""
         cfg = self.config
         n = len(rows["tokens_bt"])
         size = n // cfg.rl.updates_per_batch
@@ -379,6 +382,8 @@ class RLJob:
             denominator = np.float32(part["mask_br"].sum())
             if denominator == 0:
                 continue
+            live = part["mask_br"].any(axis=1)
+            part = {name: array[live] for name, array in part.items()}
             micro = self._micro_batches(part).arrays
             params, opt_state, out = self.train_step(
                 params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
