@@ -622,6 +622,7 @@ def test_continuous_backend_streams_per_burst_and_answers_as_the_static_engine(m
     """The continuous engine (``qlx.rollout.continuous``) behind the server: a stream arrives in one event per
     burst, a client leaving mid-stream frees its slot, and every answer equals the static engine's greedy one."""
     from qlx.rollout import continuous
+
     config = continuous.EngineConfig(max_slots=8, page_size=16, num_pages=128, burst=4, max_len=512, prefill_chunk=64)
     backend = ContinuousBackend(continuous.ContinuousEngine(model, config), max_rows=8)
     limits = ServeLimits(max_model_len=512, max_rows=8)
