@@ -120,7 +120,6 @@ def build_backend(args: argparse.Namespace, model, max_model_len: int):
         burst=args.burst,
         max_len=max_model_len,
         prefill_chunk=args.prefill_chunk,
-        backend=build_backend(args, model, max_model_len),
     )
     return ContinuousBackend(ContinuousEngine(model, config), max_rows=args.max_batch)
 
