@@ -47,12 +47,17 @@ def test_prefill_and_decode_with_cache_match_full_forward(moe_model):
             valid = positions < n
             np.testing.assert_allclose(logits[row][valid], full[row, positions[valid]], atol=1e-4)
     np.testing.assert_array_equal(cache.lengths, lengths)
+    _decode_five_as_the_full_forward(moe_model, cache, lengths, full)
+
+
+def _decode_five_as_the_full_forward(moe_model, cache, lengths, full):
+    """Five one-token decode steps after each row's ``lengths`` tokens: every logit equals ``full``'s."""
     for step in range(5):
         next_tokens = jnp.stack([TOKENS[row, n + step] for row, n in enumerate(lengths)])[:, None]
         logits, cache = cached_step(moe_model, next_tokens, cache, cache.default_positions(1))
         for row, n in enumerate(lengths):
             np.testing.assert_allclose(logits[row, 0], full[row, n + step], atol=1e-4)
-    np.testing.assert_array_equal(cache.lengths, [10, 8])
+    np.testing.assert_array_equal(cache.lengths, [n + 5 for n in lengths])
 
 
 def test_paged_cache_matches_full_forward(moe_model):
@@ -69,12 +74,7 @@ def test_paged_cache_matches_full_forward(moe_model):
     logits, cache = cached_step(moe_model, TOKENS[:, :6], cache, jnp.asarray(pos, jnp.int32))
     for row, n in enumerate(lengths):
         np.testing.assert_allclose(logits[row][:n], full[row, :n], atol=1e-4)
-    for step in range(5):
-        next_tokens = jnp.stack([TOKENS[row, n + step] for row, n in enumerate(lengths)])[:, None]
-        logits, cache = cached_step(moe_model, next_tokens, cache, cache.default_positions(1))
-        for row, n in enumerate(lengths):
-            np.testing.assert_allclose(logits[row, 0], full[row, n + step], atol=1e-4)
-    np.testing.assert_array_equal(cache.lengths, [10, 8])
+    _decode_five_as_the_full_forward(moe_model, cache, lengths, full)
 
 
 def test_init_cache_can_be_donated(moe_model):

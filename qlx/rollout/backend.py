@@ -115,7 +115,37 @@ class _Job:
     sink: Sink
 
 
-class StaticBackend:
+class _EngineThread:
+    """What both backends share: ``max_rows`` rows per request, one daemon thread (``_loop``) that owns the engine
+    and reads ``_inbox`` until it holds None, and a lock for what the request threads read."""
+
+    def __init__(self, *, max_rows: int, thread_name: str):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+        self.max_rows = max_rows
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+        self._lock = threading.Lock()
+
+    def _loop(self) -> None:
+        """The engine thread's body (each backend's own)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread once it has read the None (each backend finishes or cancels what was submitted)."""
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _check_rows(self, rows: Sequence[Row]) -> None:
+        if not 0 < len(rows) <= self.max_rows:
+            raise ValueError(f"a request has 1..{self.max_rows} rows, got {len(rows)}")
+
+
+class StaticBackend(_EngineThread):
     """Today's static engine on the backend protocol: one thread runs everything queued together as one batched
     :func:`qlx.rollout.engine.generate_rows` call (it waits ``batch_wait_s`` after the first request for others to
     join, up to ``max_rows`` rows), then sends each row as one chunk. A request cancelled while queued is dropped
@@ -125,38 +155,24 @@ class StaticBackend:
     """
 
     def __init__(self, model, *, max_rows: int, batch_wait_s: float = 0.01, prefill_chunk: int = 512):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+        super().__init__(max_rows=max_rows, thread_name="qlx-generation")
         self.model = model
-        self.max_rows = max_rows
         self.batch_wait_s = batch_wait_s
         self.prefill_chunk = prefill_chunk
         self.batches: list[int] = []
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="qlx-generation", daemon=True)
-        self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._live: set[str] = set()  # requests submitted and not finished
         self._queued_rows = self._busy_rows = self._generated = self._cancelled_rows = 0
         self._tokens_per_s = 0.0
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        if self._thread.is_alive():
-            self._thread.join()
-
     def submit(self, request_id: str, rows: Sequence[Row], sink: Sink) -> None:
-        if not 0 < len(rows) <= self.max_rows:
-            raise ValueError(f"a request has 1..{self.max_rows} rows, got {len(rows)}")
+        self._check_rows(rows)
         with self._lock:
             self._queued_rows += len(rows)
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already submitted")
             self._live.add(request_id)
-        self._queue.put(_Job(request_id, rows, sink))
+        self._inbox.put(_Job(request_id, rows, sink))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -201,7 +217,7 @@ class StaticBackend:
         deadline = time.monotonic() + self.batch_wait_s
         while rows < self.max_rows:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if job is None:
@@ -216,7 +232,7 @@ class StaticBackend:
     def _loop(self) -> None:
         pending, stopping = None, False
         while not stopping or pending is not None:
-            first = pending if pending is not None else self._queue.get()
+            first = pending if pending is not None else self._inbox.get()
             if first is None:
                 return
             jobs, pending, stopping = self._collect(first)
@@ -267,7 +283,7 @@ class _Live:
     open: set[int]
 
 
-class ContinuousBackend:
+class ContinuousBackend(_EngineThread):
     """A continuous-batching engine on the backend protocol: ``engine`` has ``submit(prompt, specs) -> handle``,
     ``step()``, ``cancel(handle)`` and ``stats()`` (``qlx.rollout.continuous.ContinuousEngine``: handles with
     ``tokens`` / ``logprobs`` / ``finish_reasons`` per sample, stats with ``queue_depth``, ``slots_busy``,
@@ -281,29 +297,14 @@ class ContinuousBackend:
     """
 
     def __init__(self, engine, *, max_rows: int):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+        super().__init__(max_rows=max_rows, thread_name="qlx-continuous")
         self.engine = engine
-        self.max_rows = max_rows
-        self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Live] = {}
-        self._thread = threading.Thread(target=self._loop, name="qlx-continuous", daemon=True)
-        self._lock = threading.Lock()
         self._open_rows = self._cancelled_rows = 0
         self._stats = BackendStats(0, 0, max_rows, 0, 0.0, 0)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        """Cancel what is still running, then stop the thread."""
-        self._inbox.put(None)
-        if self._thread.is_alive():
-            self._thread.join()
-
     def submit(self, request_id: str, rows: Sequence[Row], sink: Sink) -> None:
-        if not 0 < len(rows) <= self.max_rows:
-            raise ValueError(f"a request has 1..{self.max_rows} rows, got {len(rows)}")
+        self._check_rows(rows)
         with self._lock:
             self._open_rows += len(rows)
         self._inbox.put(("submit", request_id, rows, sink))
