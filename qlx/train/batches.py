@@ -41,7 +41,7 @@ import numpy as np
 
 from qlx.mesh import logical_to_spec
 from qlx.models.sharding import Layout
-from qlx.rollout.buckets import length_bucket, round_up
+from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
 
 ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt")
 """Fields with one entry per row; every other field of a step batch has one entry per sample slot."""
@@ -141,6 +141,7 @@ def micro_batches(
     packing: bool,
     row_length: int = 0,
     batch_multiple: int = 1,
+    coarse: bool = False,
 ) -> StepBatch:
     """:func:`pad_rows`' fields plus per-sample fields ([N] or [N, R]) -> the step's micro-batches.
 
@@ -148,16 +149,22 @@ def micro_batches(
     Packed, rows are ``row_length`` tokens (at least a length bucket of the longest sample), and go into the fewest
     micro-batches of at most ``micro_batch_size`` rows, b a length bucket (few distinct shapes, so few
     compilations) rounded up to a multiple of ``batch_multiple`` (the batch mesh shards). Padding rows and empty
-    slots carry no loss.
+    slots carry no loss. ``coarse`` rounds the packed row length, the rows per micro-batch and its slots up to powers
+    of two instead (at most 2x padding rather than 25%, but far fewer shapes): for steps whose samples change in
+    number and length from step to step, such as the RL update after dynamic sampling and AEPO left rows out, where
+    every new shape compiles the step again.
     """
     n, window = rows["mask_br"].shape
     length_n, start_n = rows["length_b"], rows["start_b"]
     response_n = length_n - start_n
     if packing:
-        width = max(row_length, length_bucket(int(length_n.max())))
+        width = max(row_length, (batch_bucket if coarse else length_bucket)(int(length_n.max())))
         bins = first_fit(length_n.tolist(), width)
         micro_count = 1 if micro_batch_size == 0 else -(-len(bins) // micro_batch_size)
-        size = round_up(length_bucket(-(-len(bins) // micro_count), minimum=1), batch_multiple)
+        per_micro = -(-len(bins) // micro_count)
+        size = (
+            batch_bucket(per_micro, batch_multiple) if coarse else round_up(length_bucket(per_micro, 1), batch_multiple)
+        )
         if micro_batch_size:
             size = min(size, round_up(micro_batch_size, batch_multiple))
         num_rows = round_up(len(bins), size)
@@ -183,7 +190,7 @@ def micro_batches(
     arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
     fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
     if packing:
-        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n)
+        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n, coarse)
         index_nr = arrays.pop("index_nr")
         k = arrays["start_b"].shape[0] // num_rows
     else:
@@ -199,19 +206,21 @@ def micro_batches(
     return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
 
 
-def _token_slots(fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n) -> dict:
+def _token_slots(
+    fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n, coarse: bool
+) -> dict:
     """Packed slot fields: one slot per response token, micro-batch by micro-batch, plus ``index_nr``.
 
     Micro-batch m (rows m·b .. m·b + b − 1) gets S slots (its rows' response tokens in row order, then empty
-    slots), S a length bucket of the most any micro-batch has, rounded up to a multiple of b (K = S / b). Slot s of a
-    micro-batch predicts the token at flat position ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as
-    one sequence (so start_b may lie outside the slot's nominal row s // K). [N] fields repeat over the
-    sample's tokens, [N, R] fields give each token its own value."""
+    slots), S a length bucket (``coarse``: a power of two) of the most any micro-batch has, rounded up to a multiple
+    of b (K = S / b). Slot s of a micro-batch predicts the token at flat position ``(s // K)·T + start_b[s]`` of
+    that micro-batch's rows read as one sequence (so start_b may lie outside the slot's nominal row s // K). [N]
+    fields repeat over the sample's tokens, [N, R] fields give each token its own value."""
     n, window = fields["mask_br"].shape
     num_rows, size, width = shape
     micro = [bins[m : m + size] for m in range(0, len(bins), size)]
     counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in micro]
-    slots = round_up(length_bucket(max(counts), minimum=1), size)
+    slots = round_up((batch_bucket if coarse else length_bucket)(max(counts), 1), size)
     k, micro_count = slots // size, num_rows // size
     index_nr = np.full((n, window), -1, np.int64)
     start_s = np.ones(micro_count * slots, np.int32)

@@ -354,7 +354,7 @@ class RLJob:
         }
         return params, opt_state, metrics
 
-    def _micro_batches(self, rows: dict):
+    def _micro_batches(self, rows: dict, *, coarse: bool = False):
         """:func:`qlx.train.batches.micro_batches` of per-sample rows, packed with ``train.packing``."""
         train = self.config.train
         return micro_batches(
@@ -364,13 +364,16 @@ class RLJob:
             packing=train.packing,
             row_length=self.config.train.packed_length,
             batch_multiple=batch_shards(self.layout),
+            coarse=coarse,
         )
 
     def _update(self, rows: dict, params, opt_state):
         """``rl.updates_per_batch`` optimizer steps on equal mini-batches of the rows; returns metrics.
 
         Rows whose mask is all zero (dropped by dynamic sampling or AEPO) leave the mini-batch before it is packed:
-        they add nothing to the loss or the gradient, and with dynamic sampling they are most of the batch."""
+        they add nothing to the loss or the gradient, and with dynamic sampling they are most of the batch. The live
+        row count then differs from step to step, so the packed micro-batches take power-of-two shapes (``coarse``):
+        a few compiled update programs per run rather than one per step."""
         cfg = self.config
         n = len(rows["tokens_bt"])
         size = n // cfg.rl.updates_per_batch
@@ -384,7 +387,7 @@ class RLJob:
                 continue
             live = part["mask_br"].any(axis=1)
             part = {name: array[live] for name, array in part.items()}
-            micro = self._micro_batches(part).arrays
+            micro = self._micro_batches(part, coarse=True).arrays
             params, opt_state, out = self.train_step(
                 params, opt_state, self.rest, put_micro_batches(micro, self.layout), denominator
             )
