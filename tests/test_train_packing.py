@@ -62,7 +62,6 @@ def test_packed_layout_hand_computed():
     assert padded.padding_fraction == pytest.approx(1 - 17 / 96)
 
 
-
 def test_coarse_buckets_hold_the_same_samples_in_fewer_shapes():
     """``coarse`` (the RL update's layout): row length, rows per micro-batch and slots are powers of two, every
     sample's per-token values are the fine layout's, and 40 random subsets of rows (what dynamic sampling and AEPO
@@ -83,6 +82,7 @@ def test_coarse_buckets_hold_the_same_samples_in_fewer_shapes():
                 s = batch.arrays["mask_br"].shape[1]
                 assert all(n & (n - 1) == 0 for n in (b, t, s)), (b, t, s)
     assert len(shapes[True]) < len(shapes[False]) / 2, (len(shapes[True]), len(shapes[False]))
+
 
 def _tiny(seed=0):
     model = build_model(dataclasses.replace(TINY, num_layers=1), seed=seed)
