@@ -149,6 +149,25 @@ def test_load_balancing_loss_matches_transformers():
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
 
 
+def test_load_balancing_loss_leaves_out_padding_as_transformers_attention_mask():
+    """Padding tokens (valid_t False) count for nothing: equal to transformers' loss with the same attention_mask
+    (2 rows of 18 tokens, the second half-padded), and unequal to the loss over every token."""
+    r = np.random.default_rng(5)
+    layer_logits = [r.normal(size=(36, E)).astype(np.float32) for _ in range(2)]
+    mask_bt = np.ones((2, 18), bool)
+    mask_bt[1, 9:] = False
+    counts = prob_sums = 0
+    for logits in layer_logits:
+        _, experts_tk, probs = route(jnp.asarray(logits), K, normalize=False)
+        c, p = router_stats(experts_tk, probs, jnp.asarray(mask_bt.reshape(-1)))
+        counts, prob_sums = counts + c, prob_sums + p
+    ours = load_balancing_loss(counts, prob_sums, int(mask_bt.sum()) * len(layer_logits), E)
+    logits = tuple(torch.from_numpy(x) for x in layer_logits)
+    theirs = load_balancing_loss_func(logits, E, K, attention_mask=torch.from_numpy(mask_bt.astype(np.int64)))
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert float(ours) != pytest.approx(float(load_balancing_loss_func(logits, E, K)), rel=1e-3)
+
+
 def test_backend_names():
     assert resolve_backend("auto") == ("blocked" if jax.default_backend() == "cpu" else "ragged")
     with pytest.raises(ValueError, match="model.moe_backend.*'dense'"):

@@ -186,7 +186,7 @@ def test_pallas_kernel_keeps_segments_apart():
 
 def test_moe_routes_padding_nowhere():
     """Segment id 0 (padding) reaches no expert: its MoE output is zero (the layer's output is that of a layer with
-    zeroed experts) and it is not counted among the routed assignments."""
+    zeroed experts) and it is not counted among the routed assignments nor in the load-balancing statistics."""
     model = build_model(TINY, seed=4)
     layer = model.layer_modules()[0]
     rng = np.random.default_rng(4)
@@ -197,6 +197,8 @@ def test_moe_routes_padding_nowhere():
     cos, sin = rope_cos_sin(positions, inv_freq, scale)
     out, _, stats = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)
     assert float(stats[2][1]) == (10 + 14) * TINY.num_experts_per_tok
+    assert float(jnp.sum(stats[0])) == (10 + 14) * TINY.num_experts_per_tok
+    np.testing.assert_allclose(float(jnp.sum(stats[1])), 10 + 14, rtol=1e-5)  # each real token's probabilities sum to 1
     layer.mlp.gate_up.set_value(jnp.zeros_like(layer.mlp.gate_up[...]))
     layer.mlp.down.set_value(jnp.zeros_like(layer.mlp.down[...]))
     no_experts, _, _ = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)

@@ -31,18 +31,23 @@ def route(router_logits_te: jax.Array, top_k: int, normalize: bool) -> tuple[jax
     return weights_tk, experts_tk.astype(jnp.int32), probs_te
 
 
-def router_stats(experts_tk: jax.Array, probs_te: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-expert assignment counts [E] and summed router probabilities [E] of one MoE layer (float32)."""
+def router_stats(
+    experts_tk: jax.Array, probs_te: jax.Array, valid_t: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-expert assignment counts [E] and summed router probabilities [E] of one MoE layer (float32), over the
+    tokens ``valid_t`` (bool [T], None: all) marks: padding of packed or padded rows counts for nothing."""
     num_experts = probs_te.shape[-1]
-    counts_e = jnp.sum(jax.nn.one_hot(experts_tk, num_experts, dtype=jnp.float32), axis=(0, 1))
-    return counts_e, jnp.sum(probs_te, axis=0)
+    weight_t = jnp.ones(probs_te.shape[:1], jnp.float32) if valid_t is None else valid_t.astype(jnp.float32)
+    counts_e = jnp.einsum("t,tke->e", weight_t, jax.nn.one_hot(experts_tk, num_experts, dtype=jnp.float32))
+    return counts_e, jnp.einsum("t,te->e", weight_t, probs_te)
 
 
 def load_balancing_loss(counts_e: jax.Array, prob_sum_e: jax.Array, num_rows, num_experts: int) -> jax.Array:
     """Switch load-balancing loss as Hugging Face's ``load_balancing_loss_func`` over all MoE layers together.
 
     loss = E * sum_e (counts_e / N) * (prob_sum_e / N), where counts and probability sums are accumulated over the
-    MoE layers and N = tokens x MoE layers. counts_e sum to k per row, so a perfectly balanced router gives k.
+    MoE layers and N = tokens x MoE layers (real tokens only when :func:`router_stats` was given the mask, as
+    Hugging Face's ``attention_mask`` does). counts_e sum to k per row, so a perfectly balanced router gives k.
     """
     return num_experts * jnp.sum((counts_e / num_rows) * (prob_sum_e / num_rows))
 

@@ -180,7 +180,7 @@ class MoE(nnx.Module):
                 expert_weights=expert_weights,
             )
             drops = jnp.stack([jnp.zeros((), jnp.float32), jnp.sum(valid_t).astype(jnp.float32) * experts_tk.shape[1]])
-        counts_e, prob_sums_e = router_stats(experts_tk, probs_te)
+        counts_e, prob_sums_e = router_stats(experts_tk, probs_te, valid_t)
         return layout.constrain(y_td.reshape(b, t, d), BTD), (counts_e, prob_sums_e, drops)
 
 
@@ -241,7 +241,8 @@ class Qwen3ForCausalLM(nnx.Module):
     ``hidden_states`` takes the same arguments and returns the final-norm hidden [B, T, D] in place of logits;
     ``lm_head_weight()`` is the [D, V] output projection (the embedding transposed when tied); ``expert_weights()``
     splits the MoE experts once for a loop of calls (``hidden_states(..., expert_weights=...)``). aux is
-    {"load_balancing_loss": Switch loss over all MoE layers, unweighted (0 for dense models),
+    {"load_balancing_loss": Switch loss over all MoE layers and their real tokens (padding: segment id 0 or a
+    negative position, left out), unweighted (0 for dense models),
     "moe_dropped_fraction": assignments dropped by expert parallelism's capacity (``model.moe_capacity_factor``)
     over all routed assignments of all MoE layers (0 when dropless)}.
     Segment ids restrict attention to equal ids (packing: 1, 2, ... per sample, 0 on padding, which MoE layers route
@@ -362,18 +363,16 @@ class Qwen3ForCausalLM(nnx.Module):
 
         new_k, new_v = [], []
         counts = prob_sums = drops = None
-        num_moe = 0
 
-        def add_stats(stats, layers):
-            nonlocal counts, prob_sums, drops, num_moe
+        def add_stats(stats):
+            nonlocal counts, prob_sums, drops
             if stats is not None:
                 counts = stats[0] if counts is None else counts + stats[0]
                 prob_sums = stats[1] if prob_sums is None else prob_sums + stats[1]
                 drops = stats[2] if drops is None else drops + stats[2]
-                num_moe += layers
 
         if c.scanned and cache is None:
-            for stack, (start, stop) in zip(self.stacks, c.layer_runs, strict=True):
+            for stack in self.stacks:
                 graphdef, state = nnx.split(stack)
 
                 def body(x, layer_state_, graphdef=graphdef):
@@ -381,7 +380,7 @@ class Qwen3ForCausalLM(nnx.Module):
                     return x, stats
 
                 x, stats = jax.lax.scan(remat(body, c.remat, scanned=True), x, state)
-                add_stats(None if stats is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), stats), stop - start)
+                add_stats(None if stats is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), stats))
         else:
             # Unrolled layers, and every call with a KV cache (prefill / decode keep one cache array per layer).
             for i, layer in enumerate(self.layer_modules()):
@@ -395,7 +394,7 @@ class Qwen3ForCausalLM(nnx.Module):
                 if written is not None:
                     new_k.append(written[0])
                     new_v.append(written[1])
-                add_stats(stats, 1)
+                add_stats(stats)
         x = self.final_norm(x)
         outputs = [x if ring is None else layout.constrain(unbalance_tokens(x, ring), BTD)]
         if cache is not None:
@@ -404,7 +403,9 @@ class Qwen3ForCausalLM(nnx.Module):
             loss = (
                 jnp.zeros((), jnp.float32)
                 if counts is None
-                else load_balancing_loss(counts, prob_sums, b * t * num_moe, c.num_experts)
+                else load_balancing_loss(
+                    counts, prob_sums, jnp.maximum(jnp.sum(counts) / c.num_experts_per_tok, 1.0), c.num_experts
+                )
             )
             dropped = jnp.zeros((), jnp.float32) if drops is None else drops[0] / jnp.maximum(drops[1], 1.0)
             outputs.append({"load_balancing_loss": loss, "moe_dropped_fraction": dropped})
