@@ -33,8 +33,9 @@ RL's short responses from paying for their long prompts in the vocabulary projec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -158,13 +159,12 @@ def micro_batches(
     length_n, start_n = rows["length_b"], rows["start_b"]
     response_n = length_n - start_n
     if packing:
-        width = max(row_length, (batch_bucket if coarse else length_bucket)(int(length_n.max())))
+        bucket = batch_bucket if coarse else functools.partial(length_bucket, minimum=1)
+        longest = int(length_n.max())
+        width = max(row_length, batch_bucket(longest) if coarse else length_bucket(longest))
         bins = first_fit(length_n.tolist(), width)
         micro_count = 1 if micro_batch_size == 0 else -(-len(bins) // micro_batch_size)
-        per_micro = -(-len(bins) // micro_count)
-        size = (
-            batch_bucket(per_micro, batch_multiple) if coarse else round_up(length_bucket(per_micro, 1), batch_multiple)
-        )
+        size = round_up(bucket(-(-len(bins) // micro_count)), batch_multiple)
         if micro_batch_size:
             size = min(size, round_up(micro_batch_size, batch_multiple))
         num_rows = round_up(len(bins), size)
@@ -190,7 +190,7 @@ def micro_batches(
     arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
     fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
     if packing:
-        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n, coarse)
+        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n, bucket)
         index_nr = arrays.pop("index_nr")
         k = arrays["start_b"].shape[0] // num_rows
     else:
@@ -207,20 +207,21 @@ def micro_batches(
 
 
 def _token_slots(
-    fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n, coarse: bool
+    fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n, bucket: Callable
 ) -> dict:
     """Packed slot fields: one slot per response token, micro-batch by micro-batch, plus ``index_nr``.
 
     Micro-batch m (rows m·b .. m·b + b − 1) gets S slots (its rows' response tokens in row order, then empty
-    slots), S a length bucket (``coarse``: a power of two) of the most any micro-batch has, rounded up to a multiple
-    of b (K = S / b). Slot s of a micro-batch predicts the token at flat position ``(s // K)·T + start_b[s]`` of
-    that micro-batch's rows read as one sequence (so start_b may lie outside the slot's nominal row s // K). [N]
-    fields repeat over the sample's tokens, [N, R] fields give each token its own value."""
+    slots), S ``bucket`` of the most any micro-batch has (a length bucket, or a power of two when coarse), rounded up
+    to a multiple of b (K = S / b). Slot s of a micro-batch predicts the token at flat position
+    ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as one sequence (so start_b may lie outside the
+    slot's nominal row s // K). [N] fields repeat over the sample's tokens, [N, R] fields give each token its own
+    value."""
     n, window = fields["mask_br"].shape
     num_rows, size, width = shape
     micro = [bins[m : m + size] for m in range(0, len(bins), size)]
     counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in micro]
-    slots = round_up((batch_bucket if coarse else length_bucket)(max(counts), 1), size)
+    slots = round_up(bucket(max(counts)), size)
     k, micro_count = slots // size, num_rows // size
     index_nr = np.full((n, window), -1, np.int64)
     start_s = np.ones(micro_count * slots, np.int32)
