@@ -8,7 +8,8 @@
 5. evaluate again and print accuracy per task type before and after RL with 95% intervals, and the paired change;
 6. write the plots (reward, entropy, length curves; accuracy before/after) and ``results.json``.
 
-Every stage resumes: run it again after an interruption and it continues where it stopped.
+Every stage resumes: run it again after an interruption and it continues where it stopped. SIGTERM checkpoints
+the stage in training and exits (status 143) without going on to the next stage.
 """
 
 from __future__ import annotations
@@ -159,6 +160,21 @@ def demo_configs(out: Path, size: DemoSize, seed: int, overrides=(), rl_override
     return DemoConfigs(sft=sft, rl=rl, held_out=held_out)
 
 
+def train_stage(config, label: str, **kwargs) -> bool:
+    """``qlx.train.trainer.train(config, **kwargs)``; False when SIGTERM stopped it (its checkpoint saved), after
+    saying so: the demo then exits rather than evaluate or build on a half-trained stage. A rerun resumes it."""
+    from qlx.train.trainer import train
+
+    result = train(config, **kwargs)
+    if result.status == "sigterm":
+        print(
+            f"qlx demo: stopped by SIGTERM during {label} after step {result.step} (checkpoint saved in "
+            f"{result.run_dir}); run the same command again to resume",
+            file=sys.stderr,
+        )
+    return result.status != "sigterm"
+
+
 def evaluate_run(config, run_dir: Path, held_out, size: DemoSize, seed: int):
     """Held-out accuracy of the newest checkpoint of ``run_dir`` (``qlx.train.evaluate``)."""
     from qlx.train.evaluate import evaluate
@@ -184,7 +200,7 @@ def run(args) -> int:
     from qlx.config import ConfigError
     from qlx.train.evaluate import format_table, paired_change
     from qlx.train.plot import plot_accuracy, plot_run
-    from qlx.train.trainer import train
+    from qlx.train.trainer import SIGTERM_EXIT_CODE
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     size = QUICK if args.quick else FULL
@@ -199,11 +215,13 @@ def run(args) -> int:
     sft, rl = configs.sft, configs.rl
 
     print(f"qlx demo: SFT warm start of a tiny Qwen3-MoE, {size.sft_steps} steps -> {out / 'sft'}")
-    train(sft)
+    if not train_stage(sft, "the SFT warm start"):
+        return SIGTERM_EXIT_CODE
     print(f"qlx demo: evaluating the warm start on {size.n_eval} held-out questions")
     before = evaluate_run(sft, out / "sft", configs.held_out, size, args.seed + 1)
     print(f"qlx demo: AEPO RL, {size.rl_steps} steps -> {out / 'rl'}")
-    train(rl)
+    if not train_stage(rl, "RL"):
+        return SIGTERM_EXIT_CODE
     print("qlx demo: evaluating after RL")
     after = evaluate_run(rl, out / "rl", configs.held_out, size, args.seed + 1)
 

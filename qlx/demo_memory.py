@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlx.demo import CONFIGS
+from qlx.demo import CONFIGS, train_stage
 
 LENGTHS = (1, 2, 4)  # evaluated document lengths, in multiples of the trained length
 
@@ -193,7 +193,7 @@ def run(args) -> int:
     from qlx.train.evaluate import format_table, paired_change
     from qlx.train.plot import plot_run
     from qlx.train.preflight import preflight
-    from qlx.train.trainer import load_model, train
+    from qlx.train.trainer import SIGTERM_EXIT_CODE, load_model
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     size = QUICK if args.quick else FULL
@@ -242,7 +242,8 @@ def run(args) -> int:
     timings = {}
     clock = time.perf_counter()
     print(f"qlx demo --memory: SFT warm start on {len(turns)} agent turns, {size.sft_steps} steps -> {out / 'sft'}")
-    train(sft, dataset=turns)
+    if not train_stage(sft, "the SFT warm start", dataset=turns):
+        return SIGTERM_EXIT_CODE
     timings["sft"] = time.perf_counter() - clock
     clock = time.perf_counter()
     print(f"qlx demo --memory: evaluating the warm start on {len(held_out[1])} held-out questions")
@@ -250,7 +251,8 @@ def run(args) -> int:
     timings["eval_before"] = time.perf_counter() - clock
     clock = time.perf_counter()
     print(f"qlx demo --memory: memory-agent RL, {size.rl_steps} steps -> {out / 'rl'}")
-    train(rl)
+    if not train_stage(rl, "memory-agent RL"):
+        return SIGTERM_EXIT_CODE
     timings["rl"] = time.perf_counter() - clock
     clock = time.perf_counter()
     print("qlx demo --memory: evaluating after RL at 1x, 2x and 4x the trained length, and the truncated baseline")

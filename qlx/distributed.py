@@ -10,6 +10,8 @@
 - ``off``: never initialise (single host).
 
 ``launch/`` has the scripts that set these variables for TPU pods and GPU clusters.
+
+:func:`to_host` reads a global array on every process (what the RL step does with rollout tokens and log-probs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def _int_env(name: str, default: int = 1) -> int:
@@ -53,3 +57,14 @@ def initialize() -> bool:
         return False
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def to_host(array) -> np.ndarray:
+    """The whole value of ``array`` as a numpy array on this process.
+
+    A plain read when this process holds every shard (one process, or a fully replicated array); otherwise an
+    all-gather across processes, so with several processes every one must call it for the same arrays in the same
+    order (as every process runs the same program)."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

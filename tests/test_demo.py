@@ -1,16 +1,32 @@
 """`qlx demo --quick`: the main job end to end on a few questions (the full demo is `make demo`, not a test)."""
 
 import json
+import os
+import signal
 
 from qlx.cli import main
 from qlx.data.demo_data import make_demo_dataset
 from qlx.demo import evidence_only
-from qlx.train.metrics import read_metrics
+from qlx.train.metrics import MetricsWriter, read_metrics
+from qlx.train.trainer import SIGTERM_EXIT_CODE
 
 
-def test_quick_demo_runs_every_stage(tmp_path, capsys):
+def test_quick_demo_stops_on_sigterm_then_resumes_and_runs_every_stage(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--set", "model.num_layers=1"]) == 0
+    command = ["demo", "--quick", "--out", str(out), "--set", "model.num_layers=1"]
+    write = MetricsWriter.write
+
+    def write_then_sigterm(self, step, metrics):  # a real SIGTERM to this process, after the warm start's step 1
+        write(self, step, metrics)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_sigterm)
+    assert main(command) == SIGTERM_EXIT_CODE
+    assert "stopped by SIGTERM during the SFT warm start after step 1" in capsys.readouterr().err
+    assert not (out / "rl").exists()  # neither evaluated nor trained on after the stopped stage
+    monkeypatch.setattr(MetricsWriter, "write", write)
+
+    assert main(command) == 0  # resumes the warm start at step 2
     printed = capsys.readouterr().out
     for task in ("mc", "multihop", "reading", "dialogue", "numerical", "all"):
         assert f"\n{task} " in printed

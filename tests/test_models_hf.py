@@ -123,6 +123,36 @@ def test_save_hf_round_trip_through_transformers(checkpoints, tmp_path):
         qlx.save_hf(model, tmp_path / "out")
 
 
+def test_save_hf_split_over_processes_writes_each_shard_once(checkpoints, tmp_path, monkeypatch):
+    """With P processes, process p writes shards p, p + P, ... (process 0 the index and config.json), and every one
+    produces every tensor (the reads are collectives): the P outputs together are the one-process output, byte for
+    byte. The processes are simulated one after another (jax.process_index / process_count patched)."""
+    from qlx.models import hf
+
+    model = qlx.load_hf(checkpoints["moe_mlp_only_normalised"])
+    produced = {}
+    real_to_host = hf.to_host
+    monkeypatch.setattr(hf, "to_host", lambda a: produced.setdefault(run, []).append(a.shape) or real_to_host(a))
+    run = "one"
+    qlx.save_hf(model, tmp_path / run, max_shard_bytes=16_000)
+    monkeypatch.setattr(hf.multihost_utils, "sync_global_devices", lambda name: None)
+    monkeypatch.setattr(hf.jax, "process_count", lambda: 2)
+    written = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(hf.jax, "process_index", lambda rank=rank: rank)
+        run = f"rank{rank}"
+        qlx.save_hf(model, tmp_path / run, max_shard_bytes=16_000)
+        written[rank] = sorted(p.name for p in (tmp_path / run).iterdir())
+        assert produced[run] == produced["one"]  # the same reads (collectives with P processes) in the same order
+    expected = sorted(p.name for p in (tmp_path / "one").iterdir())
+    shards = sorted(n for n in expected if n.startswith("model-"))
+    assert written[0] == sorted(["config.json", "model.safetensors.index.json", *shards[0::2]])
+    assert written[1] == shards[1::2]
+    for rank, names in written.items():
+        for name in names:
+            assert (tmp_path / f"rank{rank}" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
 def test_tied_round_trip_writes_no_lm_head(checkpoints, tmp_path):
     model = qlx.load_hf(checkpoints["dense_tied_yarn"])
     qlx.save_hf(model, tmp_path)

@@ -1,7 +1,8 @@
-"""Two processes, one job: ``qlx train`` (SFT) in 2 processes x 4 CPU devices on 127.0.0.1 (``jax.distributed`` from
-the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, gloo collectives), one mesh
-over both, an orbax checkpoint written from both, a restart that resumes from it; the result against the same run
-in one process over 8 devices."""
+"""Two processes, one job: ``qlx train`` (SFT and RL) in 2 processes x 4 CPU devices on 127.0.0.1 (``jax.distributed``
+from the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, gloo collectives), one
+mesh over both, an orbax checkpoint written from both, a restart that resumes from it; the result against an
+uninterrupted two-process run (bitwise) and the same run in one process over 8 devices; then ``qlx.save_hf`` from
+both processes."""
 
 import os
 import socket
@@ -15,13 +16,25 @@ import pytest
 import yaml
 from test_train_toydata import make_toy_run
 
-from qlx.config import config_from_dict
+import qlx
+from qlx.config import config_from_dict, to_dict
 from qlx.train.metrics import read_metrics
 from qlx.train.step import Policy
 from qlx.train.trainer import load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 900  # a loaded 2-core machine: two JAX processes compile the same step side by side
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s")
+RL = [
+    "train.mode=rl",
+    "train.batch_size=4",
+    "train.micro_batch_size=8",
+    "rl.group_size=4",
+    "rl.h_low=5.5",  # random weights: entropy near log(320) = 5.77, so AEPO switches negatives off and on
+    "rl.h_high=5.75",
+    "rollout.temperature=1.0",
+    "data.max_output_tokens=6",
+]
 
 
 def _free_port() -> int:
@@ -30,19 +43,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(config_path: Path, steps: int, log_dir: Path) -> None:
-    """Run ``qlx train`` for ``steps`` in two processes of 4 CPU devices each; both must exit 0."""
+def _two_processes(args: list[str], log_dir: Path, name: str) -> list[str]:
+    """Run ``python *args`` in two processes of 4 CPU devices each; both must exit 0. Returns their outputs."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not the test's 8 fake devices
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", QLX_DISTRIBUTED="auto")  # fmt: skip
-    command = [sys.executable, "-m", "qlx.cli", "train", "--config", str(config_path), "--set", f"train.steps={steps}"]
-    procs, logs = [], []
+    paths = [log_dir / f"{name}-process{k}.log" for k in range(2)]
+    procs, logs = [], [path.open("w") for path in paths]
     for k in range(2):
-        logs.append((log_dir / f"process{k}-{steps}.log").open("w"))
         procs.append(
             subprocess.Popen(
-                command, cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(k)}, stdout=logs[k], stderr=subprocess.STDOUT
+                [sys.executable, *args],
+                cwd=ROOT,
+                env={**env, "JAX_PROCESS_ID": str(k)},
+                stdout=logs[k],
+                stderr=subprocess.STDOUT,
             )
         )
     try:
@@ -53,10 +69,19 @@ def _two_processes(config_path: Path, steps: int, log_dir: Path) -> None:
                 p.kill()
         for f in logs:
             f.close()
+    texts = [path.read_text() for path in paths]
     for k, code in enumerate(codes):
-        text = (log_dir / f"process{k}-{steps}.log").read_text()
-        assert code == 0, f"process {k} exited {code}:\n{text[-3000:]}"
+        assert code == 0, f"process {k} exited {code}:\n{texts[k][-3000:]}"
+    return texts
+
+
+def _train_two(config_path: Path, steps: int, log_dir: Path) -> str:
+    """``qlx train`` for ``steps`` in two processes; returns process 0's output."""
+    args = ["-m", "qlx.cli", "train", "--config", str(config_path), "--set", f"train.steps={steps}"]
+    texts = _two_processes(args, log_dir, f"{config_path.stem}-{steps}")
+    for text in texts:
         assert f"finished step {steps}" in text
+    return texts[0]
 
 
 def _params(config, run_dir):
@@ -64,30 +89,49 @@ def _params(config, run_dir):
     return [np.asarray(a) for a in jax.tree.leaves(Policy.split(model)[1])]
 
 
+def _without_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
 @pytest.mark.slow
-def test_two_process_sft_resumes_and_matches_one_process(tmp_path):
-    data = make_toy_run(tmp_path, n=16)
+@pytest.mark.parametrize("mode", ["sft", "rl"])
+def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mode):
+    data = make_toy_run(tmp_path, n=16, task_types=("dialogue", "numerical"))
     data["train"].update(batch_size=8, steps=4, checkpoint_every=2, async_checkpointing=False)
     data["data"].update(max_input_tokens=192, max_output_tokens=8)
     data["model"]["max_position_embeddings"] = 256
-    two = dict(data, train={**data["train"], "run_dir": str(tmp_path / "two")})
-    config_path = tmp_path / "two.yaml"
-    config_path.write_text(yaml.safe_dump(two))
+    overrides = RL if mode == "rl" else []
+    configs = {}
+    for name in ("two", "again", "one"):
+        configs[name] = config_from_dict(data, [*overrides, f"train.run_dir={tmp_path / name}"])
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(configs[name])))
 
-    _two_processes(config_path, 3, tmp_path)  # checkpoints 2 and 3, written by both processes
+    _train_two(tmp_path / "two.yaml", 3, tmp_path)  # checkpoints 2 and 3, written by both processes
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
-    _two_processes(config_path, 4, tmp_path)  # a fresh pair of processes: resumes from 3, runs step 4
-    assert "resumed from step 3" in (tmp_path / "process0-4.log").read_text()
+    resumed = _train_two(tmp_path / "two.yaml", 4, tmp_path)  # a fresh pair of processes: resumes from 3, runs step 4
+    assert "resumed from step 3" in resumed
+    _train_two(tmp_path / "again.yaml", 4, tmp_path)  # uninterrupted
+    assert train(configs["one"]).step == 4  # the same global batch in one process over 8 devices
 
-    one = config_from_dict(dict(data, train={**data["train"], "run_dir": str(tmp_path / "one")}))
-    assert train(one).step == 4  # the same global batch in one process over 8 devices
-
-    metrics_two, metrics_one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
-    assert [r["step"] for r in metrics_two] == [1, 2, 3, 4]  # one record per step (process 0 writes the run folder)
-    for a, b in zip(metrics_two, metrics_one, strict=True):
+    metrics = {name: read_metrics(tmp_path / name) for name in configs}
+    assert [r["step"] for r in metrics["two"]] == [1, 2, 3, 4]  # one record per step (process 0 writes the folder)
+    assert _without_timings(metrics["two"]) == _without_timings(metrics["again"])
+    for a, b in zip(metrics["two"], metrics["one"], strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    # gloo sums the gradient in another order than one process does (the losses agree to 1e-5); Adam divides by
-    # sqrt(v), so where a gradient is near 0 that rounding moves a weight by up to ~1e-3 of one step (lr 1e-3)
-    config_two = config_from_dict(two)
-    for a, b in zip(_params(config_two, tmp_path / "two"), _params(one, tmp_path / "one"), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+        if mode == "rl":
+            assert a["reward/mean"] == b["reward/mean"]  # the same rollouts
+    params = {name: _params(configs[name], tmp_path / name) for name in configs}
+    for a, b, c in zip(params["two"], params["again"], params["one"], strict=True):
+        np.testing.assert_array_equal(a, b)
+        # gloo sums the gradient in another order than one process does (the losses agree to 1e-5); Adam divides
+        # by sqrt(v), so where a gradient is near 0 that rounding moves a weight by up to ~1e-3 of one step (lr 1e-3)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=2e-6)
+
+    # qlx.save_hf from both processes: each writes its share of the shards (1 KiB each: several per process)
+    script = str(ROOT / "tests/multihost_export.py")
+    _two_processes([script, str(tmp_path / "two.yaml"), str(tmp_path / "two"), str(tmp_path / "hf"), "1024"], tmp_path,
+                   "export")  # fmt: skip
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+    exported = [np.asarray(a) for a in jax.tree.leaves(Policy.split(qlx.load_hf(tmp_path / "hf"))[1])]
+    for a, b in zip(exported, params["two"], strict=True):
+        np.testing.assert_array_equal(a, b)

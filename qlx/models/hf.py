@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qlx.config import ConfigError, ModelConfig, RopeScalingConfig
+from qlx.distributed import to_host
 from qlx.models.qwen3 import Qwen3ForCausalLM
 from qlx.models.safetensors_io import DTYPES, Reader, TensorInfo, TensorToWrite, read_header, write_file
 from qlx.models.sharding import Layout, state_shardings
@@ -499,13 +501,23 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, rules=None, scan_layers=
 
 
 def _prepare_output(directory: Path, overwrite: bool) -> None:
+    """Create ``directory``, refusing (every process) or removing (process 0) the weights already in it; with several
+    processes they meet before and after the removal, so none sees a half-emptied folder."""
     directory.mkdir(parents=True, exist_ok=True)
     existing = sorted(directory.glob("*.safetensors")) + sorted(directory.glob(INDEX_FILE))
-    if existing:
-        if not overwrite:
-            raise CheckpointError(f"{directory}: already holds {existing[0].name}; pass overwrite=True to replace it")
+    if existing and not overwrite:
+        raise CheckpointError(f"{directory}: already holds {existing[0].name}; pass overwrite=True to replace it")
+    _barrier("save_hf: checked the output folder")
+    if jax.process_index() == 0:
         for file in existing:
             file.unlink()
+    _barrier("save_hf: emptied the output folder")
+
+
+def _barrier(name: str) -> None:
+    """All processes of a multi-process job meet here (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def plan_shards(tensors: list[TensorToWrite], max_shard_bytes: int) -> list[tuple[str, list[TensorToWrite]]]:
@@ -535,11 +547,23 @@ def write_index(directory: Path, plan: list[tuple[str, list[TensorToWrite]]]) ->
 
 
 def _write_shards(directory: Path, tensors: list[TensorToWrite], max_shard_bytes: int) -> list[str]:
-    """Write ``tensors`` in order into the shards of :func:`plan_shards`, plus the index when sharded."""
+    """Write ``tensors`` in order into the shards of :func:`plan_shards`, plus the index when sharded.
+
+    With P processes (a multi-host job, writing to a folder they share) process p writes shards p, p + P, ... and
+    process 0 the index; every process still produces every tensor, in order, because reading a parameter that is
+    sharded across processes is a collective all of them take part in (:func:`qlx.distributed.to_host`). A process
+    holds one tensor at a time, never a full copy of the model."""
     plan = plan_shards(tensors, max_shard_bytes)
-    for name, shard in tqdm(plan, desc="write", unit="shard", disable=None):
-        write_file(directory / name, shard)
-    write_index(directory, plan)
+    rank, count = jax.process_index(), jax.process_count()
+    for i, (name, shard) in enumerate(tqdm(plan, desc="write", unit="shard", disable=None if rank == 0 else True)):
+        if i % count == rank:
+            write_file(directory / name, shard)
+        else:
+            for t in shard:
+                t.produce()
+    if rank == 0:
+        write_index(directory, plan)
+    _barrier("save_hf: wrote every shard")
     return [name for name, _ in plan]
 
 
@@ -555,11 +579,14 @@ def save_hf(
 
     Tensors are pulled from the devices and written one parameter at a time. ``extra_config`` adds keys to
     config.json (e.g. bos/eos token ids). An existing checkpoint in ``path`` is replaced only with ``overwrite``.
+    A model on a multi-process mesh is written by all processes together (call it on every one; ``path`` on a
+    filesystem they share): each writes its share of the shards, none gathers the whole model.
     """
     directory = Path(path)
     _prepare_output(directory, overwrite)
     hf_config = {**config_to_hf(model.config), **(extra_config or {})}
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
     current: dict[tuple, np.ndarray] = {}
 
@@ -569,7 +596,7 @@ def save_hf(
             if key not in current:
                 current.clear()
                 value = flat[spec.path].get_value()
-                current[key] = np.asarray(jax.device_get(value[spec.index[0]] if spec.stacked else value))
+                current[key] = to_host(value[spec.index[0]] if spec.stacked else value)
             value = current[key][index]
             return np.ascontiguousarray(spec.to_hf(value))
 

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qlx.distributed import to_host
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
 from qlx.rollout.sampling import policy_logprobs, sample_tokens, sampling_logprobs
 
@@ -448,12 +449,14 @@ def generate_rows(
         out_len=out_len,
     )
     width = max(s.max_new_tokens for s in specs)
-    out_lengths = np.asarray(out_lengths)[:n]
+    out_tokens, out_logprobs, out_lengths, stopped, out_policy, out_mass = (
+        to_host(x) for x in (out_tokens, out_logprobs, out_lengths, stopped, out_policy, out_mass)
+    )
     return GenerateResult(
-        tokens=np.asarray(out_tokens)[:n, :width],
-        logprobs=np.asarray(out_logprobs)[:n, :width],
-        lengths=out_lengths,
-        finish_reasons=tuple(FINISH_STOP if s else FINISH_LENGTH for s in np.asarray(stopped)[:n]),
-        policy_logprobs=np.asarray(out_policy)[:n, :width],
-        log_nucleus_mass=np.asarray(out_mass)[:n, :width],
+        tokens=out_tokens[:n, :width],
+        logprobs=out_logprobs[:n, :width],
+        lengths=out_lengths[:n],
+        finish_reasons=tuple(FINISH_STOP if s else FINISH_LENGTH for s in stopped[:n]),
+        policy_logprobs=out_policy[:n, :width],
+        log_nucleus_mass=out_mass[:n, :width],
     )

@@ -32,6 +32,7 @@ import numpy as np
 
 from qlx import rl
 from qlx.config import Config, ConfigError, RLConfig
+from qlx.distributed import to_host
 from qlx.models.sharding import Layout
 from qlx.rollout.buckets import length_bucket, round_up
 from qlx.rollout.continuous import EngineConfig, generate_groups
@@ -321,13 +322,16 @@ class RLJob:
         cfg = self.config
         rows = {**rows, "advantages_b": np.asarray(adv_b, np.float32)}
         batch = self._micro_batches(rows)
-        old_logp, entropy = forward_logprobs(
-            params,
-            self.rest,
-            put_micro_batches(batch.arrays, self.layout),
-            policy=self.policy,
-            temperature=cfg.rollout.temperature,
-            chunk=cfg.rl.logprob_chunk,
+        old_logp, entropy = map(
+            to_host,
+            forward_logprobs(
+                params,
+                self.rest,
+                put_micro_batches(batch.arrays, self.layout),
+                policy=self.policy,
+                temperature=cfg.rollout.temperature,
+                chunk=cfg.rl.logprob_chunk,
+            ),
         )
         n = len(rows["tokens_bt"])
         old_logp_br, entropy_br = batch.per_sample(old_logp), batch.per_sample(entropy)

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 import jax
+import numpy as np
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -289,10 +290,16 @@ def train(config: Config, dataset=None) -> TrainResult:
     shardings = (param_shardings, opt_shardings, replicated)
     dataset = prepared.dataset if dataset is None else dataset
     job = _make_job(config, dataset, policy, rest, optimizer, layout, run_dir, shardings)
+
+    def extra_items() -> dict:
+        """The rng and the job's arrays, replicated over the mesh (orbax writes only global arrays with several
+        processes)."""
+        return jax.device_put(jax.tree.map(np.asarray, {"rng": rng, **job.extra_state()}), replicated)
+
     targets = {
         "params": abstract_params,
         "opt_state": _with_shardings(jax.eval_shape(optimizer.init, abstract_params), opt_shardings),
-        "extra": {"rng": rng, **job.extra_state()},
+        "extra": extra_items(),
     }
     try:
         restored = _restore(config, checkpointer, targets, run_dir)
@@ -315,7 +322,7 @@ def train(config: Config, dataset=None) -> TrainResult:
     writer = MetricsWriter(_metrics_dir(run_dir), resume_step=start)
 
     def save(step: int) -> None:
-        items = {"params": params, "opt_state": opt_state, "extra": {"rng": rng, **job.extra_state()}}
+        items = {"params": params, "opt_state": opt_state, "extra": extra_items()}
         checkpointer.save(step, items, {**job.meta(), "nonfinite_streak": streak, "config": to_dict(config)})
 
     status, step = "done", start
