@@ -456,6 +456,9 @@ class RolloutConfig:
     page_size: continuous engine: tokens per KV page.
     kv_tokens: continuous engine: KV cache size in tokens; 0: slots x (data.max_input_tokens + max_output_tokens).
     burst: continuous engine: decode steps per compiled burst between the host's admissions.
+    max_sequences: static engine: sequences per generate call; a step's batch_size x group_size rollouts are
+        generated in waves of this many, with the same tokens as one call (0: one call). Bounds the rollout's KV cache
+        and working set to one wave's (``qlx plan`` says which value fits the device).
     """
 
     temperature: float = 0.7
@@ -466,6 +469,7 @@ class RolloutConfig:
     page_size: int = 16
     kv_tokens: int = 0
     burst: int = 16
+    max_sequences: int = 0
 
     def __post_init__(self):
         _check_finite(self)
@@ -478,6 +482,7 @@ class RolloutConfig:
         for key in ("page_size", "burst"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
         _check(self.kv_tokens >= 0, "kv_tokens", "must be >= 0 (0: slots x the longest sequence)")
+        _check(self.max_sequences >= 0, "max_sequences", "must be >= 0 (0: a step's rollouts in one call)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,6 +189,25 @@ def test_sampling_is_reproducible_from_the_seed(models):
     np.testing.assert_array_equal(alone.tokens[0], first.tokens[0])
 
 
+def test_waves_equal_one_call(models):
+    """``max_sequences`` 2 generates 5 sampled sequences (a stop id, different caps) in waves of 2, 2, 1: the tokens,
+    lengths and finish reasons of one call, the log-probs to 1e-5."""
+    model, prompts = models["moe"], _prompts(5) + _prompts(6)[:2]
+    specs = [
+        SamplingSpec(max_new_tokens=NEW - i, temperature=1.0, top_p=0.95, stop_token_ids=(5,), seed=7, stream=i)
+        for i in range(5)
+    ]
+    whole = generate_rows(model, prompts, specs)
+    waves = generate_rows(model, prompts, specs, max_sequences=2)
+    np.testing.assert_array_equal(waves.tokens, whole.tokens)
+    np.testing.assert_array_equal(waves.lengths, whole.lengths)
+    assert waves.finish_reasons == whole.finish_reasons
+    for name in ("logprobs", "policy_logprobs", "log_nucleus_mass"):
+        np.testing.assert_allclose(getattr(waves, name), getattr(whole, name), atol=1e-5)
+    with pytest.raises(ValueError, match="max_sequences must be >= 0"):
+        generate_rows(model, prompts, specs, max_sequences=-1)
+
+
 def test_chunked_prefill_and_buckets_reuse_compiled_functions(models):
     model = models["dense"]
     prompts = _prompts(3)

@@ -40,6 +40,7 @@ def toy(tmp_path_factory):
         (["data.max_input_tokens=4000"], "exceeds model.max_position_embeddings (512)"),
         (["data.max_input_tokens=24"], "data.max_input_tokens: 24 is too small: the prompt of record"),
         (["seed=-1"], "seed: must be in [0, 2**63) (got -1)"),
+        (["rollout.max_sequences=-8"], "rollout.max_sequences: must be >= 0 (0: a step's rollouts in one call)"),
         (["train.optimizer.learning_rate=.inf"], "train.optimizer.learning_rate: must be a finite number (got inf)"),
     ],
 )

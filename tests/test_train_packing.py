@@ -12,18 +12,21 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from test_train_toydata import make_toy_run
 
 import qlx
 from qlx import kernels
 from qlx.config import config_from_dict
+from qlx.hlo import collective_bytes
+from qlx.mesh import axis_rules, make_mesh
 from qlx.models import build_model
 from qlx.models.rope import rope_cos_sin, rope_frequencies
 from qlx.train import rl as rl_module
-from qlx.train.batches import first_fit, micro_batches, pad_rows, put_micro_batches
+from qlx.train.batches import batch_shards, first_fit, micro_batches, pad_rows, put_micro_batches
 from qlx.train.preflight import preflight
 from qlx.train.rl import RLJob, rl_loss_sum
-from qlx.train.step import Policy, forward_logprobs, make_train_step, sft_loss_sum
+from qlx.train.step import Policy, _take_grouped, forward_logprobs, make_train_step, response_window, sft_loss_sum
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = qlx.load_config(CONFIGS / "models/tiny-moe.yaml", ["model.vocab_size=96"]).model
@@ -99,10 +102,10 @@ def _random_rows(rng, n):
     return rows
 
 
-def _run(rows, packing, micro_batch_size, loss_sum, tiny):
+def _run(rows, packing, micro_batch_size, loss_sum, tiny, batch_multiple=1):
     """(per-sample log-probs, entropies, step metrics, parameter change) of one SGD(1) step: the change is −grad."""
     model, policy, params, rest = tiny
-    batch = micro_batches(rows, micro_batch_size, pad_id=0, packing=packing)
+    batch = micro_batches(rows, micro_batch_size, pad_id=0, packing=packing, batch_multiple=batch_multiple)
     arrays = put_micro_batches(batch.arrays, model.layout)
     logp, entropy = forward_logprobs(params, rest, arrays, policy=policy, temperature=0.7, chunk=16)
     optimizer = optax.sgd(1.0)
@@ -138,6 +141,44 @@ def _packed_row(rng, lengths):
     segments = np.repeat(np.arange(1, len(lengths) + 1), lengths)
     positions = np.concatenate([np.arange(n) for n in lengths])
     return tokens, segments, positions
+
+
+def test_packed_on_a_mesh_equals_padded_and_gathers_within_each_batch_shard():
+    """On an fsdp-4 mesh (4 batch shards) a packed batch whose slots are grouped by shard gives the one-device
+    padded batch's log-probs, entropies, loss and gradient (float32); and the compiled gather of response hidden
+    states from rows sharded over the batch, and its gradient, hold no collective but the sums' scalars: no hidden
+    state leaves its device (a gather over the rows read as one flat sequence all-gathers them, and its backward
+    all-reduces [b·T, D])."""
+    config = qlx.load_config(
+        CONFIGS / "models/tiny-moe.yaml", ["model.vocab_size=96", "model.num_layers=1", "mesh.fsdp=4", "mesh.tensor=2"]
+    )
+    mesh, rules = make_mesh(config.mesh), axis_rules(config.mesh.rules)
+    meshed = build_model(config.model, seed=0, mesh=mesh, rules=rules)
+    assert batch_shards(meshed.layout) == 4
+    tiny = _tiny()
+    rows = _random_rows(np.random.default_rng(7), 12)
+    padded = _run(rows, False, 0, sft_loss_sum, tiny)
+    packed = _run(rows, True, 4, sft_loss_sum, (meshed, *Policy.split(meshed)), batch_multiple=4)
+    mask = rows["mask_br"] > 0
+    for got, want in zip(packed[:2], padded[:2], strict=True):
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(packed[2]["loss"]), float(padded[2]["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    b, t, d, s = 8, 32, 16, 64
+    sharded = NamedSharding(mesh, PartitionSpec("fsdp"))
+    hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32, sharding=sharded)
+    starts = jax.ShapeDtypeStruct((s,), jnp.int32, sharding=sharded)
+    tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sharded)
+
+    def gathered(hidden_btd, tokens_bt, start_s):
+        pred_sr, targets_sr = response_window(tokens_bt, start_s, 1, 4)
+        return jnp.sum(_take_grouped(hidden_btd.reshape(4, -1, d), pred_sr) ** 2) + jnp.sum(targets_sr)
+
+    for fn in (gathered, jax.grad(gathered)):
+        text = jax.jit(fn).lower(hidden, tokens, starts).compile().as_text()
+        assert sum(collective_bytes(text).values()) <= 16, collective_bytes(text)  # the sums' scalars alone
 
 
 @pytest.mark.parametrize("backend", ["reference", "flash"])

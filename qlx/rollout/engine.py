@@ -116,6 +116,24 @@ class GenerateResult:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
 
 
+def concatenate_results(results: Sequence[GenerateResult]) -> GenerateResult:
+    """The sequences of ``results`` in order, as one result (token arrays right-padded with zeros to the widest)."""
+    width = max(r.tokens.shape[1] for r in results)
+
+    def stacked(name):
+        arrays = [getattr(r, name) for r in results]
+        return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+
+    return GenerateResult(
+        tokens=stacked("tokens"),
+        logprobs=stacked("logprobs"),
+        lengths=np.concatenate([r.lengths for r in results]),
+        finish_reasons=tuple(f for r in results for f in r.finish_reasons),
+        policy_logprobs=stacked("policy_logprobs"),
+        log_nucleus_mass=stacked("log_nucleus_mass"),
+    )
+
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -128,13 +146,15 @@ def generate(
     seed: int = 0,
     return_logprobs: bool = True,
     prefill_chunk: int = 512,
+    max_sequences: int = 0,
 ) -> GenerateResult:
     """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
 
     Sequence i uses random stream i of ``seed`` (see :class:`SamplingSpec`); ``temperature=0`` is
     greedy decoding. ``return_logprobs=False`` returns zeros in the three log-prob arrays (the values are computed
     either way; the flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt
-    positions processed per prefill step. Returns a :class:`GenerateResult`.
+    positions processed per prefill step; ``max_sequences`` > 0 generates in waves of that many sequences
+    (:func:`generate_rows`). Returns a :class:`GenerateResult`.
     """
     specs = [
         SamplingSpec(
@@ -148,7 +168,7 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-    result = generate_rows(model, prompts, specs, prefill_chunk=prefill_chunk)
+    result = generate_rows(model, prompts, specs, prefill_chunk=prefill_chunk, max_sequences=max_sequences)
     if not return_logprobs:
         zeros = np.zeros_like(result.logprobs)
         result = dataclasses.replace(result, logprobs=zeros, policy_logprobs=zeros, log_nucleus_mass=zeros)
@@ -365,13 +385,34 @@ def decode_loop(
 
 
 def generate_rows(
-    model, prompts: Sequence[Sequence[int]], specs: Sequence[SamplingSpec], *, prefill_chunk: int = 512
+    model,
+    prompts: Sequence[Sequence[int]],
+    specs: Sequence[SamplingSpec],
+    *,
+    prefill_chunk: int = 512,
+    max_sequences: int = 0,
 ) -> GenerateResult:
-    """Generate for ``prompts[i]`` with ``specs[i]``: the batched engine behind :func:`generate` and the server."""
+    """Generate for ``prompts[i]`` with ``specs[i]``: the batched engine behind :func:`generate` and the server.
+
+    ``max_sequences`` > 0 generates at most that many sequences per compiled call, in waves, one after another: the
+    KV cache and the working set are those of one wave. Each sequence draws from its own spec's stream, so the
+    tokens are those of a single call."""
     if len(specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+    if max_sequences < 0:
+        raise ValueError(f"max_sequences must be >= 0 (0: all in one call; got {max_sequences})")
+    if 0 < max_sequences < len(prompts):
+        waves = range(0, len(prompts), max_sequences)
+        return concatenate_results(
+            [
+                generate_rows(
+                    model, prompts[i : i + max_sequences], specs[i : i + max_sequences], prefill_chunk=prefill_chunk
+                )
+                for i in waves
+            ]
+        )
     vocab_size = model.config.vocab_size
     arrays = _check_prompts(prompts, vocab_size)
     for i, spec in enumerate(specs):

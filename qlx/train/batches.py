@@ -18,8 +18,10 @@ that dict: [N] (one value per sample, e.g. advantages) or [N, R] (one per respon
 Row fields (``tokens_bt``, ``segment_ids_bt``, ``positions_bt``) are [M, b, T]; slot fields are [M, b·K, W] (K = 1,
 W = R padded; W = 1, b·K = S packed). Slot s of a micro-batch reads the window that starts (its first target token)
 at ``start_b[s]`` of row s // K, the micro-batch's rows read as one flat sequence of b·T tokens (packed, a slot's
-target may lie in another row). Per-sample values are the same numbers in either layout, placed at their tokens'
-slots; :meth:`StepBatch.per_sample` maps a step's per-slot output back to [N, R]. Empty slots have ``mask_br`` 0.
+target may lie in another row). With ``batch_multiple`` P (the batch mesh shards) the packed slots come in P groups,
+each reading only its own shard's rows, so the step gathers hidden states on each device. Per-sample values are the
+same numbers in either layout, placed at their tokens' slots; :meth:`StepBatch.per_sample` maps a step's per-slot
+output back to [N, R]. Empty slots have ``mask_br`` 0.
 
 Where qlx differs from MaxText / levanter packing: rows hold whole samples of one step (a sample is never split or
 carried over to the next batch, so the step-wide token-mean denominator is the unpacked one), so the row count
@@ -190,7 +192,8 @@ def micro_batches(
     arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
     fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
     if packing:
-        arrays |= _token_slots(fields, bins, (num_rows, size, width), start_n + offset_n, response_n, bucket)
+        shape = (num_rows, size, width)
+        arrays |= _token_slots(fields, bins, shape, start_n + offset_n, response_n, bucket, groups=batch_multiple)
         index_nr = arrays.pop("index_nr")
         k = arrays["start_b"].shape[0] // num_rows
     else:
@@ -207,38 +210,47 @@ def micro_batches(
 
 
 def _token_slots(
-    fields: dict, bins: list[list[int]], shape: tuple[int, int, int], target_n, response_n, bucket: Callable
+    fields: dict,
+    bins: list[list[int]],
+    shape: tuple[int, int, int],
+    target_n,
+    response_n,
+    bucket: Callable,
+    *,
+    groups: int = 1,
 ) -> dict:
     """Packed slot fields: one slot per response token, micro-batch by micro-batch, plus ``index_nr``.
 
-    Micro-batch m (rows m·b .. m·b + b − 1) gets S slots (its rows' response tokens in row order, then empty
-    slots), S ``bucket`` of the most any micro-batch has (a length bucket, or a power of two when coarse), rounded up
-    to a multiple of b (K = S / b). Slot s of a micro-batch predicts the token at flat position
-    ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as one sequence (so start_b may lie outside the
-    slot's nominal row s // K). [N] fields repeat over the sample's tokens, [N, R] fields give each token its own
-    value."""
+    Micro-batch m (rows m·b .. m·b + b − 1) gets S slots in ``groups`` G equal groups (the batch mesh shards): group
+    g holds the response tokens of rows g·b/G .. (g + 1)·b/G − 1 in row order, then empty slots, so a slot reads
+    only rows of its own shard. S/G is ``bucket`` of the most any group has (a length bucket, or a power of two
+    when coarse), rounded up to a multiple of b/G (K = S / b slots per row). Slot s of a micro-batch predicts the
+    token at flat position ``(s // K)·T + start_b[s]`` of that micro-batch's rows read as one sequence (so start_b
+    may lie outside the slot's nominal row s // K, never outside its group). [N] fields repeat over the sample's
+    tokens, [N, R] fields give each token its own value."""
     n, window = fields["mask_br"].shape
     num_rows, size, width = shape
-    micro = [bins[m : m + size] for m in range(0, len(bins), size)]
-    counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in micro]
-    slots = round_up(bucket(max(counts)), size)
-    k, micro_count = slots // size, num_rows // size
+    rows_per_group = size // groups
+    grouped = [bins[g : g + rows_per_group] for g in range(0, num_rows, rows_per_group)]
+    counts = [int(sum(response_n[i] for members in rows for i in members)) for rows in grouped]
+    group_slots = round_up(bucket(max(counts)), rows_per_group)
+    k = group_slots // rows_per_group
     index_nr = np.full((n, window), -1, np.int64)
-    start_s = np.ones(micro_count * slots, np.int32)
-    for m, rows in enumerate(micro):
-        slot = m * slots
+    start_s = np.ones(len(grouped) * group_slots, np.int32)
+    for g, rows in enumerate(grouped):
+        slot = first = g * group_slots
         for r, members in enumerate(rows):
             for i in members:
                 count = int(response_n[i])
                 index_nr[i, :count] = np.arange(slot, slot + count)
-                local = np.arange(slot, slot + count) - m * slots  # the slots' indices within the micro-batch
+                local = np.arange(slot, slot + count) - first  # the slots' indices within the group
                 start_s[slot : slot + count] = (r - local // k) * width + target_n[i] + np.arange(count)
                 slot += count
     real = index_nr >= 0
     out = {"start_b": start_s, "index_nr": index_nr}
     for name, array in fields.items():
         per_token = array[:, :, None] if array.ndim > 1 else np.broadcast_to(array[:, None, None], (n, window, 1))
-        values = np.zeros((micro_count * slots, 1), array.dtype)
+        values = np.zeros((len(grouped) * group_slots, 1), array.dtype)
         values[index_nr[real]] = per_token[real]
         out[name] = values if array.ndim > 1 else values[:, 0]
     return out

@@ -271,6 +271,7 @@ class RLJob:
                 stop_token_ids=[self.tokenizer.eos_id],
                 seed=seed,
                 return_logprobs=False,
+                max_sequences=ro.max_sequences,
             )
         responses = result.sequences()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from qlx.rl.logprobs import token_logprobs_and_entropy
+from qlx.train.batches import batch_shards
 
 LossSum = Callable[[jax.Array, jax.Array, dict], tuple[jax.Array, dict]]
 """``(logp_br, entropy_br, micro_batch) -> (numerator, {name: sum})``: a loss as a sum over tokens."""
@@ -57,20 +58,35 @@ class Policy:
         return nnx.merge(self.graphdef, params, rest)
 
 
-def response_window(tokens_bt: jax.Array, start_b: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Flat indices (into the b·T tokens of the rows read as one sequence) of the positions that predict each slot's
-    response tokens, and those tokens: ([S, R], [S, R]) int32.
+def response_window(
+    tokens_bt: jax.Array, start_b: jax.Array, window: int, groups: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Indices of the positions that predict each slot's response tokens, and those tokens: ([S, R], [S, R]) int32.
 
     ``start_b`` [S] holds K = S / b slots per row: slot s's window starts at token ``start_b[s]`` of row s // K
-    (unpacked: K = 1 and start is the prompt length; packed: see :mod:`qlx.train.batches`). Flat position
-    ``p - 1`` predicts token ``p``; indices past the rows are clamped (their mask is 0).
+    (unpacked: K = 1 and start is the prompt length; packed: see :mod:`qlx.train.batches`), the rows read as one
+    flat sequence. The rows and slots form ``groups`` G equal groups (the batch mesh shards) and a slot's window lies
+    in its group's rows, so the indices are into its group's (b / G)·T tokens: the gather stays on the shard.
+    Position ``p - 1`` predicts token ``p``; indices past the group are clamped (their mask is 0).
     """
     rows, length = tokens_bt.shape
-    k = start_b.shape[0] // rows
-    base_s = (jnp.arange(start_b.shape[0]) // k) * length + start_b
-    pred_sr = jnp.clip(base_s[:, None] - 1 + jnp.arange(window)[None, :], 0, rows * length - 1)
-    targets_sr = jnp.take(tokens_bt.reshape(-1), jnp.clip(pred_sr + 1, 0, rows * length - 1))
+    slots = start_b.shape[0]
+    if rows % groups or slots % groups:
+        raise ValueError(f"{rows} rows and {slots} slots do not split into {groups} batch-shard groups")
+    k, span = slots // rows, rows // groups * length
+    s = jnp.arange(slots)
+    base_s = (s // k) * length + start_b - (s // (slots // groups)) * span
+    pred_sr = jnp.clip(base_s[:, None] - 1 + jnp.arange(window)[None, :], 0, span - 1)
+    targets_sr = _take_grouped(tokens_bt.reshape(groups, span), jnp.clip(pred_sr + 1, 0, span - 1))
     return pred_sr, targets_sr
+
+
+def _take_grouped(values_gn, index_sr: jax.Array) -> jax.Array:
+    """``values_gn[g][index_sr[s]]`` for the slots s of group g (S / G slots per group, in order): [S, R, ...]."""
+    groups = values_gn.shape[0]
+    index_gsr = index_sr.reshape(groups, -1, *index_sr.shape[1:])
+    taken = jax.vmap(lambda values, index: jnp.take(values, index, axis=0))(values_gn, index_gsr)
+    return taken.reshape(index_sr.shape + values_gn.shape[2:])
 
 
 def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -78,14 +94,16 @@ def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> 
 
     Packed rows (``segment_ids_bt``, ``positions_bt``: see :mod:`qlx.train.batches`) attend within their segment
     and restart RoPE at each sample. Only the response windows' hidden states reach the vocabulary projection (no
-    [b, T, V] array).
+    [b, T, V] array); they are gathered within each batch shard of the model's mesh (``batch_shards``: the groups
+    :func:`qlx.train.batches.micro_batches` laid the slots out in).
     """
     tokens_bt, start_b, mask_br = batch["tokens_bt"], batch["start_b"], batch["mask_br"]
     hidden_btd = model.hidden_states(
         tokens_bt, positions_bt=batch.get("positions_bt"), segment_ids_bt=batch.get("segment_ids_bt")
     )
-    pred_sr, targets_sr = response_window(tokens_bt, start_b, mask_br.shape[1])
-    hidden_srd = jnp.take(hidden_btd.reshape(-1, hidden_btd.shape[-1]), pred_sr, axis=0)
+    groups = batch_shards(model.layout)
+    pred_sr, targets_sr = response_window(tokens_bt, start_b, mask_br.shape[1], groups)
+    hidden_srd = _take_grouped(hidden_btd.reshape(groups, -1, hidden_btd.shape[-1]), pred_sr)
     return token_logprobs_and_entropy(
         hidden_srd, model.lm_head_weight(), targets_sr, mask_br, temperature=temperature, chunk=chunk
     )
