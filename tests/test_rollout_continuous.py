@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import qlx
+from qlx.mesh import make_mesh
 from qlx.models import build_model
 from qlx.rollout import SamplingSpec, generate_rows
 from qlx.rollout import continuous as cb
@@ -139,6 +140,33 @@ def test_preemption_swaps_to_host_and_outputs_are_unchanged(model):
     assert [seq for h in handles for seq in h.result().sequences()] == static.sequences()
     engine.pool.release("held elsewhere")
     _check_idle(engine)
+
+
+def test_on_a_mesh_swaps_and_equals_one_device(model, monkeypatch):
+    """The swap scenario above with the model on a data 2 x fsdp 2 x tensor 2 mesh (KV pages split over the kv
+    heads like the model's k/v projections): the same outputs as the static engine on one device. A job of several
+    processes is refused by name (its host reads would need every process)."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = build_model(model.config, seed=1, mesh=mesh)
+    prompts = _prompts((46, 44, 40), seed=3)
+    specs = [SamplingSpec(max_new_tokens=50, temperature=0.7, top_p=0.95, seed=9, stream=i) for i in range(4)]
+    static = generate_rows(model, [prompts[0], prompts[1], prompts[2], prompts[2]], specs)
+    engine = cb.ContinuousEngine(sharded, dataclasses.replace(CONFIG, reserve_tokens=0))
+    assert engine._pages[0].sharding.spec[0] == "tensor"
+    engine.pool.admit("held elsewhere", 6 * CONFIG.page_size)
+    handles = [engine.submit(prompts[0], specs[:1]), engine.submit(prompts[1], specs[1:2])]
+    handles.append(engine.submit(prompts[2], specs[2:]))
+    engine.run()
+    assert engine.stats().swapped_out_groups > 0
+    results = [h.result() for h in handles]
+    assert [seq for r in results for seq in r.sequences()] == static.sequences()
+    logprobs = np.concatenate([r.logprobs for r in results])
+    np.testing.assert_allclose(logprobs, static.logprobs[:, : logprobs.shape[1]], atol=1e-5)
+    engine.pool.release("held elsewhere")
+    _check_idle(engine)
+    monkeypatch.setattr(cb.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="ContinuousEngine runs in one process; this job has 2"):
+        cb.ContinuousEngine(sharded, CONFIG)
 
 
 def test_cancel_and_streaming(model):

@@ -41,7 +41,9 @@ A tick:
 
 Results carry the static engine's contract (``GenerateResult``): tokens, sampling log-probs, policy log-probs
 (``log_softmax(z / T)`` over the whole vocabulary), log nucleus masses, finish reasons (stop | length | cancelled).
-Single device only for now (a model on a mesh is refused); tokens reach the host synchronously after each burst.
+One process: a model on a mesh of its devices runs with the KV pages split over the kv heads like the model's k/v
+projections (``kv_heads``), everything else replicated; a job of several processes is refused. Tokens reach the
+host synchronously after each burst.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from flax import nnx
 
 from qlx.kernels import copy_pages
 from qlx.models.cache import PagedKVCache
+from qlx.models.sharding import Layout
 from qlx.rollout.buckets import batch_bucket, round_up
 from qlx.rollout.engine import (
     FINISH_LENGTH,
@@ -334,16 +337,26 @@ def _scatter(pages, ids, data):
     return tuple(p.at[:, ids].set(d) for p, d in zip(pages, data, strict=True))
 
 
+def _zeros(shape, dtype, layout: Layout) -> jax.Array:
+    """A KV page array [KV, pages, page, D]; on a mesh its kv heads split like the model's (``kv_heads``)."""
+    if layout.mesh is None:
+        return jnp.zeros(shape, dtype)
+    sharding = layout.sharding(shape, ("kv_heads", None, None, None))
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
 class ContinuousEngine:
-    """Continuous batching for ``model`` (a ``Qwen3ForCausalLM`` on one device); see the module docstring."""
+    """Continuous batching for ``model`` (a ``Qwen3ForCausalLM``, on one device or a one-process mesh); see the
+    module docstring."""
 
     def __init__(self, model, config: EngineConfig | None = None):
         self.config = c = config or EngineConfig()
         if not isinstance(c, EngineConfig):
             raise ValueError(f"config must be a qlx.rollout.continuous.EngineConfig, got {type(c).__name__}")
-        mesh = model.layout.mesh
-        if mesh is not None and mesh.size > 1:
-            raise ValueError(f"ContinuousEngine runs on one device; the model is on a mesh of {mesh.size} devices")
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"ContinuousEngine runs in one process; this job has {jax.process_count()} (use rollout.engine: static)"
+            )
         if c.max_len > model.config.max_position_embeddings:
             raise ValueError(
                 f"EngineConfig.max_len ({c.max_len}) passes the model's max_position_embeddings "
@@ -354,7 +367,7 @@ class ContinuousEngine:
         self._expert_weights = _expert_weights(self._graphdef, self._state)
         mc = model.config
         shape = (mc.num_kv_heads, c.num_pages, c.page_size, mc.head_dim)
-        self._pages = tuple(jnp.zeros(shape, mc.dtype) for _ in range(2 * mc.num_layers))  # K of every layer, then V
+        self._pages = tuple(_zeros(shape, mc.dtype, model.layout) for _ in range(2 * mc.num_layers))  # K, then V
         self.pool = PagePool(c.num_pages, c.page_size)
         self._slots: list[_Sample | None] = [None] * c.max_slots
         self._queue = GroupQueue()
