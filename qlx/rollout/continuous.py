@@ -71,6 +71,7 @@ from qlx.rollout.engine import (
     _check_prompts,
     _expert_weights,
     _prefill_chunk,
+    concatenate_results,
     draw_tokens,
     stream_keys,
 )
@@ -884,17 +885,5 @@ def generate_groups(
     engine = ContinuousEngine(model, config)
     handles = [engine.submit(p, s) for p, s in zip(prompts, group_specs, strict=True)]
     engine.run()
-    results = [h.result() for h in handles]
     width = max(s.max_new_tokens for specs in group_specs for s in specs)
-
-    def stack(name):
-        return np.concatenate([np.pad(getattr(r, name), ((0, 0), (0, width - r.tokens.shape[1]))) for r in results])
-
-    return GenerateResult(
-        tokens=stack("tokens"),
-        logprobs=stack("logprobs"),
-        lengths=np.concatenate([r.lengths for r in results]),
-        finish_reasons=tuple(f for r in results for f in r.finish_reasons),
-        policy_logprobs=stack("policy_logprobs"),
-        log_nucleus_mass=stack("log_nucleus_mass"),
-    )
+    return concatenate_results([h.result() for h in handles], width)

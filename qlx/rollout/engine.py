@@ -116,9 +116,10 @@ class GenerateResult:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
 
 
-def concatenate_results(results: Sequence[GenerateResult]) -> GenerateResult:
-    """The sequences of ``results`` in order, as one result (token arrays right-padded with zeros to the widest)."""
-    width = max(r.tokens.shape[1] for r in results)
+def concatenate_results(results: Sequence[GenerateResult], width: int = 0) -> GenerateResult:
+    """The sequences of ``results`` in order, as one result (token arrays right-padded with zeros to ``width``, at
+    least the widest)."""
+    width = max(width, *(r.tokens.shape[1] for r in results))
 
     def stacked(name):
         arrays = [getattr(r, name) for r in results]
