@@ -25,7 +25,7 @@ from qlx.config import ModelConfig
 from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
 from qlx.models.cache import KVCache, PagedLayerKV, write_kv
-from qlx.models.layers import RMSNorm, normal_param, normal_value, param
+from qlx.models.layers import RMSNorm, embed_tokens, normal_param, normal_value, param
 from qlx.models.moe import (
     ExpertWeights,
     experts,
@@ -294,10 +294,11 @@ class Qwen3ForCausalLM(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), std, dtype)
 
-    def lm_head_weight(self) -> jax.Array:
-        """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied)."""
+    def lm_head_weight(self, *, cast: bool = True) -> jax.Array:
+        """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied);
+        ``cast=False``: in the parameter dtype (for a caller that casts after gathering it)."""
         w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.config.dtype)
+        return w.astype(self.config.dtype) if cast else w
 
     def expert_weights(self) -> tuple[ExpertWeights | None, ...] | None:
         """Per layer, the MoE experts as separate arrays in the compute dtype (None for dense layers); None when no
@@ -371,7 +372,7 @@ class Qwen3ForCausalLM(nnx.Module):
             positions_bt = cache.default_positions(t) if cache is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
         inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
-        x = layout.constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.dtype), BTD)
+        x = layout.constrain(embed_tokens(self.embed[...], tokens_bt, c.dtype, layout), BTD)
 
         def run(graphdef, state, x, kv=None, layer_experts=None):
             layer = nnx.merge(graphdef, state)
