@@ -1,6 +1,7 @@
 """``qlx plan``: the per-device estimate against XLA's memory analysis of the same compiled RL step (8 fake CPU
 devices), the command line, bad input, and (with libtpu installed) an AOT compile for a TPU v5p topology."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import qlx
 from qlx.cli import main
 from qlx.config import ConfigError, config_from_dict, to_dict
-from qlx.mesh import make_mesh
+from qlx.mesh import axis_rules, make_mesh
 from qlx.train import plan
 from qlx.train.aot import compiled_stats, lower_train_step, train_shapes
 
@@ -67,6 +68,23 @@ def test_remat_and_mesh_move_the_estimate_the_way_xla_does():
     tensor = plan.estimate(_config(mesh={"fsdp": 4, "tensor": 2}), CPU)
     assert tensor.mesh["tensor"] == 2
     assert tensor.item("attention scores").bytes < 2 * none.item("attention scores").bytes
+
+
+def test_expert_parallel_receive_buffer_is_planned():
+    """Dropless expert parallelism receives up to EP x its own n·k assignments per device (the worst case): the
+    stage-1 v5p plan (16 rows x 32,768 tokens over 64 chips, EP 8, k 8) holds one layer's backward over C = 524,288
+    rows, C x (5 x 2048 + 3 x 768) x 2 B = 12.25 GiB, what the v5p compile holds at its peak; a capacity factor
+    of 2 cuts C to 2 x n·k, and without an expert axis there is no receive buffer."""
+    config = qlx.load_config(ROOT / "configs/qwen3-30b-a3b/tpu-v5p-stage1.yaml")
+    sizes = {"data": 1, "fsdp": 2, "expert": 8, "tensor": 1, "seq": 4}
+    rules = axis_rules(config.mesh.rules)
+    tokens = 16 * 32768
+    assert plan.expert_parallel_rows(config, sizes, rules, tokens) == 8 * (tokens // 64) * 8
+    capped = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_capacity_factor=2.0))
+    assert plan.expert_parallel_rows(capped, sizes, rules, tokens) == 2 * (tokens // 64) * 8
+    assert plan.expert_parallel_rows(config, {**sizes, "expert": 1, "fsdp": 16}, rules, tokens) == 0
+    moe = plan.estimate(config, plan.parse_topology("v5p:4x4x4")).item("MoE buffers").bytes
+    assert moe > 524288 * (5 * 2048 + 3 * 768) * 2
 
 
 def test_cli_table_json_and_exit_codes(capsys):
