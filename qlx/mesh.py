@@ -98,6 +98,11 @@ def axis_rules(overrides: Mapping[str, object] | None = None) -> dict[str, tuple
     return rules
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of names) as a tuple."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, tuple[str, ...]] | None = None):
     """``("embed", "mlp")`` -> ``PartitionSpec("fsdp", "tensor")``; a mesh axis is used at most once per array."""
     rules = LOGICAL_AXIS_RULES if rules is None else rules

@@ -1,5 +1,6 @@
 """Expert parallelism (qlx.models.moe_ep) on 8 fake CPU devices: the model's forward and gradients on expert meshes
-equal the single-device dropless model for the dense and ring transports; a capped receive buffer drops exactly the
+equal the single-device dropless model for the dense and ring transports, and on meshes without an expert axis
+(routed per token shard); a capped receive buffer drops exactly the
 assignments of an independent plain-loop reading of the drop rule and reports them; padding is never routed; routing
 per token shard equals the plain router and needs no collective; the compiled program does not all-gather expert
 weights and splits the FLOPs over the expert axis; the ragged transport compiles ahead of time for a TPU v5p
@@ -9,6 +10,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +41,8 @@ MESHES = {
     "expert=2,data=2,tensor=2": {"expert": 2, "data": 2, "tensor": 2, "fsdp": 1},
     "expert=2,seq=2,fsdp=2": {"expert": 2, "seq": 2, "fsdp": 2},
 }
+TOKEN_MESHES = {"fsdp=8": {"fsdp": 8}, "fsdp=2,seq=2,tensor=2": {"fsdp": 2, "seq": 2, "tensor": 2}}
+"""Meshes without expert parallelism: the MoE layer runs per token shard (qlx.models.moe_ep.token_sharded_experts)."""
 
 
 def with_transport(transport: str, capacity_factor=None):
@@ -63,7 +67,7 @@ def layer_program(transport: str, mesh_name: str | None = None):
         layer = MoE(config, rngs=nnx.Rngs(0))
         x = LAYER_X
         if mesh_name is not None:
-            mesh = make_mesh(MESHES[mesh_name])
+            mesh = make_mesh({**MESHES, **TOKEN_MESHES}[mesh_name])
             layout = Layout.create(mesh)
             nnx.update(layer, jax.device_put(nnx.state(layer), state_shardings(nnx.state(layer), mesh)))
             x = jax.device_put(x, layout.sharding(x.shape, ("batch", "length", "embed")))
@@ -100,6 +104,28 @@ def test_ep_layer_matches_single_device(layer_reference, transport, mesh_name):
     np.testing.assert_allclose(dx, want_dx, atol=1e-5)
     for (path, g), (_, w) in zip(nnx.to_flat_state(d_state), nnx.to_flat_state(want_state), strict=True):
         np.testing.assert_allclose(g.get_value(), w.get_value(), atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("mesh_name", list(TOKEN_MESHES))
+def test_token_sharded_layer_matches_single_device(layer_reference, mesh_name):
+    """Without an expert axis, the MoE layer routed per token shard: output and gradients equal the single-device
+    layer's, and each device sorts only its own n·k assignments (XLA's partitioner, transport "xla", sorts all N·k
+    on every device: on v5p that held the whole batch's routed tokens, 16 GiB at stage 1, per device)."""
+    (_, y), (d_state, dx) = layer_value_and_grads("auto", mesh_name)
+    (_, want_y), (want_state, want_dx) = layer_reference
+    np.testing.assert_allclose(y, want_y, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-5)
+    for (path, g), (_, w) in zip(nnx.to_flat_state(d_state), nnx.to_flat_state(want_state), strict=True):
+        np.testing.assert_allclose(g.get_value(), w.get_value(), atol=1e-5, err_msg=str(path))
+    assignments = LAYER_X.shape[0] * LAYER_X.shape[1] * CONFIG.num_experts_per_tok
+    shards = math.prod(size for axis, size in TOKEN_MESHES[mesh_name].items() if axis != "tensor")
+
+    def sorted_sizes(transport):
+        text = layer_program(transport, mesh_name)[0].as_text()
+        return {int(n) for n in re.findall(r"= \(?s32\[(\d+)\][^=\n]*? sort\(", text)}
+
+    assert sorted_sizes("auto") == {assignments // shards}
+    assert assignments in sorted_sizes("xla")  # the check sees the replicated sort
 
 
 def test_permute_rows_backward_is_the_inverse_gather():

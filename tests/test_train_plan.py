@@ -1,8 +1,10 @@
 """``qlx plan``: the per-device estimate against XLA's memory analysis of the same compiled RL step (8 fake CPU
 devices), the command line, bad input, and (with libtpu installed) an AOT compile for a TPU v5p topology."""
 
+import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -11,7 +13,7 @@ import pytest
 import qlx
 from qlx.cli import main
 from qlx.config import ConfigError, config_from_dict, to_dict
-from qlx.mesh import make_mesh
+from qlx.mesh import axis_rules, make_mesh
 from qlx.train import plan
 from qlx.train.aot import compiled_stats, lower_train_step, train_shapes
 
@@ -69,6 +71,23 @@ def test_remat_and_mesh_move_the_estimate_the_way_xla_does():
     assert tensor.item("attention scores").bytes < 2 * none.item("attention scores").bytes
 
 
+def test_expert_parallel_receive_buffer_is_planned():
+    """Dropless expert parallelism receives up to EP x its own n·k assignments per device (the worst case): the
+    stage-1 v5p plan (16 rows x 32,768 tokens over 64 chips, EP 8, k 8) holds one layer's backward over C = 524,288
+    rows, C x (5 x 2048 + 3 x 768) x 2 B = 12.25 GiB, what the v5p compile holds at its peak; a capacity factor
+    of 2 cuts C to 2 x n·k, and without an expert axis there is no receive buffer."""
+    config = qlx.load_config(ROOT / "configs/qwen3-30b-a3b/tpu-v5p-stage1.yaml")
+    sizes = {"data": 1, "fsdp": 2, "expert": 8, "tensor": 1, "seq": 4}
+    rules = axis_rules(config.mesh.rules)
+    tokens = 16 * 32768
+    assert plan.expert_parallel_rows(config, sizes, rules, tokens) == 8 * (tokens // 64) * 8
+    capped = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_capacity_factor=2.0))
+    assert plan.expert_parallel_rows(capped, sizes, rules, tokens) == 2 * (tokens // 64) * 8
+    assert plan.expert_parallel_rows(config, {**sizes, "expert": 1, "fsdp": 16}, rules, tokens) == 0
+    moe = plan.estimate(config, plan.parse_topology("v5p:4x4x4")).item("MoE buffers").bytes
+    assert moe > 524288 * (5 * 2048 + 3 * 768) * 2
+
+
 def test_cli_table_json_and_exit_codes(capsys):
     stage1 = str(ROOT / "configs/qwen3-30b-a3b/tpu-v5p-stage1.yaml")
     assert main(["plan", "--config", stage1, "--topology", "v5p:4x4x4", "--json"]) == 0
@@ -84,6 +103,11 @@ def test_cli_table_json_and_exit_codes(capsys):
     text = capsys.readouterr().out
     assert "GPU plan: an estimate" in text and "DOES NOT FIT" in text
     assert "fix: rollouts are over" in text and "sequences per call instead of 1024" in text
+    wave = re.search(r"rollout\.max_sequences=(\d+)", text).group(1)  # the advice, taken: the rollouts then fit
+    argv = ["plan", "--config", stage3, "--device", "h100", "--devices", "8", "--set", f"rollout.max_sequences={wave}"]
+    main(argv)
+    text = capsys.readouterr().out
+    assert f"{wave} sequences per call" in text and "rollouts are over" not in text
 
 
 @pytest.mark.parametrize(

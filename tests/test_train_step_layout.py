@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import qlx
@@ -91,3 +92,41 @@ def test_accumulated_gradient_under_remat_equals_one_batch():
     assert float(optax.tree.norm(one[1])) > 0
     for a, b in zip(jax.tree.leaves(two[1]), jax.tree.leaves(one[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_logprobs_split_over_the_mesh_equal_one_device(packing):
+    """On an fsdp 4 x tensor 2 mesh the vocabulary projection runs on each device's N / 8 response tokens (the
+    float32 ∂h buffer is [N / 8, D], never [N, D]: left to XLA the window gather came back replicated and every
+    device projected all N tokens), no device holds a whole [V, D] float32 embedding gradient (XLA's scatter-add
+    for ``jnp.take``'s gradient, all-reduced whole), and loss, entropy and gradients equal the one-device model's."""
+    overrides = ["model.vocab_size=96", "model.num_layers=1", "mesh.fsdp=4", "mesh.tensor=2"]
+    config = qlx.load_config(TINY, overrides)
+    mesh_model = build_model(config.model, seed=0, mesh=make_mesh(config.mesh))
+    one_model = build_model(config.model, seed=0)
+    rows = _rows(2, 8)
+    denominator = np.float32(rows["mask_br"].sum())
+    results, texts = [], []
+    for model in (one_model, mesh_model):
+        policy, params, rest = Policy.split(model)
+        micro = put_micro_batches(micro_batches(rows, 0, pad_id=0, packing=packing).arrays, model.layout)
+
+        def grads(params, micro, policy=policy, rest=rest):
+            return accumulate_gradients(
+                policy, params, rest, micro, denominator, sft_loss_sum, temperature=0.7, chunk=16
+            )
+
+        compiled = jax.jit(grads).lower(params, micro).compile()
+        results.append(compiled(params, micro))
+        texts.append(compiled.as_text())
+        n = micro["mask_br"].shape[1] * micro["mask_br"].shape[2]
+    (want_loss, want_grads, want_aux), (loss, grads, aux) = results
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["entropy_sum"]), float(want_aux["entropy_sum"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    d, v = config.model.hidden_size, config.model.vocab_size
+    assert f"f32[{n},{d}]" in texts[0]  # the check sees the one-device ∂h
+    assert f"f32[{n},{d}]" not in texts[1] and f"f32[{n // 8},{d}]" in texts[1]
+    assert f"f32[{v},{d}]" in texts[0]  # the one-device embedding gradient
+    assert f"f32[{v},{d}]" not in texts[1]  # no device holds the whole [V, D] float32 embedding gradient

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qlx.kernels import flash_attention, ring_attention, sharded_flash_attention
+from qlx.mesh import spec_axes
 from qlx.models.sharding import Layout, spec_for
 
 BACKENDS = ("reference", "flash", "ring")
@@ -140,15 +141,11 @@ def ring_size(layout: Layout | None) -> int:
     return size
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def batch_and_head_axes(q_bthd: jax.Array, layout: Layout) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The mesh axes the rules give q's "batch" and "heads" dimensions (after dropping axes that do not divide them):
     the sharding the model constrains q to, so attention entering a shard_map over them moves nothing."""
     spec = spec_for(q_bthd.shape, ("batch", "length", "heads", None), layout.mesh, dict(layout.rules))
-    return _mesh_axes(spec[0]), _mesh_axes(spec[2])
+    return spec_axes(spec[0]), spec_axes(spec[2])
 
 
 def flash_self_attention(

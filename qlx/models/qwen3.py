@@ -25,7 +25,7 @@ from qlx.config import ModelConfig
 from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
 from qlx.models.cache import KVCache, PagedLayerKV, write_kv
-from qlx.models.layers import RMSNorm, normal_param, normal_value, param
+from qlx.models.layers import RMSNorm, embed_tokens, normal_param, normal_value, param
 from qlx.models.moe import (
     ExpertWeights,
     experts,
@@ -35,7 +35,14 @@ from qlx.models.moe import (
     router_stats,
     split_experts,
 )
-from qlx.models.moe_ep import EXPERT_AXIS, ep_experts, ep_route, resolve_transport, token_axes
+from qlx.models.moe_ep import (
+    EXPERT_AXIS,
+    ep_experts,
+    ep_route,
+    resolve_transport,
+    token_axes,
+    token_sharded_experts,
+)
 from qlx.models.remat import checkpoint_name, remat
 from qlx.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from qlx.models.sharding import Layout, state_shardings
@@ -137,10 +144,12 @@ class MoE(nnx.Module):
 
         drops = (dropped assignments, routed assignments) of expert parallelism's capacity rule (0 dropped without
         it). On a mesh with expert > 1 the experts run in ``qlx.models.moe_ep``'s shard_map (``moe_ep_transport``);
+        on a mesh without it, per token shard (``qlx.models.moe_ep.token_sharded_experts``; ``moe_ep_transport:
+        xla`` leaves either to XLA's partitioner, which routes every token on every device);
         valid_bt (bool [B, T], None: all valid) marks the tokens that are routed: padding is never sent.
         expert_weights: this layer's :meth:`expert_weights` in x's dtype, precomputed (a decode loop splits once
         instead of once per step); computed here when None. Expert parallelism splits its local experts itself and
-        ignores it."""
+        ignores it; given on a mesh without it (the blocked backend's decode loop), the layer runs unsharded."""
         c, dt = self.config, x_btd.dtype
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
@@ -167,6 +176,22 @@ class MoE(nnx.Module):
                 backend=c.moe_backend,
                 block_size=c.moe_block_size,
             )
+        elif mesh is not None and expert_weights is None and resolve_transport(c.moe_ep_transport) != "xla":
+            y_td, experts_tk, probs_te = token_sharded_experts(
+                logits_te,
+                x_td,
+                valid_t,
+                self.gate_up[...].astype(dt),
+                self.down[...].astype(dt),
+                top_k=c.num_experts_per_tok,
+                normalize=c.norm_topk_prob,
+                mesh=mesh,
+                rules=dict(layout.rules),
+                token_axes=token_axes(mesh, dict(layout.rules), x_btd.shape),
+                backend=c.moe_backend,
+                block_size=c.moe_block_size,
+            )
+            drops = jnp.stack([jnp.zeros((), jnp.float32), jnp.sum(valid_t).astype(jnp.float32) * experts_tk.shape[1]])
         else:
             weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
             y_td = experts(
@@ -269,10 +294,11 @@ class Qwen3ForCausalLM(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), std, dtype)
 
-    def lm_head_weight(self) -> jax.Array:
-        """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied)."""
+    def lm_head_weight(self, *, cast: bool = True) -> jax.Array:
+        """Output projection [D, V] in the compute dtype (the embedding transposed when embeddings are tied);
+        ``cast=False``: in the parameter dtype (for a caller that casts after gathering it)."""
         w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.config.dtype)
+        return w.astype(self.config.dtype) if cast else w
 
     def expert_weights(self) -> tuple[ExpertWeights | None, ...] | None:
         """Per layer, the MoE experts as separate arrays in the compute dtype (None for dense layers); None when no
@@ -346,7 +372,7 @@ class Qwen3ForCausalLM(nnx.Module):
             positions_bt = cache.default_positions(t) if cache is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
         inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
-        x = layout.constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.dtype), BTD)
+        x = layout.constrain(embed_tokens(self.embed[...], tokens_bt, c.dtype, layout), BTD)
 
         def run(graphdef, state, x, kv=None, layer_experts=None):
             layer = nnx.merge(graphdef, state)

@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qlx.mesh import LOGICAL_AXIS_RULES, logical_to_spec
+from qlx.mesh import LOGICAL_AXIS_RULES, logical_to_spec, spec_axes
 
 
 def spec_for(
@@ -35,7 +35,7 @@ def spec_for(
     spec = logical_to_spec(logical_axes, rules)
     entries = []
     for size, entry in zip(shape, spec, strict=True):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = spec_axes(entry)
         kept: list[str] = []
         for axis in axes:
             if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:

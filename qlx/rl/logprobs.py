@@ -38,6 +38,7 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, mask=None, *, temperatu
       lm_head: [D, V] output projection (for tied embeddings pass ``embedding.T``).
       targets: [...] int token ids, same leading shape as ``hidden``.
       mask: optional [...] bool/0-1 array; masked positions return 0 for both outputs and get no gradient.
+        Inside a shard_map, ``hidden`` and ``lm_head`` must vary over the same manual axes.
       temperature: τ > 0; the distribution is softmax(h @ W / τ), as the sampler used it.
       chunk: tokens per tile. vocab_chunk: vocabulary columns per tile. A tile's logits are
         chunk × vocab_chunk float32 values (16 MiB at the defaults).
@@ -77,6 +78,12 @@ def _block(i, size, total):
     start = jnp.minimum(i * size, total - size)
     fresh = start + jnp.arange(size) >= i * size
     return start, fresh
+
+
+def _zeros_like(x, shape, dtype):
+    """Zeros of ``shape`` typed like ``x`` for a loop carry: inside a shard_map they vary over the manual axes ``x``
+    varies over (a loop's carry must keep its type), elsewhere plain zeros."""
+    return jax.lax.full_like(x, 0, dtype, shape)
 
 
 def _cpu_16bit(dtype) -> bool:
@@ -136,7 +143,8 @@ def _forward(h_nd, w_dv, y_n, tiles):
             tgt_c = tgt_c + jnp.sum(jnp.where(hit_cv, z_cv, 0.0), axis=1)
             return (m_new, s_c, u_c, tgt_c), None
 
-        init = (jnp.full((c,), -jnp.inf), jnp.zeros((c,)), jnp.zeros((c,)), jnp.zeros((c,)))
+        zero_c = _zeros_like(h_cd, (c,), jnp.float32)
+        init = (zero_c - jnp.inf, zero_c, zero_c, zero_c)
         (m_c, s_c, u_c, tgt_c), _ = jax.lax.scan(vocab_block, init, jnp.arange(n_voc))
         lse_c = m_c + jnp.log(s_c)
         return tgt_c - lse_c, lse_c - u_c / s_c, lse_c
@@ -205,16 +213,16 @@ def _logp_entropy_bwd(tiles, residuals, cotangents):
                 dw_dc = dw_dc + jnp.dot(h_cd.astype(jnp.float32).T, dz_cv, preferred_element_type=jnp.float32)
                 return (jax.lax.dynamic_update_slice_in_dim(dh_nd, dh_cd, t0, axis=0), dw_dc), None
 
-            init = (dh_nd, jnp.zeros((d, vc), jnp.float32))
+            init = (dh_nd, _zeros_like(w_dv, (d, vc), jnp.float32))
             (dh_nd, dw_dc), _ = jax.lax.scan(token_block, init, jnp.arange(n_tok))
             dw_dc = _to_bits(dw_dc.astype(w_dv.dtype))
             return (dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_dg, dw_dc, b0, axis=1)), None
 
-        init = (dh_nd, _to_bits(jnp.zeros((d, group), w_dv.dtype)))
+        init = (dh_nd, _to_bits(_zeros_like(w_dv, (d, group), w_dv.dtype)))
         (dh_nd, dw_dg), _ = jax.lax.scan(vocab_block, init, jnp.arange(-(-group // vc)))
         return dh_nd, jax.lax.bitcast_convert_type(dw_dg, w_dv.dtype)
 
-    dh_nd = jnp.zeros((n, d), jnp.float32)
+    dh_nd = _zeros_like(h_nd, (n, d), jnp.float32)
     if n_group == 1:
         dh_nd, dw_dv = group_grads(dh_nd, 0)
     else:
@@ -224,7 +232,7 @@ def _logp_entropy_bwd(tiles, residuals, cotangents):
             dh_nd, dw_dg = group_grads(dh_nd, f)
             return (dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_dv, dw_dg, _block(f, group, v)[0], axis=1)), None
 
-        init = (dh_nd, jnp.zeros((d, v), w_dv.dtype))
+        init = (dh_nd, _zeros_like(w_dv, (d, v), w_dv.dtype))
         (dh_nd, dw_dv), _ = jax.lax.scan(flush, init, jnp.arange(n_group))
     return dh_nd.astype(h_nd.dtype), dw_dv, None
 

@@ -18,8 +18,9 @@ that dict: [N] (one value per sample, e.g. advantages) or [N, R] (one per respon
 Row fields (``tokens_bt``, ``segment_ids_bt``, ``positions_bt``) are [M, b, T]; slot fields are [M, b·K, W] (K = 1,
 W = R padded; W = 1, b·K = S packed). Slot s of a micro-batch reads the window that starts (its first target token)
 at ``start_b[s]`` of row s // K, the micro-batch's rows read as one flat sequence of b·T tokens (packed, a slot's
-target may lie in another row). With ``batch_multiple`` P (the batch mesh shards) the packed slots come in P groups,
-each reading only its own shard's rows, so the step gathers hidden states on each device. Per-sample values are the
+target may lie in another row). With ``batch_multiple`` P (the batch mesh shards) the slots come in P groups, each
+reading only its own shard's rows (padded: always; packed: by construction), recorded as the width of
+``slot_groups_g`` [M, P], so the step gathers hidden states on each device. Per-sample values are the
 same numbers in either layout, placed at their tokens' slots; :meth:`StepBatch.per_sample` maps a step's per-slot
 output back to [N, R]. Empty slots have ``mask_br`` 0.
 
@@ -42,12 +43,16 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from qlx.mesh import logical_to_spec
+from qlx.mesh import logical_to_spec, spec_axes
 from qlx.models.sharding import Layout
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
 
 ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt")
-"""Fields with one entry per row; every other field of a step batch has one entry per sample slot."""
+"""Fields with one entry per row; every other field of a step batch but :data:`SLOT_GROUPS` has one per sample slot."""
+
+SLOT_GROUPS = "slot_groups_g"
+"""Zeros [M, G]: the step reads only the width G, the groups the micro-batch's rows and slots were laid out in (a
+slot reads only rows of its own group; 1 when the field is absent). See :func:`micro_batches`."""
 
 
 def pad_rows(
@@ -206,6 +211,7 @@ def micro_batches(
             arrays[name][:n] = array
     m = num_rows // size
     arrays = {name: a.reshape(m, size * (1 if name in ROW_FIELDS else k), *a.shape[1:]) for name, a in arrays.items()}
+    arrays[SLOT_GROUPS] = np.zeros((m, batch_multiple), np.int8)
     return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
 
 
@@ -261,7 +267,7 @@ def batch_shards(layout: Layout) -> int:
     if layout.mesh is None:
         return 1
     entry = logical_to_spec(("batch",), dict(layout.rules))[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = spec_axes(entry)
     return math.prod(layout.mesh.shape[a] for a in axes)
 
 

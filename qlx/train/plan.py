@@ -17,9 +17,11 @@ Items, per device (bytes; arrays divided by the mesh axes the logical-axis rules
                       estimate) holds a few float32 score tiles of one layer, the Pallas TPU kernel none in HBM
     MoE buffers       per MoE layer: the T·k routed copies (x, fused gate/up, activation, expert output) and the
                       float32 router probabilities [T, E]; the blocked (CPU) backend adds a compute-dtype copy
-                      of the layer's experts
-    log-prob set      :func:`qlx.rl.token_logprobs_and_entropy`: the response window's hidden [b·R, D], its float32
-                      gradient, a few float32 [chunk, vocab_chunk] tiles
+                      of the layer's experts; expert parallelism adds one layer's backward over its receive
+                      buffer of C rows: C × (5·D + 3·I) × itemsize (:func:`expert_parallel_rows`)
+    log-prob set      :func:`qlx.rl.token_logprobs_and_entropy` on this device's n = b·R / shards response tokens
+                      (``qlx.train.step.logprob_token_axes``: every mesh axis that divides b·R): the hidden
+                      [n, D], its float32 gradient, a few float32 [chunk, vocab_chunk] tiles
     batch             the step's token, mask, advantage and old-log-prob arrays
     rollout KV cache  2 × L × B × S × KV × head_dim × itemsize(dtype), B sequences of S slots (the engine's
                       buckets), divided by the batch, sequence and kv-head shards. With the G samples of a prompt
@@ -48,12 +50,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlx.config import Config, ConfigError
-from qlx.mesh import axis_rules, resolve_sizes
+from qlx.mesh import axis_rules, resolve_sizes, spec_axes
 from qlx.models import build_model
 from qlx.models.attention import chunk_bounds
+from qlx.models.moe_ep import EXPERT_AXIS, receive_capacity, resolve_transport
 from qlx.models.sharding import spec_for
 from qlx.models.stacking import STACKED_KEY, UNROLLED_KEY
 from qlx.train.aot import rollout_shapes, train_shapes
+from qlx.train.step import logprob_token_axes
 
 GIB = 2**30
 
@@ -261,7 +265,7 @@ def _shard_bytes(shape, names, itemsize: int, mesh: _SizesMesh, rules) -> int:
     spec = spec_for(shape, names, mesh, rules)
     total = itemsize
     for size, entry in zip(shape, spec, strict=True):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        axes = spec_axes(entry)
         total *= size // math.prod(mesh.shape[a] for a in axes)
     return total
 
@@ -285,6 +289,24 @@ def _parameter_layout(config: Config):
     return out
 
 
+def expert_parallel_rows(config: Config, sizes: Mapping[str, int], rules, tokens: int) -> int:
+    """Rows of one device's expert-parallel receive buffer (``qlx.models.moe_ep``), 0 without expert parallelism.
+
+    rows C = ``receive_capacity(a, EP, model.moe_capacity_factor)`` for a = n·k assignments of the device's n =
+    ``tokens`` / (batch x length x expert shards) tokens: dropless (factor None) the worst case EP·a, every source
+    sending all its rows to one device. Every transport computes on C rows (dense: [EP, C / EP]; ring: the EP·n
+    gathered tokens). A layer's backward holds, per row, the received x, its cotangent, the output's cotangent and
+    two staging copies of it (5 x D), the fused gate/up cotangent (2 x I) and the activation (I): measured 12.25
+    GiB per v5p chip at stage 1 (C = 524,288), the peak of that step.
+    """
+    c, ep = config.model, sizes["expert"]
+    if ep == 1 or resolve_transport(c.moe_ep_transport) == "xla":
+        return 0
+    axes = {a for name in ("batch", "length") for a in rules.get(name, ())} | {EXPERT_AXIS}
+    n = tokens // math.prod(sizes[a] for a in axes)
+    return receive_capacity(n * c.num_experts_per_tok, ep, c.moe_capacity_factor)
+
+
 def _gathered_rules(rules: dict) -> dict:
     """Rules of weights as a layer computes with them: FSDP axes gathered (only tensor / expert stay sharded)."""
     return {name: tuple(a for a in axes if a in ("tensor", "expert")) for name, axes in rules.items()}
@@ -292,7 +314,7 @@ def _gathered_rules(rules: dict) -> dict:
 
 def estimate(config: Config, target: Target, *, rollout_sequences: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``config``'s RL step on ``target``; ``rollout_sequences`` per generate call (default:
-    the whole step, batch_size x group_size, as ``qlx.train.rl.RLJob`` generates)."""
+    ``rollout.max_sequences``, else the whole step, batch_size x group_size, as ``qlx.train.rl.RLJob`` generates)."""
     c, mesh_cfg = config.model, config.mesh
     try:
         sizes = resolve_sizes(mesh_cfg.sizes(), target.devices)
@@ -347,18 +369,20 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
     moe = moe_layers * layer_bytes(kept, True) + (moe_layers > 0) * layer_bytes(tuple(widths), True)
     if moe_layers and moe_backend == "blocked":  # the layer's experts split into separate compute-dtype arrays
         moe += 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * act // sizes["expert"]
+    ep_rows = expert_parallel_rows(config, sizes, rules, b * t) if moe_layers else 0
+    moe += ep_rows * (5 * c.hidden_size + 3 * c.moe_intermediate_size) * act
     grads = params * (2 if shapes.micro_batches > 1 else 1)
     gathered = 2 * max(layer_w, default=0) + head_w
-    n_tokens = _shard_bytes((b, r, 1), ("batch", "length", None), 1, mesh, rules)
+    n_tokens = b * r // math.prod(sizes[a] for a in logprob_token_axes(sizes, rules, b * r))
     vchunk = min(4096, c.vocab_size)
-    tile_rows = min(config.rl.logprob_chunk, b * r) * n_tokens // (b * r)
+    tile_rows = min(config.rl.logprob_chunk, n_tokens)
     logprob = n_tokens * c.hidden_size * (act + 4 + 4) + 3 * tile_rows * vchunk * 4
     batch_bytes = shapes.micro_batches * (
         _shard_bytes((b, t), ("batch", None), 4, mesh, rules)
         + 2 * _shard_bytes((b, r), ("batch", None), 4, mesh, rules)
     )
 
-    seqs = rollout_sequences or shapes.sequences
+    seqs = min(rollout_sequences or config.rollout.max_sequences or shapes.sequences, shapes.sequences)
     batch_shards = math.prod(sizes[a] for a in rules.get("batch", ()) if seqs % sizes[a] == 0) or 1
     rs = rollout_shapes(config, sequences=seqs, batch_shards=batch_shards)
     kv_shape = (rs.batch, rs.cache, c.num_kv_heads, c.head_dim)
@@ -448,7 +472,11 @@ def advise(plan: Plan, config: Config, *, kv_shared: int) -> list[str]:
             if plan.remat == "none"
             else "a smaller train.micro_batch_size or a larger mesh.seq (ring attention splits each sequence)",
             "attention scores": "model.attention: flash or ring (no [T, T] scores)",
-            "MoE buffers": "model.moe_backend: ragged (no per-layer expert copy) or mesh.expert > 1",
+            "MoE buffers": "model.moe_capacity_factor: 2.0 (expert parallelism receives at most 2 x its own "
+            "assignments per layer instead of the dropless worst case, EP x; drops are reported) or a smaller "
+            "train.micro_batch_size"
+            if plan.mesh.get("expert", 1) > 1 and config.model.moe_capacity_factor is None
+            else "model.moe_backend: ragged (no per-layer expert copy) or mesh.expert > 1",
             "gradients": "train.micro_batch_size 0 (one micro-batch: no gradient accumulator)",
         }
         out.append(
@@ -463,8 +491,8 @@ def advise(plan: Plan, config: Config, *, kv_shared: int) -> list[str]:
         while wave > 1 and per_call * wave / plan.rollout_sequences > room:
             wave //= 2
         hint = (
-            f"generate {wave} sequences per call instead of {plan.rollout_sequences} (waves; qlx rolls out a whole "
-            "step in one call today: lower train.batch_size)"
+            f"generate {wave} sequences per call instead of {plan.rollout_sequences}: rollout.max_sequences={wave} "
+            "(waves)"
             if per_call * wave / plan.rollout_sequences <= room
             else "more devices on the batch or seq axes, or host offload of the optimizer state during rollouts"
         )
