@@ -211,7 +211,8 @@ def micro_batches(
             arrays[name][:n] = array
     m = num_rows // size
     arrays = {name: a.reshape(m, size * (1 if name in ROW_FIELDS else k), *a.shape[1:]) for name, a in arrays.items()}
-    arrays[SLOT_GROUPS] = np.zeros((m, batch_multiple), np.int8)
+    groups = batch_multiple if size % batch_multiple == 0 else 1  # padded rows of a size the shards do not divide
+    arrays[SLOT_GROUPS] = np.zeros((m, groups), np.int8)
     return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
 
 
