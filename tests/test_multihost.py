@@ -20,7 +20,7 @@ import qlx
 from qlx.config import config_from_dict, to_dict
 from qlx.train.metrics import read_metrics
 from qlx.train.step import Policy
-from qlx.train.trainer import load_model, train
+from qlx.train.trainer import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 900  # a loaded 2-core machine: two JAX processes compile the same step side by side
@@ -43,20 +43,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(args: list[str], log_dir: Path, name: str) -> list[str]:
-    """Run ``python *args`` in two processes of 4 CPU devices each; both must exit 0. Returns their outputs."""
-    port = _free_port()
+def _launch(args: list[str], log_dir: Path, name: str, processes: int) -> list[str]:
+    """Run ``python *args`` in ``processes`` processes over 8 CPU devices in all (one process: no
+    ``jax.distributed``); each must exit 0. Returns their outputs. The one-process run is a subprocess too: the test
+    process compiles nothing but the loads (an XLA:CPU compile in a pytest worker that had launched these
+    subprocesses crashed once)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not the test's 8 fake devices
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", QLX_DISTRIBUTED="auto")  # fmt: skip
-    paths = [log_dir / f"{name}-process{k}.log" for k in range(2)]
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(8 // processes))
+    if processes > 1:
+        env.update(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+                   JAX_NUM_PROCESSES=str(processes), QLX_DISTRIBUTED="auto")  # fmt: skip
+    paths = [log_dir / f"{name}-process{k}.log" for k in range(processes)]
     procs, logs = [], [path.open("w") for path in paths]
-    for k in range(2):
+    for k in range(processes):
         procs.append(
             subprocess.Popen(
                 [sys.executable, *args],
                 cwd=ROOT,
-                env={**env, "JAX_PROCESS_ID": str(k)},
+                env={**env, "JAX_PROCESS_ID": str(k)} if processes > 1 else env,
                 stdout=logs[k],
                 stderr=subprocess.STDOUT,
             )
@@ -75,10 +79,10 @@ def _two_processes(args: list[str], log_dir: Path, name: str) -> list[str]:
     return texts
 
 
-def _train_two(config_path: Path, steps: int, log_dir: Path) -> str:
-    """``qlx train`` for ``steps`` in two processes; returns process 0's output."""
+def _train(config_path: Path, steps: int, log_dir: Path, processes: int = 2) -> str:
+    """``qlx train`` for ``steps`` in ``processes`` processes; returns process 0's output."""
     args = ["-m", "qlx.cli", "train", "--config", str(config_path), "--set", f"train.steps={steps}"]
-    texts = _two_processes(args, log_dir, f"{config_path.stem}-{steps}")
+    texts = _launch(args, log_dir, f"{config_path.stem}-{steps}", processes)
     for text in texts:
         assert f"finished step {steps}" in text
     return texts[0]
@@ -106,12 +110,12 @@ def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mod
         configs[name] = config_from_dict(data, [*overrides, f"train.run_dir={tmp_path / name}"])
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(configs[name])))
 
-    _train_two(tmp_path / "two.yaml", 3, tmp_path)  # checkpoints 2 and 3, written by both processes
+    _train(tmp_path / "two.yaml", 3, tmp_path)  # checkpoints 2 and 3, written by both processes
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
-    resumed = _train_two(tmp_path / "two.yaml", 4, tmp_path)  # a fresh pair of processes: resumes from 3, runs step 4
+    resumed = _train(tmp_path / "two.yaml", 4, tmp_path)  # a fresh pair of processes: resumes from 3, runs step 4
     assert "resumed from step 3" in resumed
-    _train_two(tmp_path / "again.yaml", 4, tmp_path)  # uninterrupted
-    assert train(configs["one"]).step == 4  # the same global batch in one process over 8 devices
+    _train(tmp_path / "again.yaml", 4, tmp_path)  # uninterrupted
+    _train(tmp_path / "one.yaml", 4, tmp_path, processes=1)  # the same global batch in one process over 8 devices
 
     metrics = {name: read_metrics(tmp_path / name) for name in configs}
     assert [r["step"] for r in metrics["two"]] == [1, 2, 3, 4]  # one record per step (process 0 writes the folder)
@@ -129,8 +133,8 @@ def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mod
 
     # qlx.save_hf from both processes: each writes its share of the shards (1 KiB each: several per process)
     script = str(ROOT / "tests/multihost_export.py")
-    _two_processes([script, str(tmp_path / "two.yaml"), str(tmp_path / "two"), str(tmp_path / "hf"), "1024"], tmp_path,
-                   "export")  # fmt: skip
+    _launch([script, str(tmp_path / "two.yaml"), str(tmp_path / "two"), str(tmp_path / "hf"), "1024"], tmp_path,
+            "export", 2)  # fmt: skip
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
     exported = [np.asarray(a) for a in jax.tree.leaves(Policy.split(qlx.load_hf(tmp_path / "hf"))[1])]
     for a, b in zip(exported, params["two"], strict=True):
