@@ -31,7 +31,7 @@ from qlx.models.cache import KVCache
 from qlx.models.sharding import Layout
 from qlx.rollout import engine
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
-from qlx.train.batches import SLOT_GROUPS, batch_shards
+from qlx.train.batches import SLOT_GROUPS, batch_shards, slot_groups
 from qlx.train.optim import make_optimizer
 from qlx.train.rl import rl_loss_sum
 from qlx.train.step import make_train_step
@@ -113,7 +113,6 @@ def train_batch(shapes: TrainShapes, layout: Layout) -> dict:
     """Abstract micro-batches [M, b, ...] of the RL loss, sharded as ``qlx.train.batches.put_micro_batches`` puts
     them."""
     m, b, t, r = shapes.micro_batches, shapes.micro_batch, shapes.length, shapes.window
-    groups = batch_shards(layout)
     fields = {
         "tokens_bt": ((m, b, t), jnp.int32),
         "segment_ids_bt": ((m, b, t), jnp.int32),
@@ -122,7 +121,7 @@ def train_batch(shapes: TrainShapes, layout: Layout) -> dict:
         "mask_br": ((m, b, r), jnp.float32),
         "advantages_b": ((m, b), jnp.float32),
         "old_logp_br": ((m, b, r), jnp.float32),
-        SLOT_GROUPS: ((m, groups if b % groups == 0 else 1), jnp.int8),  # rows grouped by shard, as micro_batches
+        SLOT_GROUPS: ((m, slot_groups(b, batch_shards(layout))), jnp.int8),  # rows grouped as micro_batches
     }
     return {
         name: _sds(shape, dtype, layout.sharding(shape, (None, "batch") + (None,) * (len(shape) - 2)))

@@ -211,9 +211,14 @@ def micro_batches(
             arrays[name][:n] = array
     m = num_rows // size
     arrays = {name: a.reshape(m, size * (1 if name in ROW_FIELDS else k), *a.shape[1:]) for name, a in arrays.items()}
-    groups = batch_multiple if size % batch_multiple == 0 else 1  # padded rows of a size the shards do not divide
-    arrays[SLOT_GROUPS] = np.zeros((m, groups), np.int8)
+    arrays[SLOT_GROUPS] = np.zeros((m, slot_groups(size, batch_multiple)), np.int8)
     return StepBatch(arrays, index_nr, int(length_n.sum()), num_rows * width)
+
+
+def slot_groups(rows: int, shards: int) -> int:
+    """Slot groups G of a micro-batch of ``rows`` rows on ``shards`` batch shards: the shards when they divide the
+    rows, else 1 (padded rows of a count the shards do not divide)."""
+    return shards if rows % shards == 0 else 1
 
 
 def _token_slots(
