@@ -157,3 +157,40 @@ def test_chunked_causal_attention_equals_dense_reference():
     got = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids_bt=s))(q, k, v, segments)
     want = reference_attention(q, k, v, attention_mask(300, 300, segment_ids_bt=segments), 8**-0.5)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_length_split_cache_step_equals_the_global_write_and_attention_without_gathering_the_cache(chunk):
+    """A cache split over seq=4 (and batch over data=2): each shard writes and attends over its own slots, merged by
+    log-sum-exp; against the global scatter + attention on one device. Chunks straddle shard boundaries and end in
+    padding (position -1); the compiled step gathers nothing the size of the cache."""
+    from qlx.hlo import collective_bytes
+    from qlx.mesh import make_mesh
+    from qlx.models.cache import CACHE_AXES, length_axes, write_and_attend
+    from qlx.models.sharding import Layout
+
+    b, s, kv, h, d = 2, 64, 2, 4, 8
+    keys = jax.random.split(jax.random.key(0), 5)
+    cache = tuple(jax.random.normal(k, (b, s, kv, d), jnp.float32) for k in keys[:2])
+    q = jax.random.normal(keys[2], (b, chunk, h, d), jnp.float32)
+    k_new, v_new = (jax.random.normal(k, (b, chunk, kv, d), jnp.float32) for k in keys[3:])
+    starts = np.array([[12], [30]]) if chunk > 1 else np.array([[15], [47]])
+    positions = starts + np.arange(chunk)[None, :]
+    positions[1, chunk - 2 :] = -1 if chunk > 1 else positions[1, chunk - 2 :]  # padding at row 1's end
+    positions = jnp.asarray(positions, jnp.int32)
+    expected_o, expected_kv = write_and_attend(cache, q, k_new, v_new, positions, backend="reference", layout=None)
+
+    layout = Layout.create(make_mesh({"data": 2, "seq": 4}))
+    assert length_axes(layout, cache[0].shape) == ("seq",)
+    sharded = tuple(jax.device_put(x, layout.sharding(x.shape, CACHE_AXES)) for x in cache)
+    step = jax.jit(lambda c, *a: write_and_attend(c, *a, backend="reference", layout=layout))
+    o, written = step(sharded, q, k_new, v_new, positions)
+    real = np.asarray(positions >= 0)
+    np.testing.assert_allclose(np.asarray(o)[real], np.asarray(expected_o)[real], rtol=1e-5, atol=1e-5)
+    for got, want in zip(written, expected_kv, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding.spec == layout.sharding(got.shape, CACHE_AXES).spec
+    moved = collective_bytes(step.lower(sharded, q, k_new, v_new, positions).compile().as_text())
+    cache_bytes = b * s * kv * d * 4
+    assert moved["all-gather"] < cache_bytes // 4, moved  # at most the chunk's own tokens, never the cache
+    assert max(moved.values()) < cache_bytes // 4, moved

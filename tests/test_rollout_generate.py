@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 import qlx
 from qlx.mesh import make_mesh
+from qlx.models.cache import length_axes
 from qlx.rl import token_logprobs_and_entropy
 from qlx.rollout import SamplingSpec, generate, generate_rows, sampling_logprobs
 from qlx.rollout.engine import _decode, _prefill_chunk
@@ -233,6 +234,20 @@ def test_generation_on_a_mesh_matches_one_device(checkpoints, models):
     np.testing.assert_array_equal(result.tokens, expected.tokens)
     np.testing.assert_allclose(result.logprobs, expected.logprobs, atol=1e-5)
     assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+
+
+def test_generation_on_a_length_split_cache_matches_one_device(checkpoints, models):
+    """The cache's length split over seq=4 (long-context rollouts): chunked prefill and decode per length shard
+    (``qlx.models.cache.write_and_attend``) give the one-device tokens and log-probs."""
+    path, _ = checkpoints["moe"]
+    sharded = qlx.load_hf(path, mesh=make_mesh({"data": 2, "seq": 4}))
+    assert length_axes(sharded.layout, sharded.init_cache(4, 32).k[0].shape) == ("seq",)
+    prompts = _prompts(6)
+    kwargs = dict(max_new_tokens=NEW, temperature=0.8, top_p=0.9, seed=2, prefill_chunk=4)
+    expected = generate(models["moe"], prompts, **kwargs)
+    result = generate(sharded, prompts, **kwargs)
+    np.testing.assert_array_equal(result.tokens, expected.tokens)
+    np.testing.assert_allclose(result.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_bad_inputs_name_the_problem(models):

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from qlx.config import ModelConfig
 from qlx.kernels import balance_tokens, balanced_positions, unbalance_tokens
 from qlx.models.attention import attention, ring_size
-from qlx.models.cache import KVCache, PagedLayerKV, write_kv
+from qlx.models.cache import CACHE_AXES, KVCache, PagedLayerKV, write_and_attend
 from qlx.models.layers import RMSNorm, embed_tokens, normal_param, normal_value, param
 from qlx.models.moe import (
     ExpertWeights,
@@ -90,8 +90,7 @@ class Attention(nnx.Module):
             out = written.attend(q, positions_bt, backend=backend)
             new_kv = (written.k, written.v)
         else:
-            new_kv = (write_kv(kv[0], k, positions_bt), write_kv(kv[1], v, positions_bt))
-            out = attention(q, new_kv[0].astype(dt), new_kv[1].astype(dt), backend=backend, q_positions_bt=positions_bt)
+            out, new_kv = write_and_attend(kv, q, k, v, positions_bt, backend=backend, layout=layout)
         out = checkpoint_name(layout.constrain(out, BTD[:2] + ("heads", None)), "context")
         out = layout.constrain(jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)), BTD)
         return checkpoint_name(out, "out_proj"), new_kv
@@ -341,7 +340,7 @@ class Qwen3ForCausalLM(nnx.Module):
 
         if self.layout.mesh is None:
             return make()
-        kv_sharding = self.layout.sharding(shape, ("batch", "length", "kv_heads", "head_dim"))
+        kv_sharding = self.layout.sharding(shape, CACHE_AXES)
         shardings = KVCache(
             k=(kv_sharding,) * c.num_layers,
             v=(kv_sharding,) * c.num_layers,

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qlx.distributed import to_host
+from qlx.models.cache import KVCache, length_axes
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
 from qlx.rollout.sampling import policy_logprobs, sample_tokens, sampling_logprobs
 
@@ -234,12 +235,16 @@ def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start,
     padding (position −1: not written, attends to nothing). Returns (cache, last_hidden_bd).
 
     The chunk runs on the first ``span`` cache slots only (span >= start + C): the slots after them hold nothing
-    its queries may see, so attention over the prefix gives the same result for less work. A traceable function
+    its queries may see, so attention over the prefix gives the same result for less work. A cache whose length the
+    layout splits (``qlx.models.cache.length_axes``) runs whole: each shard's attention skips its slots past the
+    chunk's positions anyway. A traceable function
     (the memory agent calls it inside its chunk loop); ``_prefill_chunk`` is its compiled form.
     """
     chunk = tokens_bc.shape[1]
     positions_bc = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
+    if isinstance(cache, KVCache) and length_axes(model.layout, cache.k[0].shape):
+        span = cache.max_len  # a cache split over length shards runs whole: a prefix of it would be gathered
     hidden_bcd, prefix = model.hidden_states(
         tokens_bc, positions_bt=positions_bc, cache=cache.prefix(span), expert_weights=expert_weights
     )

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qlx.config import Config
 from qlx.mesh import axis_rules
-from qlx.models.cache import KVCache
+from qlx.models.cache import CACHE_AXES, KVCache
 from qlx.models.sharding import Layout
 from qlx.rollout import engine
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
@@ -171,7 +171,7 @@ def lower_rollout_steps(config: Config, mesh, *, sequences: int, platform: str |
             )
 
         kv_shape = (s.batch, s.cache, c.num_kv_heads, c.head_dim)
-        kv = _sds(kv_shape, c.dtype, layout.sharding(kv_shape, ("batch", "length", "kv_heads", "head_dim")))
+        kv = _sds(kv_shape, c.dtype, layout.sharding(kv_shape, CACHE_AXES))
         cache = KVCache(
             k=(kv,) * c.num_layers, v=(kv,) * c.num_layers, lengths=_sds((s.batch,), jnp.int32, batch_sharding)
         )

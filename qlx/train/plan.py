@@ -53,6 +53,7 @@ from qlx.config import Config, ConfigError
 from qlx.mesh import axis_rules, resolve_sizes, spec_axes
 from qlx.models import build_model
 from qlx.models.attention import chunk_bounds
+from qlx.models.cache import CACHE_AXES
 from qlx.models.moe_ep import EXPERT_AXIS, receive_capacity, resolve_transport
 from qlx.models.sharding import spec_for
 from qlx.models.stacking import STACKED_KEY, UNROLLED_KEY
@@ -386,8 +387,7 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
     batch_shards = math.prod(sizes[a] for a in rules.get("batch", ()) if seqs % sizes[a] == 0) or 1
     rs = rollout_shapes(config, sequences=seqs, batch_shards=batch_shards)
     kv_shape = (rs.batch, rs.cache, c.num_kv_heads, c.head_dim)
-    kv_names = ("batch", "length", "kv_heads", "head_dim")
-    kv_cache = 2 * c.num_layers * _shard_bytes(kv_shape, kv_names, act, mesh, rules)
+    kv_cache = 2 * c.num_layers * _shard_bytes(kv_shape, CACHE_AXES, act, mesh, rules)
     groups = max(1, seqs // config.rl.group_size)
     shared_slots = groups * rs.prompt + seqs * rs.out
     kv_shared = int(kv_cache * shared_slots / (rs.batch * rs.cache))
