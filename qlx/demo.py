@@ -66,6 +66,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory", action="store_true", help="the memory-agent demo (qlx.demo_memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task set, the model and the sampling")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few questions (a smoke test)")
+    parser.add_argument(
+        "--base",
+        help="with --memory: the full-context demo's folder whose trained model and tokenizer the memory agent starts "
+        "from (default runs/demo; `qlx demo` runs into it first when it holds no finished demo; 'none': a fresh model)",
+    )
     add_override_argument(parser, "override a key of both training configs, e.g. --set model.num_layers=1")
 
 

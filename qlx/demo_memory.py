@@ -1,9 +1,13 @@
 """``qlx demo --memory``: the memory agent learns to read documents several times longer than its chunk, on a CPU.
 
+0. the base model: the full-context demo's trained model (``qlx demo``, default folder runs/demo; run first when
+   that folder holds no finished demo), as the recipe trains its memory expert from the Stage-3 model. A fresh tiny
+   model (``--base none``) does not learn to copy facts in this budget (BUILD_NOTES.md, "Memory-agent demo");
 1. synthesise one-fact (reading) and two-fact (multihop) questions over the synthetic world with their whole
-   contexts (distractor documents kept), at the trained length L and, held out, at 2L and 4L (``qlx.data.demo_data``);
-2. warm-start the tiny Qwen3-MoE of the full-context demo with SFT on every agent turn of the training records, each
-   target the ideal one (``qlx.memory.warm_start``: memory = the evidence seen so far; final = the answer);
+   contexts (distractor documents kept), at the trained length L and, held out, at 2L and 4L (``qlx.data.demo_data``),
+   in the base's tokenizer;
+2. warm-start the base with SFT on every agent turn of the training records, each target the ideal one
+   (``qlx.memory.warm_start``: memory = the evidence seen so far; final = the answer);
 3. evaluate the agent (``qlx.memory.run``) on the held-out questions; memory-agent RL (``train.mode: memory``);
    evaluate again: accuracy before / after RL with 95% intervals and the paired change, accuracy by document
    length (L, 2L, 4L), and the baseline: the same model reading the document truncated to one window
@@ -15,6 +19,7 @@ Every stage resumes (the trainer's checkpoints); data are rebuilt only when the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -44,8 +49,8 @@ class MemoryDemoSize:
     n_train: int = 2000
     n_eval: int = 100
     context_tokens: int = 512
-    sft_steps: int = 1000
-    rl_steps: int = 8
+    sft_steps: int = 900
+    rl_steps: int = 24
     rl_batch: int = 4
     eval_batch: int = 100
     task_types: tuple[str, ...] = ("reading", "multihop")
@@ -60,20 +65,25 @@ def _data_paths(folder: Path) -> dict[str, Path]:
     return paths | {f"eval_{m}x": folder / f"eval_{m}x.jsonl" for m in LENGTHS}
 
 
-def _write_data(folder: Path, size: MemoryDemoSize, seed: int, max_question_tokens: int) -> dict[str, Path]:
-    """Training records (length L), held-out records at each of ``LENGTHS`` and the tokenizer, under ``folder``;
-    held-out questions never repeat a training question; questions longer than ``max_question_tokens`` are
-    dropped (the agent's room for the question)."""
+def _write_data(
+    folder: Path, size: MemoryDemoSize, seed: int, max_question_tokens: int, tokenizer_path: Path | None
+) -> dict[str, Path]:
+    """Training records (length L), held-out records at each of ``LENGTHS`` and the tokenizer (the one at
+    ``tokenizer_path``, or the world-trained one of the demo data when None), under ``folder``; held-out questions
+    never repeat a training question; questions longer than ``max_question_tokens`` are dropped (the agent's room
+    for the question)."""
     from qlx.data.demo_data import make_demo_dataset
     from qlx.data.records import write_jsonl
+    from qlx.data.tokenizer import load_tokenizer
 
     paths = _data_paths(folder)
-    wanted = json.dumps({**dataclasses.asdict(size), "seed": seed, "max_question_tokens": max_question_tokens})
+    wanted = json.dumps({**dataclasses.asdict(size), "seed": seed, "max_question_tokens": max_question_tokens,
+                         "tokenizer": None if tokenizer_path is None else str(tokenizer_path.resolve())})  # fmt: skip
     stamp = folder / "size.json"
     if stamp.is_file() and stamp.read_text() == wanted and all(p.is_file() for p in paths.values()):
         return paths
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer, train = None, []
+    tokenizer, train = None if tokenizer_path is None else load_tokenizer(tokenizer_path), []
     for m in LENGTHS:
         records, held_out, tokenizer = make_demo_dataset(
             seed=seed,
@@ -92,6 +102,18 @@ def _write_data(folder: Path, size: MemoryDemoSize, seed: int, max_question_toke
     tokenizer.save(folder)
     stamp.write_text(wanted)
     return paths
+
+
+def _base_model(base: Path, args) -> int:
+    """Make sure ``base`` holds a finished full-context demo (its ``results.json``), running ``qlx demo`` into it
+    (same seed, size and overrides) when it does not. Returns the full demo's exit code (0 when reused)."""
+    if (base / "results.json").is_file():
+        print(f"qlx demo --memory: base model: the full-context demo in {base}")
+        return 0
+    from qlx.demo import run as run_full_demo
+
+    print(f"qlx demo --memory: base model: no finished full-context demo in {base}; running `qlx demo` into it first")
+    return run_full_demo(argparse.Namespace(**{**vars(args), "out": str(base), "memory": False}))
 
 
 class TurnDataset:
@@ -201,6 +223,9 @@ def run(args) -> int:
     start = time.perf_counter()
     print(f"qlx demo --memory: task set ({size.n_train} training questions, {size.n_eval} held out per length) "
           f"-> {out / 'data'}")  # fmt: skip
+    base = None if args.base == "none" else Path(args.base or "runs/demo")
+    if base is not None and (code := _base_model(base, args)) != 0:
+        return code
     paths = _data_paths(out / "data")
     common = [
         f"data.train_files=[{paths['train']}]",
@@ -212,7 +237,12 @@ def run(args) -> int:
     try:
         sft = load_config(
             CONFIGS / "demo/memory_sft.yaml",
-            [*common, f"train.run_dir={out / 'sft'}", f"train.steps={size.sft_steps}"],
+            [
+                *common,
+                f"train.run_dir={out / 'sft'}",
+                f"train.steps={size.sft_steps}",
+                *([] if base is None else [f"train.init_from={base / 'rl'}"]),
+            ],
         )
         rl = load_config(
             CONFIGS / "demo/memory.yaml",
@@ -225,7 +255,8 @@ def run(args) -> int:
             ],
         )
         agent = memory_agent_config(rl)
-        _write_data(out / "data", size, args.seed, agent.max_question_tokens)
+        _write_data(out / "data", size, args.seed, agent.max_question_tokens,
+                    None if base is None else base / "data" / "tokenizer.json")  # fmt: skip
         turns = TurnDataset(preflight(sft).dataset, agent)
     except ConfigError as e:
         print(f"qlx demo --memory: config error: {e}", file=sys.stderr)
@@ -280,6 +311,7 @@ def run(args) -> int:
     results = {
         "size": dataclasses.asdict(size),
         "seed": args.seed,
+        "base": None if base is None else str(base),
         "chunk_tokens": c,
         "before": {k: dataclasses.asdict(v) for k, v in before.by_task().items()}
         | {"all": dataclasses.asdict(before.overall())},

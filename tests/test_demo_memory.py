@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import yaml
 
 from qlx.cli import main
 from qlx.config import ModelConfig
@@ -22,9 +23,16 @@ TEMPLATE = MemoryTemplate(
 
 
 def test_quick_memory_demo_runs_every_stage(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--memory", "--quick", "--out", str(out), "--set", "model.num_layers=1"]) == 0
+    """With no finished full-context demo in --base, it runs one there first, then starts from its model and
+    tokenizer."""
+    out, base = tmp_path / "demo", tmp_path / "base"
+    argv = ["demo", "--memory", "--quick", "--out", str(out), "--base", str(base), "--set", "model.num_layers=1"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
+    assert f"no finished full-context demo in {base}; running `qlx demo` into it first" in printed
+    assert (base / "results.json").is_file()
+    assert (out / "data" / "tokenizer.json").read_bytes() == (base / "data" / "tokenizer.json").read_bytes()
+    assert yaml.safe_load((out / "sft" / "config.yaml").read_text())["train"]["init_from"] == str(base / "rl")
     for line in ("\nmultihop ", "\nreading ", "\nall ", "  1x (", "  2x (", "  4x (", "truncated to one window"):
         assert line in printed
     results = json.loads((out / "results.json").read_text())

@@ -120,12 +120,30 @@ def cache_attention(
         return reference_attention(
             q_bthd, k_bskd, v_bskd, attention_mask(t, s, q_positions_bt=q_positions_bt), sm_scale
         )
+    return blockwise_cache_attention(q_bthd, k_bskd, v_bskd, q_positions_bt, sm_scale)
+
+
+def blockwise_cache_attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    q_positions_bt: jax.Array,
+    sm_scale: float,
+    *,
+    return_lse: bool = False,
+):
+    """``flash_attention(q_positions=...)`` on the XLA blockwise kernel with T padded by position −1 queries to a
+    multiple of 128 (of 16 below 128) and S by never-visible slots to a multiple of 128 (positions stay below S).
+    Returns o [B, T, H, D], or (o, lse [B, T, H]) with ``return_lse``."""
+    t, s = q_bthd.shape[1], k_bskd.shape[1]
     pad_t, pad_s = -t % (128 if t >= 128 else 16), -s % 128
     q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
     q_positions_bt = jnp.pad(q_positions_bt, ((0, 0), (0, pad_t)), constant_values=-1)
     k_bskd, v_bskd = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bskd, v_bskd))
-    out = flash_attention(q_bthd, k_bskd, v_bskd, q_positions=q_positions_bt, sm_scale=sm_scale, backend="xla")
-    return out[:, :t]
+    out = flash_attention(
+        q_bthd, k_bskd, v_bskd, q_positions=q_positions_bt, sm_scale=sm_scale, backend="xla", return_lse=return_lse
+    )
+    return (out[0][:, :t], out[1][:, :t]) if return_lse else out[:, :t]
 
 
 def ring_size(layout: Layout | None) -> int:

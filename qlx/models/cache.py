@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from qlx.kernels import flash_attention, paged_attention, write_tokens
+from qlx.kernels import paged_attention, write_tokens
 from qlx.mesh import spec_axes
-from qlx.models.attention import attention
+from qlx.models.attention import attention, blockwise_cache_attention
 from qlx.models.sharding import Layout, spec_for
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # the logical axes of one layer's K or V [B, S, KV, D]
@@ -235,9 +235,8 @@ def partial_cache_attention(
     lse = log Σ_s exp(q·k_s · sm_scale); a query that sees no key gets o = 0 and lse = −inf, so results over
     disjoint slots merge exactly.
 
-    T == 1 (decode): dense [B, KV, 1, G, S] scores. T > 1: ``flash_attention(q_positions=..., return_lse=True)`` on
-    the XLA blockwise kernel, T padded with position −1 queries (to a multiple of 128, of 16 below 128) and S with
-    never-visible slots to a multiple of 128, as :func:`qlx.models.attention.cache_attention` pads them."""
+    T == 1 (decode): dense [B, KV, 1, G, S] scores. T > 1: the XLA blockwise kernel with its log-sum-exp
+    (:func:`qlx.models.attention.blockwise_cache_attention`, as ``cache_attention`` runs a prefill chunk)."""
     b, t, h, d = q_bthd.shape
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
     if t == 1:
@@ -249,11 +248,5 @@ def partial_cache_attention(
         p = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
         o = jnp.einsum("bktgs,bskd->bktgd", p.astype(v_bskd.dtype), v_bskd, preferred_element_type=jnp.float32)
         return jnp.transpose(o, (0, 2, 1, 3, 4)).reshape(b, t, h, d), jnp.transpose(lse, (0, 2, 1, 3)).reshape(b, t, h)
-    pad_t, pad_s = -t % (128 if t >= 128 else 16), -s % 128
-    q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
-    q_positions_bt = jnp.pad(q_positions_bt, ((0, 0), (0, pad_t)), constant_values=-1)
-    k_bskd, v_bskd = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bskd, v_bskd))
-    o, lse = flash_attention(
-        q_bthd, k_bskd, v_bskd, q_positions=q_positions_bt, sm_scale=sm_scale, backend="xla", return_lse=True
-    )
-    return o[:, :t].astype(jnp.float32), lse[:, :t]
+    o, lse = blockwise_cache_attention(q_bthd, k_bskd, v_bskd, q_positions_bt, sm_scale, return_lse=True)
+    return o.astype(jnp.float32), lse
