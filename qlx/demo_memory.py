@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -69,16 +70,17 @@ def _write_data(
     folder: Path, size: MemoryDemoSize, seed: int, max_question_tokens: int, tokenizer_path: Path | None
 ) -> dict[str, Path]:
     """Training records (length L), held-out records at each of ``LENGTHS`` and the tokenizer (the one at
-    ``tokenizer_path``, or the world-trained one of the demo data when None), under ``folder``; held-out questions
-    never repeat a training question; questions longer than ``max_question_tokens`` are dropped (the agent's room
-    for the question)."""
+    ``tokenizer_path``, or the world-trained one of the demo data when None; rebuilt when that file changes), under
+    ``folder``; held-out questions never repeat a training question; questions longer than ``max_question_tokens``
+    are dropped (the agent's room for the question)."""
     from qlx.data.demo_data import make_demo_dataset
     from qlx.data.records import write_jsonl
     from qlx.data.tokenizer import load_tokenizer
 
     paths = _data_paths(folder)
+    base_tokenizer = None if tokenizer_path is None else hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
     wanted = json.dumps({**dataclasses.asdict(size), "seed": seed, "max_question_tokens": max_question_tokens,
-                         "tokenizer": None if tokenizer_path is None else str(tokenizer_path.resolve())})  # fmt: skip
+                         "tokenizer_sha256": base_tokenizer})  # fmt: skip
     stamp = folder / "size.json"
     if stamp.is_file() and stamp.read_text() == wanted and all(p.is_file() for p in paths.values()):
         return paths

@@ -1,8 +1,12 @@
-"""`qlx demo --quick`: the main job end to end on a few questions (the full demo is `make demo`, not a test)."""
+"""`qlx demo --quick`: the main job end to end on a few questions (the full demo is `make demo`, not a test), then
+`qlx demo --memory --quick` from it as its base."""
 
 import json
 import os
 import signal
+
+import numpy as np
+import yaml
 
 from qlx.cli import main
 from qlx.data.demo_data import make_demo_dataset
@@ -41,6 +45,29 @@ def test_quick_demo_stops_on_sigterm_then_resumes_and_runs_every_stage(tmp_path,
         assert (out / "rl" / "plots" / name).stat().st_size > 5000
     assert (out / "accuracy.png").stat().st_size > 5000
     assert json.loads((out / "rl" / "status.json").read_text())["status"] == "done"
+
+    # the memory-agent demo (qlx demo --memory --quick) from this finished demo as its base
+    memory = tmp_path / "memory"
+    argv = ["demo", "--memory", "--quick", "--out", str(memory), "--base", str(out), "--set", "model.num_layers=1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"base model: the full-context demo in {out}" in printed
+    for line in ("\nmultihop ", "\nreading ", "\nall ", "  1x (", "  2x (", "  4x (", "truncated to one window"):
+        assert line in printed
+    assert (memory / "data" / "tokenizer.json").read_bytes() == (out / "data" / "tokenizer.json").read_bytes()
+    assert yaml.safe_load((memory / "sft" / "config.yaml").read_text())["train"]["init_from"] == str(out / "rl")
+    results = json.loads((memory / "results.json").read_text())
+    assert results["base"] == str(out) and results["before"]["all"]["n"] == results["after"]["all"]["n"] > 0
+    assert set(results["by_length"]) == {k for k in results["by_length"] if k[:2] in ("1x", "2x", "4x")}
+    assert len(results["by_length"]) == 3 and all(isinstance(v, bool) for v in results["targets"].values())
+    sft, rl = read_metrics(memory / "sft"), read_metrics(memory / "rl")
+    assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [1]
+    assert {"memory/turns", "memory/conversations", "reward/mean"} <= set(rl[0]) and rl[0]["memory/turns"] >= 2
+    assert (memory / "accuracy.png").stat().st_size > 5000
+    held_out = [json.loads(x) for x in (memory / "data" / "eval_4x.jsonl").read_text().splitlines()]
+    trained = [json.loads(x) for x in (memory / "data" / "train.jsonl").read_text().splitlines()]
+    assert not {r["question"] for r in held_out} & {r["question"] for r in trained}
+    assert np.mean([r["length_tokens"] for r in held_out]) > 2 * np.mean([r["length_tokens"] for r in trained])
 
 
 def test_evidence_only_contexts_keep_every_fact_and_span():
