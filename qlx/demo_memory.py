@@ -12,6 +12,8 @@
    evaluate again: accuracy before / after RL with 95% intervals and the paired change, accuracy by document
    length (L, 2L, 4L), and the baseline: the same model reading the document truncated to one window
    (``max_chunks: 1``: one update turn on the document's centre-truncated first and last C/2 tokens, then the answer);
+   and, at L, all three by where the evidence ends (the third of the document's chunks that holds the last fact,
+   ``qlx.memory.evidence_position``);
 4. write ``accuracy.png``, the training curves and ``results.json``.
 
 Every stage resumes (the trainer's checkpoints); data are rebuilt only when the size or seed changes.
@@ -174,9 +176,10 @@ def agent_accuracy(model, tokenizer, records, agent, *, seed: int, batch: int):
     return EvalResult(scores=np.asarray(scores, np.float64), task_types=[r.task_type for r in records])
 
 
-def plot_memory_demo(before, after, by_length: dict, path: Path) -> Path:
-    """Two panels: accuracy before / after RL per task type; the agent and the truncated baseline by document
-    length; 95% interval whiskers."""
+def plot_memory_demo(before, after, by_length: dict, by_position: dict, path: Path) -> Path:
+    """Three panels: accuracy before / after RL per task type; the agent and the truncated baseline by document
+    length; the same at the trained length by where the evidence ends (``by_position``: {series: {position:
+    Interval}}); 95% interval whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +197,7 @@ def plot_memory_demo(before, after, by_length: dict, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(16, 4), dpi=110)
     tasks = [*before.by_task(), "all"]
     bars(left, tasks, [(name, [*r.by_task().values(), r.overall()], color) for name, r, color in
                        (("warm start", before, "tab:gray"), ("after RL", after, "tab:blue"))])  # fmt: skip
@@ -203,6 +206,10 @@ def plot_memory_demo(before, after, by_length: dict, path: Path) -> Path:
     agent, truncated = ([by_length[k][j].overall() for k in labels] for j in (0, 1))
     bars(right, labels, [("memory agent", agent, "tab:blue"), ("truncated to one window", truncated, "tab:orange")])
     right.set_title("after RL, by document length")
+    positions = list(by_position["after RL"])
+    bars(third, positions, [(name, [by_position[name][k] for k in positions], color) for name, color in
+                            (("after RL", "tab:blue"), ("truncated to one window", "tab:orange"))])  # fmt: skip
+    third.set_title("trained length, by where the evidence ends")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -214,7 +221,8 @@ def run(args) -> int:
     from qlx.config import ConfigError, load_config, memory_agent_config
     from qlx.data.records import read_jsonl
     from qlx.data.tokenizer import load_tokenizer
-    from qlx.train.evaluate import format_table, paired_change
+    from qlx.memory.evidence import NO_POSITION, POSITIONS, evidence_position
+    from qlx.train.evaluate import EvalResult, format_table, paired_change
     from qlx.train.plot import plot_run
     from qlx.train.preflight import preflight
     from qlx.train.trainer import SIGTERM_EXIT_CODE, load_model
@@ -299,16 +307,23 @@ def run(args) -> int:
         )
     timings["eval_after"] = time.perf_counter() - clock
 
+    position_of = [evidence_position(r, tokenizer, agent) for r in held_out[1]]
+    order = [k for k in (*POSITIONS, NO_POSITION) if k in position_of]
+    truncated_1x = next(iter(by_length.values()))[1]
+    by_position = {}  # {series: {position: Interval}}, positions in ``order``
+    for name, result in (("before RL", before), ("after RL", after), ("truncated to one window", truncated_1x)):
+        table = EvalResult(result.scores, position_of).by_task()
+        by_position[name] = {k: table[k] for k in order}
     change = paired_change(before, after)
     first, last = next(iter(by_length.values()))[0].overall(), list(by_length.values())[-1][0].overall()
-    vs_baseline = paired_change(next(iter(by_length.values()))[1], after)
+    vs_baseline = paired_change(truncated_1x, after)
     targets = {
         "rl_lift_beyond_interval": bool(change.low > 0),
         "4x_within_10_points_of_1x": bool(abs(last.mean - first.mean) <= 0.10),
         "beats_truncated_baseline_beyond_interval": bool(vs_baseline.low > 0),
     }
-    plots = [*plot_run(out / "rl"), *plot_run(out / "sft"), plot_memory_demo(before, after, by_length,
-                                                                             out / "accuracy.png")]  # fmt: skip
+    accuracy_png = plot_memory_demo(before, after, by_length, by_position, out / "accuracy.png")
+    plots = [*plot_run(out / "rl"), *plot_run(out / "sft"), accuracy_png]
     elapsed = time.perf_counter() - start
     results = {
         "size": dataclasses.asdict(size),
@@ -323,6 +338,9 @@ def run(args) -> int:
         "by_length": {
             k: {"agent": dataclasses.asdict(a.overall()), "truncated": dataclasses.asdict(b.overall())}
             for k, (a, b) in by_length.items()
+        },
+        "by_evidence_position_1x": {
+            name: {k: dataclasses.asdict(v) for k, v in table.items()} for name, table in by_position.items()
         },
         "agent_minus_truncated_1x": dataclasses.asdict(vs_baseline),
         "targets": targets,
@@ -341,6 +359,11 @@ def run(args) -> int:
     print("After RL, by document length        memory agent           truncated to one window")
     for label, (a, b) in by_length.items():
         print(f"  {label:<34} {a.overall()!s:<22} {b.overall()}")
+    print()
+    print("Trained length, by where the evidence ends   before RL              after RL               truncated")
+    for k in order:
+        label = f"{k} ({by_position['after RL'][k].n} questions)"
+        print(f"  {label:<42} " + " ".join(f"{by_position[name][k]!s:<22}" for name in by_position))
     print()
     verdict = {True: "yes", False: "NO"}
     print(f"RL lift beyond the 95% interval: {verdict[targets['rl_lift_beyond_interval']]} "

@@ -60,6 +60,13 @@ def test_quick_demo_stops_on_sigterm_then_resumes_and_runs_every_stage(tmp_path,
     assert results["base"] == str(out) and results["before"]["all"]["n"] == results["after"]["all"]["n"] > 0
     assert set(results["by_length"]) == {k for k in results["by_length"] if k[:2] in ("1x", "2x", "4x")}
     assert len(results["by_length"]) == 3 and all(isinstance(v, bool) for v in results["targets"].values())
+    assert "Trained length, by where the evidence ends" in printed
+    by_position = results["by_evidence_position_1x"]
+    assert set(by_position) == {"before RL", "after RL", "truncated to one window"}
+    for name, overall in (("before RL", results["before"]["all"]), ("after RL", results["after"]["all"])):
+        rows = by_position[name].values()  # the positions split the held-out questions: n and mean add up
+        assert sum(r["n"] for r in rows) == overall["n"]
+        assert np.isclose(sum(r["n"] * r["mean"] for r in rows) / overall["n"], overall["mean"])
     sft, rl = read_metrics(memory / "sft"), read_metrics(memory / "rl")
     assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [1]
     assert {"memory/turns", "memory/conversations", "reward/mean"} <= set(rl[0]) and rl[0]["memory/turns"] >= 2

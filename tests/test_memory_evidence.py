@@ -9,7 +9,7 @@ import pytest
 from qlx.data.records import Record
 from qlx.data.synth import SynthConfig, default_tokenizer, synthesize
 from qlx.memory import MemoryAgentConfig, centre_truncate
-from qlx.memory.evidence import evidence_chunks, evidence_spans
+from qlx.memory.evidence import evidence_chunks, evidence_position, evidence_spans
 
 CHUNK = 128
 
@@ -74,3 +74,39 @@ def test_centre_truncation_drops_the_middle_and_shifts_the_tail(records):
                 seen.add("middle")
                 assert c is None
     assert "middle" in seen
+
+
+class _Characters:
+    """A tokenizer of one token per character (positions by hand)."""
+
+    @staticmethod
+    def encode(text):
+        return [ord(ch) for ch in text]
+
+
+def _record(context, starts):
+    facts = [{"char_start": s} for s in starts]
+    evidence = {"docs": [], "facts": facts, "program": {}}
+    return Record(id="r", task_type="multihop", question="q", answer="a", answer_type="entity", evidence=evidence,
+                  hops=len(starts), length_tokens=len(context), source={}, context=context)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("starts", "max_chunks", "expected"),
+    [
+        ((5,), None, "first third"),  # chunk 0 of 10
+        ((5, 29), None, "first third"),  # chunks 0, 2 of 10: 3 * 2 // 10 = 0
+        ((5, 34), None, "first third"),  # chunk 3: 9 // 10 = 0
+        ((5, 40), None, "middle third"),  # chunk 4: 12 // 10 = 1
+        ((5, 69), None, "middle third"),  # chunk 6: 18 // 10 = 1
+        ((70,), None, "last third"),  # chunk 7: 21 // 10 = 2
+        ((99,), None, "last third"),  # chunk 9, the last
+        ((), None, "no evidence span"),
+        ((5, 50), 4, "no evidence span"),  # centre truncation to 40 tokens drops character 50
+        ((5, 95), 4, "last third"),  # kept in the tail: chunk 3 of the 4 read
+    ],
+)
+def test_evidence_position_is_the_third_of_the_chunks_holding_the_last_fact(starts, max_chunks, expected):
+    """100 characters in chunks of 10: K = 10 (4 with max_chunks=4); the position is ⌊3 · last chunk / K⌋."""
+    config = MemoryAgentConfig(chunk_tokens=10, max_chunks=max_chunks)
+    assert evidence_position(_record("x" * 100, starts), _Characters(), config) == expected

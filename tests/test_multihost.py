@@ -1,8 +1,8 @@
 """Two processes, one job: ``qlx train`` (SFT and RL) in 2 processes x 4 CPU devices on 127.0.0.1 (``jax.distributed``
 from the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, gloo collectives), one
-mesh over both, an orbax checkpoint written from both, a restart that resumes from it; the result against an
-uninterrupted two-process run (bitwise) and the same run in one process over 8 devices; then ``qlx.save_hf`` from
-both processes."""
+mesh over both, an orbax checkpoint written from both, a restart that resumes from it; the result against the same
+run in one process over 8 devices and (RL) an uninterrupted two-process run (bitwise); then (the RL run)
+``qlx.save_hf`` from both processes, and both rollout engines over both processes."""
 
 import os
 import socket
@@ -105,8 +105,11 @@ def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mod
     data["data"].update(max_input_tokens=192, max_output_tokens=8)
     data["model"]["max_position_embeddings"] = 256
     overrides = RL if mode == "rl" else []
+    # the uninterrupted pair ("again") for RL only: SFT's resumed pair is held to the one-process run, whose step-4
+    # loss a wrong restored data position would change, and single-process SFT resumes bitwise (test_train_resume)
+    names = ("two", "again", "one") if mode == "rl" else ("two", "one")
     configs = {}
-    for name in ("two", "again", "one"):
+    for name in names:
         configs[name] = config_from_dict(data, [*overrides, f"train.run_dir={tmp_path / name}"])
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(configs[name])))
 
@@ -114,22 +117,27 @@ def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mod
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     resumed = _train(tmp_path / "two.yaml", 4, tmp_path)  # a fresh pair of processes: resumes from 3, runs step 4
     assert "resumed from step 3" in resumed
-    _train(tmp_path / "again.yaml", 4, tmp_path)  # uninterrupted
+    if "again" in configs:
+        _train(tmp_path / "again.yaml", 4, tmp_path)  # uninterrupted
     _train(tmp_path / "one.yaml", 4, tmp_path, processes=1)  # the same global batch in one process over 8 devices
 
     metrics = {name: read_metrics(tmp_path / name) for name in configs}
     assert [r["step"] for r in metrics["two"]] == [1, 2, 3, 4]  # one record per step (process 0 writes the folder)
-    assert _without_timings(metrics["two"]) == _without_timings(metrics["again"])
     for a, b in zip(metrics["two"], metrics["one"], strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         if mode == "rl":
             assert a["reward/mean"] == b["reward/mean"]  # the same rollouts
     params = {name: _params(configs[name], tmp_path / name) for name in configs}
-    for a, b, c in zip(params["two"], params["again"], params["one"], strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, c in zip(params["two"], params["one"], strict=True):
         # gloo sums the gradient in another order than one process does (the losses agree to 1e-5); Adam divides
         # by sqrt(v), so where a gradient is near 0 that rounding moves a weight by up to ~1e-3 of one step (lr 1e-3)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=2e-6)
+
+    if mode == "sft":
+        return  # the export and generation below do not depend on how the run was trained
+    assert _without_timings(metrics["two"]) == _without_timings(metrics["again"])
+    for a, b in zip(params["two"], params["again"], strict=True):
+        np.testing.assert_array_equal(a, b)
 
     # qlx.save_hf from both processes: each writes its share of the shards (1 KiB each: several per process)
     script = str(ROOT / "tests/multihost_export.py")
@@ -139,3 +147,14 @@ def test_two_processes_resume_bitwise_match_one_process_and_export(tmp_path, mod
     exported = [np.asarray(a) for a in jax.tree.leaves(Policy.split(qlx.load_hf(tmp_path / "hf"))[1])]
     for a, b in zip(exported, params["two"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+    # both rollout engines on an fsdp 4 x tensor 2 mesh over both processes: the continuous engine gives the static
+    # engine's samples (as in one process, tests/test_rollout_continuous.py; the static engine's two-process
+    # rollouts are the one-process ones: the RL rewards above)
+    script = str(ROOT / "tests/multihost_generate.py")
+    _launch([script, str(tmp_path / "two.yaml"), str(tmp_path / "two"), str(tmp_path / "generate.npz")], tmp_path,
+            "generate", 2)  # fmt: skip
+    out = np.load(tmp_path / "generate.npz")
+    assert int(out["processes"]) == 2 and int(out["swapped_out_groups"]) > 0  # a swap's pages read by both
+    np.testing.assert_array_equal(out["tokens"], out["static_tokens"])
+    np.testing.assert_allclose(out["logprobs"], out["static_logprobs"], atol=1e-5)

@@ -6,7 +6,8 @@
 - ``run_reference(...)``: the same agent as a Python loop over ``qlx.rollout.generate_rows`` calls (the oracle).
 - ``memory_analysis(...)``: compiled device memory of run's two executables (flat in document length).
 - ``evidence_chunks(record, tokenizer, config)``: the chunk (update turn) that shows each evidence fact of a
-  ``qlx synth`` record, for results by evidence position (``qlx.memory.evidence``).
+  ``qlx synth`` record; ``evidence_position``: the third of the document where its evidence ends, for results by
+  evidence position (``qlx.memory.evidence``).
 - ``warm_start_turns(record, tokenizer, config, question, answer, stop_id=...)``: every turn of a record with its
   ideal target (memory = the evidence seen so far, then the answer), for an SFT warm start (``qlx.memory.warm_start``).
 - ``qlx.memory.batch.conversations``: a rollout's turns as the conversations of the RL batch (``train.mode: memory``).
@@ -16,7 +17,7 @@
 from qlx.memory.agent import FINAL_TURN, MemoryRollout, centre_truncate, memory_analysis, run, run_reference
 from qlx.memory.carry import CARRY_RULES, TagPatterns, carried_memory
 from qlx.memory.config import MemoryAgentConfig
-from qlx.memory.evidence import evidence_chunks
+from qlx.memory.evidence import evidence_chunks, evidence_position
 from qlx.memory.templates import TEMPLATES, MemoryTemplate, tokenize_template
 from qlx.memory.warm_start import warm_start_turns
 
@@ -31,6 +32,7 @@ __all__ = [
     "carried_memory",
     "centre_truncate",
     "evidence_chunks",
+    "evidence_position",
     "memory_analysis",
     "run",
     "run_reference",

@@ -11,14 +11,20 @@ and a :class:`qlx.memory.MemoryAgentConfig`:
     chunk_i = t'_i // C
 
 Tokenising the prefix on its own can differ from the whole context's tokens by a merge at the cut, so t_i may be off
-by one token at a chunk boundary. Results can then be reported by evidence position (e.g. accuracy by the chunk of
-the last fact, or by ``chunk / K``).
+by one token at a chunk boundary. Results are reported by evidence position (``evidence_position``): the third of
+the document's K = ⌈min(L, keep) / C⌉ chunks that holds the last evidence fact, ⌊3 · max_i chunk_i / K⌋ -- the
+agent must carry every fact until then, and a reader of the first window only sees the first third's.
 """
 
 from __future__ import annotations
 
+import math
+
 from qlx.data.records import Record, read_context
 from qlx.memory.config import MemoryAgentConfig
+
+POSITIONS = ("first third", "middle third", "last third")
+NO_POSITION = "no evidence span"  # a record without evidence spans, or one whose fact centre truncation dropped
 
 
 def evidence_spans(record: Record) -> list[int]:
@@ -32,13 +38,28 @@ def evidence_spans(record: Record) -> list[int]:
 def evidence_chunks(record: Record, tokenizer, config: MemoryAgentConfig, base_dir=".") -> tuple[int | None, ...]:
     """The chunk index (update turn) of each evidence fact of ``record`` (module docstring); None where centre
     truncation dropped it. A record without evidence spans gives ()."""
+    return _chunks_and_count(record, tokenizer, config, base_dir)[0]
+
+
+def evidence_position(record: Record, tokenizer, config: MemoryAgentConfig, base_dir=".") -> str:
+    """Where ``record``'s evidence ends for the agent (module docstring): one of ``POSITIONS`` by the chunk of its
+    last fact over the document's chunk count, or ``NO_POSITION``."""
+    chunks, count = _chunks_and_count(record, tokenizer, config, base_dir)
+    if not chunks or None in chunks:
+        return NO_POSITION
+    return POSITIONS[3 * max(chunks) // count]
+
+
+def _chunks_and_count(record, tokenizer, config, base_dir) -> tuple[tuple[int | None, ...], int]:
+    """(each evidence fact's chunk, the chunks the agent reads) for ``record``."""
     starts = evidence_spans(record)
     if not starts:
-        return ()
+        return (), 0
     text = read_context(record, base_dir)
     length = len(tokenizer.encode(text))
     c = config.chunk_tokens
     keep = None if config.max_chunks is None else config.max_chunks * c
+    count = max(1, math.ceil((length if keep is None else min(length, keep)) / c))
     out: list[int | None] = []
     for start in starts:
         t = len(tokenizer.encode(text[:start])) if start else 0
@@ -49,5 +70,5 @@ def evidence_chunks(record: Record, tokenizer, config: MemoryAgentConfig, base_d
             elif t >= head:
                 out.append(None)
                 continue
-        out.append(t // c)
-    return tuple(out)
+        out.append(min(t // c, count - 1))
+    return tuple(out), count

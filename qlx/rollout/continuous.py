@@ -41,9 +41,11 @@ A tick:
 
 Results carry the static engine's contract (``GenerateResult``): tokens, sampling log-probs, policy log-probs
 (``log_softmax(z / T)`` over the whole vocabulary), log nucleus masses, finish reasons (stop | length | cancelled).
-One process: a model on a mesh of its devices runs with the KV pages split over the kv heads like the model's k/v
-projections (``kv_heads``), everything else replicated; a job of several processes is refused. Tokens reach the
-host synchronously after each burst.
+A model on a mesh runs with the KV pages split over the kv heads like the model's k/v projections (``kv_heads``),
+everything else replicated. With several processes (``jax.distributed``) every process runs the same scheduler: its
+inputs are host values every process holds alike, and what it reads back (tokens, a swap's pages) is read whole by
+every process (``qlx.distributed.to_host``), so all of them take the same decisions. Tokens reach the host
+synchronously after each burst.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlx.distributed import to_host
 from qlx.kernels import copy_pages
 from qlx.models.cache import PagedKVCache
 from qlx.models.sharding import Layout
@@ -338,26 +341,32 @@ def _scatter(pages, ids, data):
     return tuple(p.at[:, ids].set(d) for p, d in zip(pages, data, strict=True))
 
 
-def _zeros(shape, dtype, layout: Layout) -> jax.Array:
-    """A KV page array [KV, pages, page, D]; on a mesh its kv heads split like the model's (``kv_heads``)."""
+PAGE_AXES = ("kv_heads", None, None, None)  # a KV page array [KV, pages, page, D]: kv heads split like the model's
+
+
+def _zeros(shape, dtype, layout: Layout, axes: tuple) -> jax.Array:
+    """Zeros of ``shape``, on a mesh laid out by the logical ``axes`` (None: replicated), made on the devices."""
     if layout.mesh is None:
         return jnp.zeros(shape, dtype)
-    sharding = layout.sharding(shape, ("kv_heads", None, None, None))
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=layout.sharding(shape, axes))()
+
+
+def _put(x: np.ndarray, layout: Layout, axes: tuple | None = None) -> jax.Array:
+    """A host array on the model's devices: on a mesh replicated, or laid out by the logical ``axes``. With several
+    processes every one passes the same value (each runs the same scheduler on the same tokens)."""
+    if layout.mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, layout.sharding(x.shape, axes or (None,) * x.ndim))
 
 
 class ContinuousEngine:
-    """Continuous batching for ``model`` (a ``Qwen3ForCausalLM``, on one device or a one-process mesh); see the
-    module docstring."""
+    """Continuous batching for ``model`` (a ``Qwen3ForCausalLM``, on one device or a mesh, in one process or
+    several); see the module docstring."""
 
     def __init__(self, model, config: EngineConfig | None = None):
         self.config = c = config or EngineConfig()
         if not isinstance(c, EngineConfig):
             raise ValueError(f"config must be a qlx.rollout.continuous.EngineConfig, got {type(c).__name__}")
-        if jax.process_count() > 1:
-            raise ValueError(
-                f"ContinuousEngine runs in one process; this job has {jax.process_count()} (use rollout.engine: static)"
-            )
         if c.max_len > model.config.max_position_embeddings:
             raise ValueError(
                 f"EngineConfig.max_len ({c.max_len}) passes the model's max_position_embeddings "
@@ -368,7 +377,9 @@ class ContinuousEngine:
         self._expert_weights = _expert_weights(self._graphdef, self._state)
         mc = model.config
         shape = (mc.num_kv_heads, c.num_pages, c.page_size, mc.head_dim)
-        self._pages = tuple(_zeros(shape, mc.dtype, model.layout) for _ in range(2 * mc.num_layers))  # K, then V
+        self._pages = tuple(
+            _zeros(shape, mc.dtype, model.layout, PAGE_AXES) for _ in range(2 * mc.num_layers)
+        )  # K, then V
         self.pool = PagePool(c.num_pages, c.page_size)
         self._slots: list[_Sample | None] = [None] * c.max_slots
         self._queue = GroupQueue()
@@ -389,6 +400,9 @@ class ContinuousEngine:
         )
         self._busy_seconds = 0.0
         self._lock = threading.RLock()
+
+    def _put(self, x) -> jax.Array:
+        return _put(np.asarray(x), self.model.layout)
 
     # ---------------------------------------------------------------- public API
 
@@ -591,7 +605,9 @@ class ContinuousEngine:
             tokens_rp[r, : h.prompt.size] = h.prompt
             lengths_r[r] = h.prompt.size
             table_rw[r] = self.pool.page_table([("prompt", h.id)], c.table_width)[0]
-        hidden_rd = jnp.zeros((rows, self.model.config.hidden_size), self.model.config.dtype)
+        hidden_rd = _zeros(
+            (rows, self.model.config.hidden_size), self.model.config.dtype, self.model.layout, (None, None)
+        )
         self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0)
 
     def _advance_prefill(self, budget: list) -> bool:
@@ -599,14 +615,16 @@ class ContinuousEngine:
         prompts are done, hand the groups their slots and first tokens. Returns whether it finished."""
         c, p = self.config, self._prefilling
         cache_len = c.table_width * c.page_size
-        lengths = jnp.asarray(p.lengths_r)
+        lengths = self._put(p.lengths_r)
         while p.start < p.tokens_rp.shape[1]:
             if budget[0] is not None:
                 if budget[0] == 0:
                     return False
                 budget[0] -= 1
             k, v = self._split_pages()
-            cache = PagedKVCache(k, v, jnp.asarray(p.table_rw), jnp.zeros(len(p.lengths_r), jnp.int32))  # donated
+            cache = PagedKVCache(
+                k, v, self._put(p.table_rw), self._put(np.zeros(len(p.lengths_r), np.int32))
+            )  # donated
             span = min(cache_len, 1 << (p.start + c.prefill_chunk - 1).bit_length())
             cache, p.hidden_rd = _prefill_chunk(
                 self._graphdef,
@@ -614,7 +632,7 @@ class ContinuousEngine:
                 self._expert_weights,
                 cache,
                 p.hidden_rd,
-                jnp.asarray(p.tokens_rp[:, p.start : p.start + c.prefill_chunk]),
+                self._put(p.tokens_rp[:, p.start : p.start + c.prefill_chunk]),
                 p.start,
                 lengths,
                 span=span,
@@ -653,10 +671,10 @@ class ContinuousEngine:
             self._graphdef,
             self._state,
             last_hidden_rd,
-            jnp.asarray(row_s),
-            *(jnp.asarray(arrays[name]) for name in ("temperature", "top_p", "top_k", "seeds")),
+            self._put(row_s),
+            *(self._put(arrays[name]) for name in ("temperature", "top_p", "top_k", "seeds")),
         )
-        token_s, logprob_s, policy_s, mass_s = (np.asarray(x) for x in drawn)
+        token_s, logprob_s, policy_s, mass_s = (to_host(x) for x in drawn)
         for sample in placed:
             s = sample.slot
             self._append(sample, [token_s[s]], [logprob_s[s]], [policy_s[s]], [mass_s[s]])
@@ -706,7 +724,7 @@ class ContinuousEngine:
         dst = np.zeros(n, np.int32)
         src[: len(copies)] = [cp.src for cp in copies]
         dst[: len(copies)] = [cp.dst for cp in copies]
-        self._pages = _copy(self._pages, jnp.asarray(src), jnp.asarray(dst))
+        self._pages = _copy(self._pages, self._put(src), self._put(dst))
 
     def _swap_out(self, handle: Handle) -> None:
         """Copy the group's pages to host memory, release them and its slots, queue it first (module docstring)."""
@@ -717,7 +735,7 @@ class ContinuousEngine:
         pages = list(tables[0][:shared]) + [p for t in tables for p in t[shared:]]
         padded = np.zeros(batch_bucket(len(pages)), np.int32)
         padded[: len(pages)] = pages
-        data = tuple(np.asarray(x) for x in _gather(self._pages, jnp.asarray(padded)))
+        data = tuple(to_host(x) for x in _gather(self._pages, self._put(padded)))
         handle._swap = _Swap(
             shared=shared,
             own=[list(t[shared:]) for t in tables],
@@ -752,7 +770,9 @@ class ContinuousEngine:
         pages = list(tables[0][: swap.shared]) + [p for t in tables for p in t[swap.shared :]]
         padded = np.zeros(swap.data[0].shape[1], np.int32)
         padded[: len(pages)] = pages
-        self._pages = _scatter(self._pages, jnp.asarray(padded), tuple(jnp.asarray(d) for d in swap.data))
+        self._pages = _scatter(
+            self._pages, self._put(padded), tuple(_put(d, self.model.layout, PAGE_AXES) for d in swap.data)
+        )
         free = self._free_slots()
         for s in swap.samples:
             s.slot = free.pop(0)
@@ -803,7 +823,7 @@ class ContinuousEngine:
             if seq_id is not None:
                 table[slot] = self.pool.page_table([seq_id], c.table_width)[0]
         k, v = self._split_pages()
-        cache = PagedKVCache(k, v, jnp.asarray(table), jnp.asarray(a["written"]))
+        cache = PagedKVCache(k, v, self._put(table), self._put(a["written"]))
         queued = len(self._queue) > 0
         cache, _, count_s, _, stopped_s, steps, outs = _burst(
             self._graphdef,
@@ -811,15 +831,15 @@ class ContinuousEngine:
             self._expert_weights,
             cache,
             *(
-                jnp.asarray(a[name])
+                self._put(a[name])
                 for name in ("token", "count", "live", "max_new", "temperature", "top_p", "top_k", "stops", "seeds")
             ),
-            jnp.bool_(queued),
+            self._put(np.bool_(queued)),
             steps=c.burst,
         )
         self._pages = cache.k + cache.v
-        count_s, stopped_s, steps = np.asarray(count_s), np.asarray(stopped_s), int(steps)
-        tokens, logprobs, policy, mass = (np.asarray(x) for x in outs)
+        count_s, stopped_s, steps = to_host(count_s), to_host(stopped_s), int(to_host(steps))
+        tokens, logprobs, policy, mass = (to_host(x) for x in outs)
         self._counts["bursts"] += 1
         self._counts["burst_steps"] += steps
         live_steps = int(count_s.sum() - a["count"].sum())
