@@ -236,6 +236,30 @@ def test_update_weights_decodes_with_the_new_parameters(model):
         engine.update_weights(build_model(dataclasses.replace(model.config, num_layers=1), seed=0))
 
 
+def test_policy_versions_tag_each_token_across_an_update(model):
+    """Tokens carry the engine's policy version when drawn: a sample running across update_weights holds version 0,
+    then 1 (``keep`` semantics, same weights here, so the tokens are the static engine's); the static engine tags
+    every token with its caller's version; padding is 0 in both."""
+    prompts, specs = _prompts((9, 5), seed=7), _greedy((40, 40))
+    static = generate_rows(model, prompts, specs, policy_version=7)
+    np.testing.assert_array_equal(static.policy_versions, np.where(static.mask, 7, 0))
+    engine = cb.ContinuousEngine(model, CONFIG, policy_version=0)
+    handles = [engine.submit(p, [s]) for p, s in zip(prompts, specs, strict=True)]
+    while not any(h.tokens[0] for h in handles):
+        engine.step()
+    engine.update_weights(model)
+    assert engine.policy_version == 1
+    engine.run()
+    results = [h.result() for h in handles]
+    assert [r.sequences()[0] for r in results] == static.sequences()
+    for r in results:
+        versions = r.policy_versions[0, : r.lengths[0]]
+        assert versions[0] == 0 and versions[-1] == 1 and np.all(np.diff(versions) >= 0)  # two spans, in order
+        assert np.all(r.policy_versions[0, r.lengths[0] :] == 0)
+    engine.update_weights(model, policy_version=5)
+    assert engine.policy_version == 5
+
+
 def test_scheduler_budget_and_order():
     """group_pages equals the pages a pool hands out for a prompt, its forks and each sample's reserve (copies of the
     partial page included); the queue serves swapped groups first, then the longest expected."""

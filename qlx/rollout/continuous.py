@@ -40,7 +40,8 @@ A tick:
 4. Collect: tokens and log-probs of the burst go to the host; finished samples release their pages and slots.
 
 Results carry the static engine's contract (``GenerateResult``): tokens, sampling log-probs, policy log-probs
-(``log_softmax(z / T)`` over the whole vocabulary), log nucleus masses, finish reasons (stop | length | cancelled).
+(``log_softmax(z / T)`` over the whole vocabulary), log nucleus masses, finish reasons (stop | length | cancelled),
+and per token the policy version that drew it (``policy_version``, advanced by ``update_weights``).
 A model on a mesh runs with the KV pages split over the kv heads like the model's k/v projections (``kv_heads``),
 everything else replicated. With several processes (``jax.distributed``) every process runs the same scheduler: its
 inputs are host values every process holds alike, and what it reads back (tokens, a swap's pages) is read whole by
@@ -168,6 +169,7 @@ class _Sample:
     logprobs: list = dataclasses.field(default_factory=list)
     policy_logprobs: list = dataclasses.field(default_factory=list)
     log_nucleus_mass: list = dataclasses.field(default_factory=list)
+    policy_versions: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     slot: int | None = None
     written: int = 0  # tokens whose K/V are in the cache (prompt + generated - 1 while decoding)
@@ -255,6 +257,7 @@ class Handle:
             finish_reasons=tuple(s.finish_reason for s in self._samples),
             policy_logprobs=table("policy_logprobs", np.float32),
             log_nucleus_mass=table("log_nucleus_mass", np.float32),
+            policy_versions=table("policy_versions", np.int32),
         )
 
 
@@ -363,8 +366,9 @@ class ContinuousEngine:
     """Continuous batching for ``model`` (a ``Qwen3ForCausalLM``, on one device or a mesh, in one process or
     several); see the module docstring."""
 
-    def __init__(self, model, config: EngineConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, *, policy_version: int = 0):
         self.config = c = config or EngineConfig()
+        self.policy_version = int(policy_version)  # tags every token drawn (GenerateResult.policy_versions)
         if not isinstance(c, EngineConfig):
             raise ValueError(f"config must be a qlx.rollout.continuous.EngineConfig, got {type(c).__name__}")
         if c.max_len > model.config.max_position_embeddings:
@@ -450,16 +454,18 @@ class ContinuousEngine:
         self._queue.push(handle, handle.expected)
         return handle
 
-    def update_weights(self, model) -> None:
+    def update_weights(self, model, *, policy_version: int | None = None) -> None:
         """Decode with ``model``'s parameters from the next tick on (same architecture and shapes: nothing
         recompiles). Sequences in flight keep their KV pages, computed under the old weights (``keep`` semantics);
-        cancel them first to drop them."""
+        cancel them first to drop them. Tokens drawn from then on carry ``policy_version`` (None: the current
+        version + 1), so a sample that spans the update holds two versions."""
         graphdef, state = nnx.split(model)
         if graphdef != self._graphdef:
             raise ValueError("update_weights needs a model of the engine's architecture (its nnx graph differs)")
         with self._lock:
             self.model, self._state = model, state
             self._expert_weights = _expert_weights(graphdef, state)
+            self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
 
     def cancel(self, handle: Handle) -> None:
         """End the group's unfinished samples with finish_reason "cancelled" and free their slots and pages."""
@@ -867,6 +873,7 @@ class ContinuousEngine:
         sample.logprobs += [float(x) for x in logprobs]
         sample.policy_logprobs += [float(x) for x in policy]
         sample.log_nucleus_mass += [float(x) for x in mass]
+        sample.policy_versions += [self.policy_version] * len(tokens)
         self._counts["generated_tokens"] += len(tokens)
 
     def _finish(self, sample: _Sample, reason: str) -> None:
@@ -896,13 +903,16 @@ def generate_groups(
     prompts: Sequence[Sequence[int]],
     group_specs: Sequence[Sequence[SamplingSpec]],
     config: EngineConfig | None = None,
+    *,
+    policy_version: int = 0,
 ) -> GenerateResult:
     """Group i = ``len(group_specs[i])`` samples of ``prompts[i]`` (prefilled once), all submitted at once to a
-    :class:`ContinuousEngine`. Returns the samples as rows, group by group (sample g of group i after those of the
-    groups before it), as :func:`qlx.rollout.generate_rows` over the prompts repeated."""
+    :class:`ContinuousEngine` (its tokens tagged ``policy_version``). Returns the samples as rows, group by group
+    (sample g of group i after those of the groups before it), as :func:`qlx.rollout.generate_rows` over the
+    prompts repeated."""
     if len(group_specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(group_specs)} groups of sampling specs")
-    engine = ContinuousEngine(model, config)
+    engine = ContinuousEngine(model, config, policy_version=policy_version)
     handles = [engine.submit(p, s) for p, s in zip(prompts, group_specs, strict=True)]
     engine.run()
     width = max(s.max_new_tokens for specs in group_specs for s in specs)

@@ -87,6 +87,9 @@ class GenerateResult:
         importance ratio; 0 after ``lengths[i]``.
     log_nucleus_mass: float32 [N, T]; log S, the policy mass of the tokens the filters kept at that step (0 when
         nothing was filtered), so ``logprobs = policy_logprobs - log_nucleus_mass``; 0 after ``lengths[i]``.
+    policy_versions: int32 [N, T]; the version of the weights that drew each token (the static engine: the
+        caller's ``policy_version`` for every token; the continuous engine: its version at that step, so a sample
+        that ran across ``update_weights`` holds two spans); 0 after ``lengths[i]`` (read it with :attr:`mask`).
     """
 
     tokens: np.ndarray
@@ -95,6 +98,7 @@ class GenerateResult:
     finish_reasons: tuple[str, ...]
     policy_logprobs: np.ndarray
     log_nucleus_mass: np.ndarray
+    policy_versions: np.ndarray
 
     def rows(self, rows: slice) -> GenerateResult:
         """The result of the sequences ``rows``."""
@@ -105,6 +109,7 @@ class GenerateResult:
             finish_reasons=self.finish_reasons[rows],
             policy_logprobs=self.policy_logprobs[rows],
             log_nucleus_mass=self.log_nucleus_mass[rows],
+            policy_versions=self.policy_versions[rows],
         )
 
     @property
@@ -133,6 +138,7 @@ def concatenate_results(results: Sequence[GenerateResult], width: int = 0) -> Ge
         finish_reasons=tuple(f for r in results for f in r.finish_reasons),
         policy_logprobs=stacked("policy_logprobs"),
         log_nucleus_mass=stacked("log_nucleus_mass"),
+        policy_versions=stacked("policy_versions"),
     )
 
 
@@ -149,6 +155,7 @@ def generate(
     return_logprobs: bool = True,
     prefill_chunk: int = 512,
     max_sequences: int = 0,
+    policy_version: int = 0,
 ) -> GenerateResult:
     """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
 
@@ -156,7 +163,8 @@ def generate(
     greedy decoding. ``return_logprobs=False`` returns zeros in the three log-prob arrays (the values are computed
     either way; the flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt
     positions processed per prefill step; ``max_sequences`` > 0 generates in waves of that many sequences
-    (:func:`generate_rows`). Returns a :class:`GenerateResult`.
+    (:func:`generate_rows`); ``policy_version`` tags every token (``GenerateResult.policy_versions``). Returns a
+    :class:`GenerateResult`.
     """
     specs = [
         SamplingSpec(
@@ -170,7 +178,9 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-    result = generate_rows(model, prompts, specs, prefill_chunk=prefill_chunk, max_sequences=max_sequences)
+    result = generate_rows(
+        model, prompts, specs, prefill_chunk=prefill_chunk, max_sequences=max_sequences, policy_version=policy_version
+    )
     if not return_logprobs:
         zeros = np.zeros_like(result.logprobs)
         result = dataclasses.replace(result, logprobs=zeros, policy_logprobs=zeros, log_nucleus_mass=zeros)
@@ -397,12 +407,14 @@ def generate_rows(
     *,
     prefill_chunk: int = 512,
     max_sequences: int = 0,
+    policy_version: int = 0,
 ) -> GenerateResult:
     """Generate for ``prompts[i]`` with ``specs[i]``: the batched engine behind :func:`generate` and the server.
 
     ``max_sequences`` > 0 generates at most that many sequences per compiled call, in waves, one after another: the
     KV cache and the working set are those of one wave. Each sequence draws from its own spec's stream, so the
-    tokens are those of a single call."""
+    tokens are those of a single call. Every token is tagged ``policy_version`` (the version of ``model``'s
+    weights, the caller's count, e.g. the RL step)."""
     if len(specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
     if prefill_chunk < 1:
@@ -414,7 +426,11 @@ def generate_rows(
         return concatenate_results(
             [
                 generate_rows(
-                    model, prompts[i : i + max_sequences], specs[i : i + max_sequences], prefill_chunk=prefill_chunk
+                    model,
+                    prompts[i : i + max_sequences],
+                    specs[i : i + max_sequences],
+                    prefill_chunk=prefill_chunk,
+                    policy_version=policy_version,
                 )
                 for i in waves
             ]
@@ -506,4 +522,5 @@ def generate_rows(
         finish_reasons=tuple(FINISH_STOP if s else FINISH_LENGTH for s in stopped[:n]),
         policy_logprobs=out_policy[:n, :width],
         log_nucleus_mass=out_mass[:n, :width],
+        policy_versions=np.where(np.arange(width)[None, :] < out_lengths[:n, None], policy_version, 0).astype(np.int32),
     )
