@@ -45,7 +45,6 @@ if __name__ == "__main__":
             static_logprobs=static.logprobs,
             tokens=continuous.tokens,
             logprobs=continuous.logprobs,
-            policy_logprobs=continuous.policy_logprobs,
             swapped_out_groups=engine.stats().swapped_out_groups,
             processes=jax.process_count(),
         )
