@@ -9,14 +9,11 @@ from pathlib import Path
 
 import jax
 import pytest
-from flax import nnx
 
 import qlx
 from qlx.cli import main
 from qlx.config import ConfigError, config_from_dict, to_dict
 from qlx.mesh import axis_rules, make_mesh
-from qlx.models import build_model
-from qlx.models.stacking import STACKED_KEY, UNROLLED_KEY
 from qlx.train import plan
 from qlx.train.aot import compiled_stats, lower_train_step, train_shapes
 
@@ -89,39 +86,6 @@ def test_expert_parallel_receive_buffer_is_planned():
     assert plan.expert_parallel_rows(config, {**sizes, "expert": 1, "fsdp": 16}, rules, tokens) == 0
     moe = plan.estimate(config, plan.parse_topology("v5p:4x4x4")).item("MoE buffers").bytes
     assert moe > 524288 * (5 * 2048 + 3 * 768) * 2
-
-
-def _whole_model_layout(config):
-    """Reference: every parameter of the whole abstract model, (shape, logical names, layer, leaf name), layers
-    from the unrolled list index or the stacked run's span."""
-    model = nnx.eval_shape(lambda: build_model(config.model))
-    out = []
-    for path, var in jax.tree.leaves_with_path(
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    ):
-        shape, names = var.get_value().shape, var.get_metadata()["out_sharding"]
-        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        if keys[0] == STACKED_KEY:
-            start, stop = config.model.layer_runs[keys[1]]
-            out += [(tuple(shape[1:]), tuple(names[1:]), i, keys[-1]) for i in range(start, stop)]
-        else:
-            out.append((tuple(shape), tuple(names), keys[1] if keys[0] == UNROLLED_KEY else None, keys[-1]))
-    return out
-
-
-@pytest.mark.parametrize(
-    "model_kw",
-    [
-        dict(family="qwen3", layers=3),
-        dict(family="qwen3", layers=2, tie_word_embeddings=True, scan_layers=True),
-        dict(family="qwen3_moe", layers=3, scan_layers=True),
-        dict(family="qwen3_moe", layers=5, decoder_sparse_step=2, mlp_only_layers=[3]),
-    ],
-)
-def test_parameter_layout_per_layer_kind_equals_the_whole_model(model_kw):
-    """The planner builds one abstract layer per kind and repeats it: the same parameters as the whole model."""
-    config = _config(**model_kw)
-    assert sorted(plan._parameter_layout(config), key=repr) == sorted(_whole_model_layout(config), key=repr)
 
 
 def test_cli_table_json_and_exit_codes(capsys):

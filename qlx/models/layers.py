@@ -18,9 +18,22 @@ def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
 
 
+def next_params_key(rngs: nnx.Rngs) -> jax.Array:
+    """The key ``rngs.params()`` returns, fold_in(key, count), and the same count + 1 after it.
+
+    Written out because ``rngs.params()`` stores the count with ``count[...] += 1``, and under a trace (the
+    abstract model ``build_model`` builds first, the planner's) flax then reads ``value.sharding`` of a tracer,
+    whose AttributeError message jax builds by walking the whole trace so far: a 48-layer model's init took ~15 s
+    more, growing with the square of the parameters drawn. ``set_value`` without an index skips that read."""
+    stream = rngs.params
+    key = jax.random.fold_in(stream.key[...], stream.count[...])
+    stream.count.set_value(stream.count[...] + 1)
+    return key
+
+
 def normal_value(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
     """An array drawn from N(0, std^2) (in float32, then cast) with the next ``rngs.params()`` key."""
-    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+    return (std * jax.random.normal(next_params_key(rngs), tuple(shape), jnp.float32)).astype(dtype)
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None], std: float, dtype):

@@ -42,7 +42,6 @@ XLA blockwise flash kernel's temporaries are under-counted (the estimate is 17-2
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 
@@ -56,7 +55,6 @@ from qlx.models import build_model
 from qlx.models.attention import chunk_bounds
 from qlx.models.cache import CACHE_AXES
 from qlx.models.moe_ep import EXPERT_AXIS, receive_capacity, resolve_transport
-from qlx.models.qwen3 import DecoderLayer
 from qlx.models.sharding import spec_for
 from qlx.models.stacking import STACKED_KEY, UNROLLED_KEY
 from qlx.train.aot import rollout_shapes, train_shapes
@@ -274,41 +272,21 @@ def _shard_bytes(shape, names, itemsize: int, mesh: _SizesMesh, rules) -> int:
 
 
 def _parameter_layout(config: Config):
-    """[(shape, logical names, layer index or None, name)] of every parameter, from abstract modules (no weights).
-
-    Layers of one kind (dense MLP or MoE) hold the same parameters, so one abstract ``DecoderLayer`` per kind is
-    built and its entries repeated per layer, and the rest (embedding, final norm, head) comes from a one-layer
-    model: tracing the whole 48-layer model's initialisation took ~20 s (flax's RNG counter updates grow with the
-    trace), this takes a fraction of a second. Tested equal to the whole abstract model's parameters
-    (``tests/test_train_plan.py``)."""
-    return _parameter_layout_of(config.model)
-
-
-@functools.lru_cache(maxsize=16)
-def _parameter_layout_of(c) -> tuple:
-    one_layer = dataclasses.replace(c, num_layers=1, mlp_only_layers=(), decoder_sparse_step=1, scan_layers=False)
-    model = nnx.eval_shape(lambda: build_model(one_layer))
-    top = [(shape, names, None, key) for shape, names, key, in_layer in _entries(model) if not in_layer]
-    kinds = {}
-    for i in range(c.num_layers):
-        if c.is_moe_layer(i) not in kinds:
-            layer = nnx.eval_shape(lambda i=i: DecoderLayer(c, i, rngs=nnx.Rngs(0)))
-            kinds[c.is_moe_layer(i)] = [(shape, names, key) for shape, names, key, _ in _entries(layer)]
-    layers = [(shape, names, i, key) for i in range(c.num_layers) for shape, names, key in kinds[c.is_moe_layer(i)]]
-    return (*top, *layers)
-
-
-def _entries(module) -> list:
-    """(shape, logical names, leaf name, whether it sits under a model's decoder layers) of every parameter of
-    ``module``."""
+    """[(shape, logical names, layer index or None)] of every parameter, from the abstract model (no weights)."""
+    model = nnx.eval_shape(lambda: build_model(config.model, seed=config.seed))
     out = []
     for path, var in jax.tree.leaves_with_path(
-        nnx.state(module, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
     ):
         shape = var.get_value().shape
         names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-        out.append((tuple(shape), tuple(names), keys[-1], bool(keys) and keys[0] in (UNROLLED_KEY, STACKED_KEY)))
+        if keys and keys[0] == STACKED_KEY:  # [L_r, ...]: one entry per layer of the run
+            start, stop = config.model.layer_runs[keys[1]]
+            out.extend((tuple(shape[1:]), tuple(names[1:]), i, keys[-1]) for i in range(start, stop))
+        else:
+            layer = keys[1] if keys and keys[0] == UNROLLED_KEY else None
+            out.append((tuple(shape), tuple(names), layer, keys[-1]))
     return out
 
 
