@@ -347,11 +347,11 @@ def _scatter(pages, ids, data):
 PAGE_AXES = ("kv_heads", None, None, None)  # a KV page array [KV, pages, page, D]: kv heads split like the model's
 
 
-def _zeros(shape, dtype, layout: Layout, axes: tuple) -> jax.Array:
-    """Zeros of ``shape``, on a mesh laid out by the logical ``axes`` (None: replicated), made on the devices."""
+def _zero_pages(shape, dtype, layout: Layout) -> jax.Array:
+    """A KV page array of zeros, made on the devices (on a mesh laid out by ``PAGE_AXES``); once, at start."""
     if layout.mesh is None:
         return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=layout.sharding(shape, axes))()
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=layout.sharding(shape, PAGE_AXES))()
 
 
 def _put(x: np.ndarray, layout: Layout, axes: tuple | None = None) -> jax.Array:
@@ -381,9 +381,7 @@ class ContinuousEngine:
         self._expert_weights = _expert_weights(self._graphdef, self._state)
         mc = model.config
         shape = (mc.num_kv_heads, c.num_pages, c.page_size, mc.head_dim)
-        self._pages = tuple(
-            _zeros(shape, mc.dtype, model.layout, PAGE_AXES) for _ in range(2 * mc.num_layers)
-        )  # K, then V
+        self._pages = tuple(_zero_pages(shape, mc.dtype, model.layout) for _ in range(2 * mc.num_layers))  # K, then V
         self.pool = PagePool(c.num_pages, c.page_size)
         self._slots: list[_Sample | None] = [None] * c.max_slots
         self._queue = GroupQueue()
@@ -611,9 +609,7 @@ class ContinuousEngine:
             tokens_rp[r, : h.prompt.size] = h.prompt
             lengths_r[r] = h.prompt.size
             table_rw[r] = self.pool.page_table([("prompt", h.id)], c.table_width)[0]
-        hidden_rd = _zeros(
-            (rows, self.model.config.hidden_size), self.model.config.dtype, self.model.layout, (None, None)
-        )
+        hidden_rd = self._put(np.zeros((rows, self.model.config.hidden_size), jnp.dtype(self.model.config.dtype)))
         self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0)
 
     def _advance_prefill(self, budget: list) -> bool:
