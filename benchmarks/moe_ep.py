@@ -68,7 +68,7 @@ def moe_step(config: ModelConfig, mesh, rules, batch: int, length: int, *, abstr
         )
 
     def loss(state, x):
-        y, _ = nnx.merge(graphdef, state)(x, layout=layout)
+        y, *_ = nnx.merge(graphdef, state)(x, layout=layout)
         return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (state, x)

@@ -418,6 +418,13 @@ class RLConfig:
     reward: "recipe" scores rollouts with each task type's verifier (qlx.rl.rewards: sub-EM containment for QA,
         1% numeric tolerance, SequenceMatcher ratio for dialogue); "exact" with exact match only (the held-out
         scoring of qlx.train.evaluate), which a policy cannot game with answer fragments that sub-EM accepts.
+    routing_replay: MoE models: routing replay (R3, "rollout routing replay"): the rollout engine records the
+        experts it routed every token to in every MoE layer (``GenerateResult.routed_experts``) and the update's
+        forward passes route each token to those experts, weighted by their own router's probabilities (so the
+        router still learns): the policy log-probs are then computed with the routing that sampled the tokens,
+        where a recomputation would route some tokens differently (bf16 rounding, other kernels, a changed
+        batch). Costs 2·(MoE layers)·k bytes per token of host and device memory. Static rollout engine and
+        ``train.mode: rl`` only.
     """
 
     group_size: int = 8
@@ -431,6 +438,7 @@ class RLConfig:
     updates_per_batch: int = 1
     logprob_chunk: int = 8192
     reward: Literal["recipe", "exact"] = "recipe"
+    routing_replay: bool = False
 
     def __post_init__(self):
         _check_finite(self)
@@ -556,6 +564,13 @@ class Config:
 
     def __post_init__(self):
         _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63) (got {self.seed})")
+        if self.rl.routing_replay:
+            _check(
+                self.rollout.engine == "static",
+                "rl.routing_replay",
+                f"needs rollout.engine: static (the {self.rollout.engine} engine records no routing)",
+            )
+            _check(self.train.mode == "rl", "rl.routing_replay", f"is for train.mode: rl (got {self.train.mode})")
         if self.memory or self.train.mode == "memory":
             memory_agent_config(self)
 

@@ -96,6 +96,24 @@ def test_logits_and_aux_loss_match_transformers(checkpoints, variant):
         assert float(aux["load_balancing_loss"]) == pytest.approx(ref_aux, rel=1e-5)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("moe")])
+def test_recorded_routing_is_the_top_k_of_transformers_router(checkpoints, variant):
+    """``hidden_states(return_routing=True)`` (what routing replay records and replays) holds, per MoE layer, the
+    top-k experts of transformers' router logits for every token."""
+    model = qlx.load_hf(checkpoints[variant])
+    _, routing = model.hidden_states(jnp.asarray(TOKENS), return_routing=True)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints[variant], dtype=torch.float32).eval()
+    with torch.no_grad():
+        router_logits = hf(torch.from_numpy(TOKENS), output_router_logits=True).router_logits
+    moe_layers = [i for i in range(model.config.num_layers) if model.config.is_moe_layer(i)]
+    assert routing.shape == (*TOKENS.shape, len(moe_layers), model.config.num_experts_per_tok)
+    assert len(router_logits) == len(moe_layers)
+    k = model.config.num_experts_per_tok
+    for m, logits in enumerate(router_logits):
+        want = torch.topk(logits.float(), k, dim=-1).indices.numpy().reshape(*TOKENS.shape, k)
+        np.testing.assert_array_equal(np.asarray(routing[:, :, m]), want)
+
+
 def test_config_mapping(checkpoints):
     dense = qlx.load_hf(checkpoints["dense_tied_yarn"]).config
     assert dense.family == "qwen3" and dense.tie_word_embeddings and dense.rope_scaling.factor == 4.0

@@ -76,7 +76,7 @@ def layer_program(transport: str, mesh_name: str | None = None):
         graphdef, state = nnx.split(layer)
 
         def loss(state, x):
-            y, _ = nnx.merge(graphdef, state)(x, layout=layout)
+            y, *_ = nnx.merge(graphdef, state)(x, layout=layout)
             return jnp.sum(y * LAYER_COT), y
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

@@ -23,7 +23,7 @@ from qlx.mesh import axis_rules, make_mesh
 from qlx.models import build_model
 from qlx.models.rope import rope_cos_sin, rope_frequencies
 from qlx.train import rl as rl_module
-from qlx.train.batches import batch_shards, first_fit, micro_batches, pad_rows, put_micro_batches
+from qlx.train.batches import ROUTING, batch_shards, first_fit, micro_batches, pad_rows, put_micro_batches
 from qlx.train.preflight import preflight
 from qlx.train.rl import RLJob, rl_loss_sum
 from qlx.train.step import Policy, _take_grouped, forward_logprobs, make_train_step, response_window, sft_loss_sum
@@ -136,6 +136,37 @@ def test_packed_batch_equals_padded(loss_sum):
     assert any(np.abs(g).max() > 1e-3 for g in jax.tree.leaves(padded[3]))
 
 
+def _random_routing(rng, rows, moe_layers, num_experts, top_k):
+    """Distinct random expert ids [N, T, M, k] per token (a routing the router would rarely choose), -1 past each
+    sample and on a few whole tokens (those route by their own top-k)."""
+    n, t = rows["tokens_bt"].shape
+    ids = np.argsort(rng.uniform(size=(n, t, moe_layers, num_experts)), axis=-1)[..., :top_k].astype(np.int16)
+    ids[rng.uniform(size=(n, t)) < 0.2] = -1
+    ids[np.arange(t)[None, :] >= rows["length_b"][:, None]] = -1
+    return ids
+
+
+def test_replayed_routing_is_laid_out_with_its_tokens():
+    """Routing replay (``routing_btmk``): packed (samples at offsets within rows, micro-batches of 2) and padded
+    batches replay the same routing per token, so log-probs, entropies, loss and gradients agree; and the replay
+    reaches the model (the log-probs differ from those without it)."""
+    tiny = _tiny()
+    config = tiny[0].config
+    rng = np.random.default_rng(6)
+    rows = _random_rows(rng, 12)
+    plain = _run(rows, False, 0, sft_loss_sum, tiny)
+    rows[ROUTING] = _random_routing(rng, rows, 1, config.num_experts, config.num_experts_per_tok)
+    padded = _run(rows, False, 0, sft_loss_sum, tiny)
+    packed = _run(rows, True, 2, sft_loss_sum, tiny)
+    mask = rows["mask_br"] > 0
+    for got, want in zip(packed[:2], padded[:2], strict=True):
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(packed[2]["loss"]), float(padded[2]["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert np.abs(padded[0] - plain[0])[mask].max() > 1e-2
+
+
 def _packed_row(rng, lengths):
     tokens = rng.integers(3, 96, sum(lengths))
     segments = np.repeat(np.arange(1, len(lengths) + 1), lengths)
@@ -236,13 +267,13 @@ def test_moe_routes_padding_nowhere():
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     inv_freq, scale = rope_frequencies(TINY.head_dim, TINY.rope_theta, TINY.rope_scaling)
     cos, sin = rope_cos_sin(positions, inv_freq, scale)
-    out, _, stats = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)
+    out, _, stats, _ = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)
     assert float(stats[2][1]) == (10 + 14) * TINY.num_experts_per_tok
     assert float(jnp.sum(stats[0])) == (10 + 14) * TINY.num_experts_per_tok
     np.testing.assert_allclose(float(jnp.sum(stats[1])), 10 + 14, rtol=1e-5)  # each real token's probabilities sum to 1
     layer.mlp.gate_up.set_value(jnp.zeros_like(layer.mlp.gate_up[...]))
     layer.mlp.down.set_value(jnp.zeros_like(layer.mlp.down[...]))
-    no_experts, _, _ = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)
+    no_experts, *_ = layer(x, cos, sin, layout=model.layout, segment_ids_bt=segments, positions_bt=positions)
     padding = np.asarray(segments == 0)
     np.testing.assert_array_equal(np.asarray(out)[padding], np.asarray(no_experts)[padding])
     assert np.abs(np.asarray(out)[~padding] - np.asarray(no_experts)[~padding]).min() > 0

@@ -19,13 +19,22 @@ from qlx.models.moe_blocked import ExpertWeights, experts_blocked, split_experts
 MOE_BACKENDS = ("auto", "ragged", "blocked")
 
 
-def route(router_logits_te: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(
+    router_logits_te: jax.Array, top_k: int, normalize: bool, replay_tk: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-k routing: probs = softmax(logits) (float32); weights, experts = top_k(probs); renormalise if normalize.
 
-    Returns weights [T, k] (float32), experts [T, k] (int32) and probs [T, E] (float32).
+    replay_tk (int [T, k], optional): routing replay (R3, "rollout routing replay"): token t uses the experts
+    ``replay_tk[t]`` (those the rollout engine chose for it) instead of its own top-k, with weights
+    probs[t, replay_tk[t]] (renormalised if normalize), so the router still gets its gradient; a row whose first id
+    is negative (nothing recorded) routes by its own top-k. Replaying a token's own top-k gives exactly its own
+    routing. Returns weights [T, k] (float32), experts [T, k] (int32) and probs [T, E] (float32).
     """
     probs_te = jax.nn.softmax(router_logits_te.astype(jnp.float32), axis=-1)
     weights_tk, experts_tk = jax.lax.top_k(probs_te, top_k)
+    if replay_tk is not None:
+        experts_tk = jnp.where(replay_tk[:, :1] >= 0, replay_tk.astype(experts_tk.dtype), experts_tk)
+        weights_tk = jnp.take_along_axis(probs_te, experts_tk, axis=-1)
     if normalize:
         weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
     return weights_tk, experts_tk.astype(jnp.int32), probs_te

@@ -160,10 +160,16 @@ def _splitting(mesh: Mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def ep_route(
-    logits_te: jax.Array, top_k: int, normalize: bool, *, mesh: Mesh, token_axes: tuple[str, ...]
+    logits_te: jax.Array,
+    top_k: int,
+    normalize: bool,
+    *,
+    mesh: Mesh,
+    token_axes: tuple[str, ...],
+    replay_tk: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`qlx.models.moe.route` run per token shard in a shard_map: logits [N, E] (rows split over
-    ``token_axes``) -> (weights [N, k], experts [N, k], probs [N, E]).
+    ``token_axes``; ``replay_tk`` [N, k] as there) -> (weights [N, k], experts [N, k], probs [N, E]).
 
     Left to XLA's partitioner, top_k all-gathers the [N, E] probabilities and routes every token on every device.
     N is padded internally to a multiple of the token shards (padding rows are routed, then sliced off)."""
@@ -171,9 +177,13 @@ def ep_route(
     n = logits_te.shape[0]
     pad = -n % math.prod(mesh.shape[axis] for axis in axes)
     rows = PartitionSpec(axes, None)
+    inputs = [logits_te] if replay_tk is None else [logits_te, replay_tk.astype(jnp.int32)]
     routed = jax.shard_map(
-        lambda logits: route(logits, top_k, normalize), mesh=mesh, in_specs=rows, out_specs=(rows, rows, rows)
-    )(jnp.pad(logits_te, ((0, pad), (0, 0))))
+        lambda logits, *replay: route(logits, top_k, normalize, *replay),
+        mesh=mesh,
+        in_specs=(rows,) * len(inputs),
+        out_specs=(rows, rows, rows),
+    )(*(jnp.pad(a, ((0, pad), (0, 0))) for a in inputs))
     return tuple(out[:n] for out in routed)
 
 
@@ -333,6 +343,7 @@ def token_sharded_experts(
     token_axes: tuple[str, ...],
     backend: str = "auto",
     block_size: int = 128,
+    replay_tk: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The MoE layer without expert parallelism (mesh ``expert`` = 1) on a mesh: routing and
     :func:`qlx.models.moe.experts` run per token shard in a shard_map, with every expert's weights gathered (FSDP).
@@ -344,7 +355,8 @@ def token_sharded_experts(
 
     logits [N, E] (float32 router logits), x [N, D], valid [N] (False: padding, routed to no expert); rows split
     over ``token_axes``; w_gate_up [E, D, 2, I], w_down [E, I, D] (``mlp`` split over the axes the rules give it,
-    which must not split tokens). N is padded internally to a multiple of the token shards.
+    which must not split tokens); replay_tk [N, k]: routing replay (:func:`qlx.models.moe.route`). N is padded
+    internally to a multiple of the token shards.
     Returns (y [N, D] in x's dtype, experts [N, k] int32 (E where valid is False), probs [N, E] float32).
     """
     backend = resolve_backend(backend)
@@ -357,10 +369,13 @@ def token_sharded_experts(
         raise ValueError(f"mesh.rules: axis {clash[0]!r} shards both the tokens and the expert width ('mlp')")
     n_global = x_td.shape[0]
     pad = -n_global % math.prod(mesh.shape[axis] for axis in token_axes)
-    logits_te, x_td, valid_t = (jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in (logits_te, x_td, valid_t))
+    replay = () if replay_tk is None else (replay_tk.astype(jnp.int32),)
+    logits_te, x_td, valid_t, *replay = (
+        jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in (logits_te, x_td, valid_t, *replay)
+    )
 
-    def local(logits_ne, x_nd, valid_n, gu_edgi, dn_eid):
-        w_nk, e_nk, probs_ne = route(logits_ne, top_k, normalize)
+    def local(logits_ne, x_nd, valid_n, gu_edgi, dn_eid, *replay_nk):
+        w_nk, e_nk, probs_ne = route(logits_ne, top_k, normalize, *replay_nk)
         e_nk = jnp.where(valid_n[:, None], e_nk, num_experts)
         # every value varies over the same manual axes, so the custom VJPs see cotangents typed like their inputs
         x_nd, w_nk = lax.pcast((x_nd, w_nk), mlp_axes, to="varying")
@@ -379,7 +394,8 @@ def token_sharded_experts(
             PartitionSpec(token_axes),
             PartitionSpec(None, None, None, mlp),
             PartitionSpec(None, mlp),
+            *(rows for _ in replay),
         ),
         out_specs=(rows, rows, rows),
-    )(logits_te, x_td, valid_t, w_gate_up_edgi, w_down_eid)
+    )(logits_te, x_td, valid_t, w_gate_up_edgi, w_down_eid, *replay)
     return y_td[:n_global], experts_tk[:n_global], probs_te[:n_global]

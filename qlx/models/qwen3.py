@@ -137,9 +137,16 @@ class MoE(nnx.Module):
         return split_experts(self.gate_up[...].astype(dtype), self.down[...].astype(dtype))
 
     def __call__(
-        self, x_btd, *, layout: Layout, expert_weights: ExpertWeights | None = None, valid_bt: jax.Array | None = None
+        self,
+        x_btd,
+        *,
+        layout: Layout,
+        expert_weights: ExpertWeights | None = None,
+        valid_bt: jax.Array | None = None,
+        replay_btk: jax.Array | None = None,
     ):
-        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E], drops [2])).
+        """x [B, T, D] -> (y [B, T, D], (assignment counts [E], router probability sums [E], drops [2]),
+        experts [B, T, k] int32: the experts each token was routed to, -1 on padding).
 
         drops = (dropped assignments, routed assignments) of expert parallelism's capacity rule (0 dropped without
         it). On a mesh with expert > 1 the experts run in ``qlx.models.moe_ep``'s shard_map (``moe_ep_transport``);
@@ -148,17 +155,20 @@ class MoE(nnx.Module):
         valid_bt (bool [B, T], None: all valid) marks the tokens that are routed: padding is never sent.
         expert_weights: this layer's :meth:`expert_weights` in x's dtype, precomputed (a decode loop splits once
         instead of once per step); computed here when None. Expert parallelism splits its local experts itself and
-        ignores it; given on a mesh without it (the blocked backend's decode loop), the layer runs unsharded."""
+        ignores it; given on a mesh without it (the blocked backend's decode loop), the layer runs unsharded.
+        replay_btk (int [B, T, k], optional): routing replay, the experts to use per token (``qlx.models.moe.route``;
+        -1: the token's own top-k)."""
         c, dt = self.config, x_btd.dtype
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
+        replay_tk = None if replay_btk is None else replay_btk.reshape(b * t, -1)
         valid_t = jnp.ones((b * t,), bool) if valid_bt is None else valid_bt.reshape(b * t)
         logits_te = jnp.matmul(x_td, self.router[...].astype(dt), preferred_element_type=jnp.float32)
         mesh = layout.mesh
         if mesh is not None and mesh.shape[EXPERT_AXIS] > 1 and resolve_transport(c.moe_ep_transport) != "xla":
             axes = token_axes(mesh, dict(layout.rules), x_btd.shape)
             weights_tk, experts_tk, probs_te = ep_route(
-                logits_te, c.num_experts_per_tok, c.norm_topk_prob, mesh=mesh, token_axes=axes
+                logits_te, c.num_experts_per_tok, c.norm_topk_prob, mesh=mesh, token_axes=axes, replay_tk=replay_tk
             )
             y_td, drops = ep_experts(
                 x_td,
@@ -189,10 +199,11 @@ class MoE(nnx.Module):
                 token_axes=token_axes(mesh, dict(layout.rules), x_btd.shape),
                 backend=c.moe_backend,
                 block_size=c.moe_block_size,
+                replay_tk=replay_tk,
             )
             drops = jnp.stack([jnp.zeros((), jnp.float32), jnp.sum(valid_t).astype(jnp.float32) * experts_tk.shape[1]])
         else:
-            weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob)
+            weights_tk, experts_tk, probs_te = route(logits_te, c.num_experts_per_tok, c.norm_topk_prob, replay_tk)
             y_td = experts(
                 x_td,
                 weights_tk,
@@ -205,7 +216,8 @@ class MoE(nnx.Module):
             )
             drops = jnp.stack([jnp.zeros((), jnp.float32), jnp.sum(valid_t).astype(jnp.float32) * experts_tk.shape[1]])
         counts_e, prob_sums_e = router_stats(experts_tk, probs_te, valid_t)
-        return layout.constrain(y_td.reshape(b, t, d), BTD), (counts_e, prob_sums_e, drops)
+        routed_btk = jnp.where(valid_t[:, None], experts_tk, -1).reshape(b, t, -1)
+        return layout.constrain(y_td.reshape(b, t, d), BTD), (counts_e, prob_sums_e, drops), routed_btk
 
 
 def valid_tokens(segment_ids_bt: jax.Array | None, positions_bt: jax.Array | None) -> jax.Array | None:
@@ -228,9 +240,20 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer_index) else MLP(config, rngs=rngs)
 
     def __call__(
-        self, x_btd, cos_btk, sin_btk, *, layout, segment_ids_bt=None, kv=None, positions_bt=None, expert_weights=None
+        self,
+        x_btd,
+        cos_btk,
+        sin_btk,
+        *,
+        layout,
+        segment_ids_bt=None,
+        kv=None,
+        positions_bt=None,
+        expert_weights=None,
+        replay_btk=None,
     ):
-        """Returns (x [B, T, D], written (K, V) or None, router stats or None). expert_weights: see ``MoE``.
+        """Returns (x [B, T, D], written (K, V) or None, router stats or None, routed experts [B, T, k] or None).
+        expert_weights, replay_btk: see ``MoE`` (dense layers ignore them).
 
         Padding tokens (:func:`valid_tokens` false) are routed to no expert: they cost no expert compute and never
         take expert parallelism's capacity from real tokens."""
@@ -245,13 +268,15 @@ class DecoderLayer(nnx.Module):
         )
         x_btd = x_btd + h
         h = self.post_attn_norm(x_btd)
+        routed = None
         if isinstance(self.mlp, MoE):
-            m, stats = self.mlp(
-                h, layout=layout, expert_weights=expert_weights, valid_bt=valid_tokens(segment_ids_bt, positions_bt)
+            valid_bt = valid_tokens(segment_ids_bt, positions_bt)
+            m, stats, routed = self.mlp(
+                h, layout=layout, expert_weights=expert_weights, valid_bt=valid_bt, replay_btk=replay_btk
             )
         else:
             m, stats = self.mlp(h, layout=layout)
-        return x_btd + checkpoint_name(m, "mlpwo"), new_kv, stats
+        return x_btd + checkpoint_name(m, "mlpwo"), new_kv, stats, routed
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -349,12 +374,33 @@ class Qwen3ForCausalLM(nnx.Module):
         return jax.jit(make, out_shardings=shardings)()
 
     def hidden_states(
-        self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False, expert_weights=None
+        self,
+        tokens_bt,
+        *,
+        positions_bt=None,
+        segment_ids_bt=None,
+        cache=None,
+        return_aux=False,
+        expert_weights=None,
+        routing_replay=None,
+        return_routing=False,
     ):
-        """Final-norm hidden states [B, T, D] (plus the updated cache and/or aux, as ``__call__``).
+        """Final-norm hidden states [B, T, D] (plus the updated cache and/or aux, as ``__call__``, then the routing).
 
-        expert_weights: ``self.expert_weights()`` computed by the caller (see there), or None."""
+        expert_weights: ``self.expert_weights()`` computed by the caller (see there), or None.
+        return_routing: also return the experts each token was routed to, int32 [B, T, M, k] over the M MoE layers
+        in order (-1 on padding tokens; M = 0 for a dense model).
+        routing_replay (int [B, T, M, k], optional): route token (b, t) in MoE layer m to the experts
+        ``routing_replay[b, t, m]`` (routing replay, R3: the rollout's routing, ``GenerateResult.routed_experts``;
+        weights from this router's probabilities: ``qlx.models.moe.route``); -1: the token routes by its own top-k.
+        """
         c, layout = self.config, self.layout
+        moe_index = {i: m for m, i in enumerate(i for i in range(c.num_layers) if c.is_moe_layer(i))}
+        if routing_replay is not None and routing_replay.shape[2] != len(moe_index):
+            raise ValueError(
+                f"routing_replay: {routing_replay.shape[2]} MoE layers in shape {routing_replay.shape}, the model "
+                f"has {len(moe_index)}"
+            )
         if cache is not None and segment_ids_bt is not None:
             raise ValueError("segment_ids_bt cannot be combined with a KV cache")
         b, t = tokens_bt.shape
@@ -373,7 +419,13 @@ class Qwen3ForCausalLM(nnx.Module):
         cos_btk, sin_btk = rope_cos_sin(positions_bt, inv_freq, scale)
         x = layout.constrain(embed_tokens(self.embed[...], tokens_bt, c.dtype, layout), BTD)
 
-        def run(graphdef, state, x, kv=None, layer_experts=None):
+        if ring is not None and routing_replay is not None:
+            routing_replay = balance_tokens(routing_replay, ring)
+
+        def replayed(m):  # the replay of MoE layer m, [B, T, k]
+            return None if routing_replay is None or m is None else routing_replay[:, :, m]
+
+        def run(graphdef, state, x, kv=None, layer_experts=None, replay_btk=None):
             layer = nnx.merge(graphdef, state)
             return layer(
                 x,
@@ -384,9 +436,10 @@ class Qwen3ForCausalLM(nnx.Module):
                 kv=kv,
                 positions_bt=positions_bt,
                 expert_weights=layer_experts,
+                replay_btk=replay_btk,
             )
 
-        new_k, new_v = [], []
+        new_k, new_v, routed = [], [], []
         counts = prob_sums = drops = None
 
         def add_stats(stats):
@@ -397,15 +450,25 @@ class Qwen3ForCausalLM(nnx.Module):
                 drops = stats[2] if drops is None else drops + stats[2]
 
         if c.scanned and cache is None:
-            for stack in self.stacks:
+            for stack, (start, stop) in zip(self.stacks, c.layer_runs, strict=True):
                 graphdef, state = nnx.split(stack)
+                first = moe_index.get(start)
+                replay = (
+                    None
+                    if first is None or routing_replay is None
+                    else routing_replay[:, :, first : first + stop - start]
+                )
 
-                def body(x, layer_state_, graphdef=graphdef):
-                    x, _, stats = run(graphdef, layer_state_, x)
-                    return x, stats
+                def body(x, inputs, graphdef=graphdef):
+                    layer_state_, replay_btk = inputs
+                    x, _, stats, routed_btk = run(graphdef, layer_state_, x, None, None, replay_btk)
+                    return x, (stats, routed_btk if return_routing else None)
 
-                x, stats = jax.lax.scan(remat(body, c.remat, scanned=True), x, state)
+                xs = (state, None if replay is None else jnp.moveaxis(replay, 2, 0))
+                x, (stats, routed_n) = jax.lax.scan(remat(body, c.remat, scanned=True), x, xs)
                 add_stats(None if stats is None else jax.tree.map(lambda s: jnp.sum(s, axis=0), stats))
+                if routed_n is not None:
+                    routed.extend(routed_n)
         else:
             # Unrolled layers, and every call with a KV cache (prefill / decode keep one cache array per layer).
             for i, layer in enumerate(self.layer_modules()):
@@ -415,10 +478,12 @@ class Qwen3ForCausalLM(nnx.Module):
                 step = functools.partial(run, graphdef)
                 if cache is None:
                     step = remat(step, c.remat, scanned=False)
-                x, written, stats = step(state, x, kv, layer_experts)
+                x, written, stats, routed_btk = step(state, x, kv, layer_experts, replayed(moe_index.get(i)))
                 if written is not None:
                     new_k.append(written[0])
                     new_v.append(written[1])
+                if routed_btk is not None:
+                    routed.append(routed_btk)
                 add_stats(stats)
         x = self.final_norm(x)
         outputs = [x if ring is None else layout.constrain(unbalance_tokens(x, ring), BTD)]
@@ -434,6 +499,10 @@ class Qwen3ForCausalLM(nnx.Module):
             )
             dropped = jnp.zeros((), jnp.float32) if drops is None else drops[0] / jnp.maximum(drops[1], 1.0)
             outputs.append({"load_balancing_loss": loss, "moe_dropped_fraction": dropped})
+        if return_routing:
+            k = c.num_experts_per_tok
+            routing = jnp.stack(routed, axis=2) if routed else jnp.zeros((b, t, 0, k), jnp.int32)
+            outputs.append(routing if ring is None else unbalance_tokens(routing, ring))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, return_aux=False):

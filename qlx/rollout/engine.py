@@ -90,6 +90,12 @@ class GenerateResult:
     policy_versions: int32 [N, T]; the version of the weights that drew each token (the static engine: the
         caller's ``policy_version`` for every token; the continuous engine: its version at that step, so a sample
         that ran across ``update_weights`` holds two spans); 0 after ``lengths[i]`` (read it with :attr:`mask`).
+    routed_experts: None, or (``return_routing=True``, static engine) int16 [N, S, M, k]: the experts the rollout
+        routed each token of the sequence (its prompt, then its generated tokens: position p of
+        ``prompt + tokens[:lengths[i]]``) to in each of the M MoE layers, for routing replay in training (R3,
+        ``rl.routing_replay``); -1 where nothing was computed: past the sequence, and the last generated token when
+        the loop ended without feeding it back (training routes such a token by its own top-k; its routing reaches
+        no log-prob). S >= every prompt length + T.
     """
 
     tokens: np.ndarray
@@ -99,6 +105,7 @@ class GenerateResult:
     policy_logprobs: np.ndarray
     log_nucleus_mass: np.ndarray
     policy_versions: np.ndarray
+    routed_experts: np.ndarray | None = None
 
     def rows(self, rows: slice) -> GenerateResult:
         """The result of the sequences ``rows``."""
@@ -110,6 +117,7 @@ class GenerateResult:
             policy_logprobs=self.policy_logprobs[rows],
             log_nucleus_mass=self.log_nucleus_mass[rows],
             policy_versions=self.policy_versions[rows],
+            routed_experts=None if self.routed_experts is None else self.routed_experts[rows],
         )
 
     @property
@@ -127,9 +135,14 @@ def concatenate_results(results: Sequence[GenerateResult], width: int = 0) -> Ge
     least the widest)."""
     width = max(width, *(r.tokens.shape[1] for r in results))
 
-    def stacked(name):
+    def stacked(name, width=width, fill=0):
         arrays = [getattr(r, name) for r in results]
-        return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays])
+        pads = [((0, 0), (0, width - a.shape[1])) + ((0, 0),) * (a.ndim - 2) for a in arrays]
+        return np.concatenate([np.pad(a, pad, constant_values=fill) for a, pad in zip(arrays, pads, strict=True)])
+
+    routed = [r.routed_experts for r in results]
+    if any(a is None for a in routed) and not all(a is None for a in routed):
+        raise ValueError("routed_experts: some results record the routing and some do not")
 
     return GenerateResult(
         tokens=stacked("tokens"),
@@ -139,6 +152,7 @@ def concatenate_results(results: Sequence[GenerateResult], width: int = 0) -> Ge
         policy_logprobs=stacked("policy_logprobs"),
         log_nucleus_mass=stacked("log_nucleus_mass"),
         policy_versions=stacked("policy_versions"),
+        routed_experts=None if routed[0] is None else stacked("routed_experts", max(a.shape[1] for a in routed), -1),
     )
 
 
@@ -156,6 +170,7 @@ def generate(
     prefill_chunk: int = 512,
     max_sequences: int = 0,
     policy_version: int = 0,
+    return_routing: bool = False,
 ) -> GenerateResult:
     """Sample up to ``max_new_tokens`` tokens after each prompt (lists of token ids, lengths may differ).
 
@@ -163,7 +178,8 @@ def generate(
     greedy decoding. ``return_logprobs=False`` returns zeros in the three log-prob arrays (the values are computed
     either way; the flag exists so callers state whether they rely on them). ``prefill_chunk`` bounds the prompt
     positions processed per prefill step; ``max_sequences`` > 0 generates in waves of that many sequences
-    (:func:`generate_rows`); ``policy_version`` tags every token (``GenerateResult.policy_versions``). Returns a
+    (:func:`generate_rows`); ``policy_version`` tags every token (``GenerateResult.policy_versions``);
+    ``return_routing`` records the routed experts (``GenerateResult.routed_experts``). Returns a
     :class:`GenerateResult`.
     """
     specs = [
@@ -179,7 +195,13 @@ def generate(
         for i in range(len(prompts))
     ]
     result = generate_rows(
-        model, prompts, specs, prefill_chunk=prefill_chunk, max_sequences=max_sequences, policy_version=policy_version
+        model,
+        prompts,
+        specs,
+        prefill_chunk=prefill_chunk,
+        max_sequences=max_sequences,
+        policy_version=policy_version,
+        return_routing=return_routing,
     )
     if not return_logprobs:
         zeros = np.zeros_like(result.logprobs)
@@ -219,6 +241,14 @@ def put_batch(x: np.ndarray, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (x.ndim - 1))))
 
 
+def _routing_record(shape, dtype, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
+    """An empty routing record (all -1), created on the devices (split over ``batch_axes`` on a mesh)."""
+    sharding = None
+    if mesh is not None and batch_axes:
+        sharding = NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (len(shape) - 1)))
+    return jax.jit(lambda: jnp.full(shape, -1, dtype), out_shardings=sharding)()
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _init_cache(graphdef, state, batch: int, max_len: int):
     """An empty cache with one distinct buffer per array (it is donated to, and updated in place by, each step)."""
@@ -232,17 +262,29 @@ def _expert_weights(graphdef, state):
     return nnx.merge(graphdef, state).expert_weights()
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(3, 4))
-def _prefill_chunk(graphdef, state, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
-    """:func:`prefill_step` compiled, the model passed as ``nnx.split``; cache and last hidden state donated."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("span",), donate_argnums=(3, 4, 8))
+def _prefill_chunk(
+    graphdef, state, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, routing_bsmk, *, span
+):
+    """:func:`prefill_step` compiled, the model passed as ``nnx.split``; cache, last hidden state and routing
+    buffer donated."""
     model = nnx.merge(graphdef, state)
-    return prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, span=span)
+    return prefill_step(
+        model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, span=span, routing_bsmk=routing_bsmk
+    )
 
 
-def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span):
+def routing_dtype(num_experts: int):
+    """The integer type of recorded expert ids: int16 (ids up to 32,767; -1 marks no record), else int32."""
+    return jnp.int16 if num_experts < 2**15 else jnp.int32
+
+
+def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start, lengths_b, *, span, routing_bsmk=None):
     """Write one chunk of prompt positions [start, start + C) into the cache; keep each row's hidden state at its
     last prompt position (L_b − 1) when that position falls in this chunk. Positions past a row's prompt are
-    padding (position −1: not written, attends to nothing). Returns (cache, last_hidden_bd).
+    padding (position −1: not written, attends to nothing). Returns (cache, last_hidden_bd), and with
+    ``routing_bsmk`` (the routing record, [B, S, M, k], S >= start + C) also that record with the chunk's routed
+    experts (``hidden_states(return_routing=True)``; -1 past each prompt) written at positions [start, start + C).
 
     The chunk runs on the first ``span`` cache slots only (span >= start + C): the slots after them hold nothing
     its queries may see, so attention over the prefix gives the same result for less work. A cache whose length the
@@ -255,17 +297,26 @@ def prefill_step(model, expert_weights, cache, last_hidden_bd, tokens_bc, start,
     positions_bc = jnp.where(positions_bc < lengths_b[:, None], positions_bc, -1)
     if isinstance(cache, KVCache) and length_axes(model.layout, cache.k[0].shape):
         span = cache.max_len  # a cache split over length shards runs whole: a prefix of it would be gathered
-    hidden_bcd, prefix = model.hidden_states(
-        tokens_bc, positions_bt=positions_bc, cache=cache.prefix(span), expert_weights=expert_weights
+    record = routing_bsmk is not None
+    hidden_bcd, prefix, *routed = model.hidden_states(
+        tokens_bc,
+        positions_bt=positions_bc,
+        cache=cache.prefix(span),
+        expert_weights=expert_weights,
+        return_routing=record,
     )
     cache = cache.with_prefix(prefix)
     offset_b = lengths_b - 1 - start
     inside_b = (offset_b >= 0) & (offset_b < chunk)
     picked_bd = jnp.take_along_axis(hidden_bcd, jnp.clip(offset_b, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-    return cache, jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
+    last_hidden_bd = jnp.where(inside_b[:, None], picked_bd.astype(last_hidden_bd.dtype), last_hidden_bd)
+    if not record:
+        return cache, last_hidden_bd
+    routed_bcmk = routed[0].astype(routing_bsmk.dtype)
+    return cache, last_hidden_bd, jax.lax.dynamic_update_slice_in_dim(routing_bsmk, routed_bcmk, start, axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len",), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("out_len",), donate_argnums=(3, 12))
 def _decode(
     graphdef,
     state,
@@ -279,11 +330,12 @@ def _decode(
     top_k_b,
     stops_bs,
     seeds_b3,
+    routing_bsmk,
     *,
     out_len,
 ):
     """:func:`decode_loop` compiled (with the policy log-probs), the model passed as ``nnx.split``; the cache
-    donated."""
+    and the routing record donated."""
     model = nnx.merge(graphdef, state)
     return decode_loop(
         model,
@@ -299,6 +351,7 @@ def _decode(
         seeds_b3,
         out_len=out_len,
         with_policy=True,
+        routing_bsmk=routing_bsmk,
     )
 
 
@@ -338,10 +391,14 @@ def decode_loop(
     *,
     out_len,
     with_policy: bool = False,
+    routing_bsmk=None,
 ):
     """The decode loop after a prefill: returns tokens [B, out_len], log-probs [B, out_len], counts [B],
     stopped-by-token [B] and the final cache (returned so that donated cache buffers are updated in place); with
-    ``with_policy`` also the policy log-probs and log nucleus masses [B, out_len] (:class:`GenerateResult`).
+    ``with_policy`` also the policy log-probs and log nucleus masses [B, out_len] (:class:`GenerateResult`); with
+    ``routing_bsmk`` (the prefill's routing record, [B, S, M, k], S >= L_b + out_len) last that record with the
+    routed experts of every token the loop fed back (token j at position L_b + j, fed at step j + 1: a row's last
+    token is recorded only when the loop ran on after it).
 
     Row b draws from the hidden state ``last_hidden_bd[b]`` of its prompt (L_b = ``lengths_b[b]`` tokens), with the
     sampling parameters of its row, stop ids ``stops_bs[b]`` (−1 = unused slot), and the random stream
@@ -371,21 +428,29 @@ def decode_loop(
         return token_b, (done_b, stopped_b | hit_b, count_b, tokens_bn, logprobs_bn, *policy)
 
     def cond(loop):
-        j, _, _, outs = loop
+        j, _, _, outs, _ = loop
         return (j < out_len) & ~jnp.all(outs[0])
 
     def body(loop):
         # Step j feeds token j - 1 at position L + j - 1 and draws token j. Step 0 draws from the prefill's last
         # hidden state; its model call runs at position -1 (writes nothing, sees nothing), so the sampling code
         # appears once in the compiled loop.
-        j, cache, previous_b, outs = loop
+        j, cache, previous_b, outs, routing = loop
         positions_b1 = jnp.where(j == 0, -1, lengths_b + j - 1)[:, None]
-        hidden_b1d, cache = model.hidden_states(
-            previous_b[:, None], positions_bt=positions_b1, cache=cache, expert_weights=expert_weights
+        hidden_b1d, cache, *routed = model.hidden_states(
+            previous_b[:, None],
+            positions_bt=positions_b1,
+            cache=cache,
+            expert_weights=expert_weights,
+            return_routing=routing is not None,
         )
+        if routing is not None:  # row b fed its token j - 1 (it has drawn j tokens): record its routing
+            fed_b = (j >= 1) & (outs[2] >= j)
+            at_b = jnp.where(fed_b, lengths_b + j - 1, routing.shape[1])
+            routing = routing.at[jnp.arange(batch), at_b].set(routed[0][:, 0].astype(routing.dtype), mode="drop")
         hidden_bd = jnp.where(j == 0, last_hidden_bd, hidden_b1d[:, 0])
         token_b, outs = emit(j, hidden_bd, *outs)
-        return j + 1, cache, token_b, outs
+        return j + 1, cache, token_b, outs, routing
 
     outs = (
         max_new_b <= 0,
@@ -394,10 +459,10 @@ def decode_loop(
         jnp.zeros((batch, out_len), jnp.int32),
         *(jnp.zeros((batch, out_len), jnp.float32) for _ in range(3 if with_policy else 1)),
     )
-    _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn, *policy) = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), cache, jnp.zeros(batch, jnp.int32), outs)
+    _, cache, _, (_, stopped_b, count_b, tokens_bn, logprobs_bn, *policy), routing = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), cache, jnp.zeros(batch, jnp.int32), outs, routing_bsmk)
     )
-    return tokens_bn, logprobs_bn, count_b, stopped_b, cache, *policy
+    return tokens_bn, logprobs_bn, count_b, stopped_b, cache, *policy, *(() if routing is None else (routing,))
 
 
 def generate_rows(
@@ -408,13 +473,15 @@ def generate_rows(
     prefill_chunk: int = 512,
     max_sequences: int = 0,
     policy_version: int = 0,
+    return_routing: bool = False,
 ) -> GenerateResult:
     """Generate for ``prompts[i]`` with ``specs[i]``: the batched engine behind :func:`generate` and the server.
 
     ``max_sequences`` > 0 generates at most that many sequences per compiled call, in waves, one after another: the
     KV cache and the working set are those of one wave. Each sequence draws from its own spec's stream, so the
     tokens are those of a single call. Every token is tagged ``policy_version`` (the version of ``model``'s
-    weights, the caller's count, e.g. the RL step)."""
+    weights, the caller's count, e.g. the RL step); ``return_routing`` records every token's routed experts
+    (``GenerateResult.routed_experts``: a [B, P + T, M, k] record on the devices, 2·M·k bytes per position)."""
     if len(specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
     if prefill_chunk < 1:
@@ -431,6 +498,7 @@ def generate_rows(
                     specs[i : i + max_sequences],
                     prefill_chunk=prefill_chunk,
                     policy_version=policy_version,
+                    return_routing=return_routing,
                 )
                 for i in waves
             ]
@@ -483,9 +551,15 @@ def generate_rows(
     expert_weights = _expert_weights(graphdef, state)
     last_hidden_bd = put(np.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype)))
     lengths_dev = put(lengths_b)
+    routing = None
+    if return_routing:
+        c = model.config
+        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+        shape = (batch, prompt_len + out_len, moe_layers, c.num_experts_per_tok)
+        routing = _routing_record(shape, routing_dtype(c.num_experts), mesh=mesh, batch_axes=axes)
     for start in range(0, prompt_len, chunk):
         span = min(cache_len, 1 << (start + chunk - 1).bit_length())
-        cache, last_hidden_bd = _prefill_chunk(
+        cache, last_hidden_bd, *recorded = _prefill_chunk(
             graphdef,
             state,
             expert_weights,
@@ -494,9 +568,11 @@ def generate_rows(
             put(tokens_bp[:, start : start + chunk]),
             start,
             lengths_dev,
+            routing,
             span=span,
         )
-    out_tokens, out_logprobs, out_lengths, stopped, _, out_policy, out_mass = _decode(
+        routing = recorded[0] if recorded else None
+    out_tokens, out_logprobs, out_lengths, stopped, _, out_policy, out_mass, *recorded = _decode(
         graphdef,
         state,
         expert_weights,
@@ -509,6 +585,7 @@ def generate_rows(
         put(top_k_b),
         put(stops_bs),
         put(seeds),
+        routing,
         out_len=out_len,
     )
     width = max(s.max_new_tokens for s in specs)
@@ -523,4 +600,5 @@ def generate_rows(
         policy_logprobs=out_policy[:n, :width],
         log_nucleus_mass=out_mass[:n, :width],
         policy_versions=np.where(np.arange(width)[None, :] < out_lengths[:n, None], policy_version, 0).astype(np.int32),
+        routed_experts=to_host(recorded[0])[:n, : longest + width] if recorded else None,
     )

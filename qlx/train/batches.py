@@ -47,7 +47,12 @@ from qlx.mesh import logical_to_spec, spec_axes
 from qlx.models.sharding import Layout
 from qlx.rollout.buckets import batch_bucket, length_bucket, round_up
 
-ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt")
+ROUTING = "routing_btmk"
+"""Optional per-token field of :func:`pad_rows`' rows: the rollout's routed experts, int [N, T, M, k] aligned with
+``tokens_bt`` (-1: none recorded; ``rl.routing_replay``). Laid out with the tokens (packed: at each sample's offset
+in its row), -1 on padding."""
+
+ROW_FIELDS = ("tokens_bt", "segment_ids_bt", "positions_bt", ROUTING)
 """Fields with one entry per row; every other field of a step batch but :data:`SLOT_GROUPS` has one per sample slot."""
 
 SLOT_GROUPS = "slot_groups_g"
@@ -88,7 +93,7 @@ def pad_row_count(rows: dict[str, np.ndarray], total: int, pad_id: int) -> dict[
     extra = total - len(rows["tokens_bt"])
     if extra < 0:
         raise ValueError(f"{len(rows['tokens_bt'])} rows do not fit in {total}")
-    values = {name: 0 for name in rows} | {"tokens_bt": pad_id, "start_b": 1, "length_b": 1}
+    values = {name: 0 for name in rows} | {"tokens_bt": pad_id, "start_b": 1, "length_b": 1, ROUTING: -1}
     return {
         name: np.concatenate([a, np.broadcast_to(np.asarray(values[name], a.dtype), (extra, *a.shape[1:]))])
         for name, a in rows.items()
@@ -185,17 +190,24 @@ def micro_batches(
     positions_bt = np.zeros((num_rows, width), np.int32)
     offset_n = np.zeros(n, np.int32)
     row_n = np.zeros(n, np.int64)
+    routing = rows.get(ROUTING)
+    if routing is not None:
+        routing_bt = np.full((num_rows, width, *routing.shape[2:]), -1, routing.dtype)
     for r, members in enumerate(bins):
         offset = 0
         for j, i in enumerate(members):
             length = int(length_n[i])
             tokens_bt[r, offset : offset + length] = rows["tokens_bt"][i, :length]
+            if routing is not None:
+                routing_bt[r, offset : offset + length] = routing[i, :length]
             segment_ids_bt[r, offset : offset + length] = j + 1
             positions_bt[r, offset : offset + length] = np.arange(length)
             offset_n[i], row_n[i] = offset, r
             offset += length
     arrays = {"tokens_bt": tokens_bt, "segment_ids_bt": segment_ids_bt, "positions_bt": positions_bt}
-    fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b")}
+    if routing is not None:
+        arrays[ROUTING] = routing_bt
+    fields = {name: a for name, a in rows.items() if name not in ("tokens_bt", "length_b", "start_b", ROUTING)}
     if packing:
         shape = (num_rows, size, width)
         arrays |= _token_slots(fields, bins, shape, start_n + offset_n, response_n, bucket, groups=batch_multiple)

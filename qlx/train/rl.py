@@ -38,7 +38,7 @@ from qlx.rollout.buckets import length_bucket, round_up
 from qlx.rollout.continuous import EngineConfig, generate_groups
 from qlx.rollout.engine import SamplingSpec, generate
 from qlx.rollout.kv_pages import pages_for
-from qlx.train.batches import batch_shards, micro_batches, pad_rows, put_micro_batches
+from qlx.train.batches import ROUTING, batch_shards, micro_batches, pad_rows, put_micro_batches
 from qlx.train.evaluate import exact_score
 from qlx.train.inputs import Dataset
 from qlx.train.step import Policy, forward_logprobs, make_train_step, nonfinite_reason
@@ -86,6 +86,15 @@ def continuous_config(rollout, prompts, max_new_tokens: int, group_size: int, mo
         max_len=max_len,
         prefill_chunk=min(512, length_bucket(max(len(p) for p in prompts))),
     )
+
+
+def routing_rows(routed_nsmk: np.ndarray, length: int) -> np.ndarray:
+    """``GenerateResult.routed_experts`` [N, S, M, k] (position p of prompt + response) as the rows of
+    :func:`qlx.train.batches.pad_rows` (the same positions, T = ``length``): cut or padded with -1 to [N, T, M, k]."""
+    n, s = routed_nsmk.shape[:2]
+    if s >= length:
+        return routed_nsmk[:, :length]
+    return np.pad(routed_nsmk, ((0, 0), (0, length - s), (0, 0), (0, 0)), constant_values=-1)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -272,6 +281,7 @@ class RLJob:
                 seed=seed,
                 return_logprobs=False,
                 max_sequences=ro.max_sequences,
+                return_routing=self.config.rl.routing_replay,
             )
         responses = result.sequences()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -294,6 +304,8 @@ class RLJob:
 
         prompts = [self.dataset.prompt(i) for i in rows_idx]
         rows = pad_rows(prompts, responses, pad_id=self.tokenizer.pad_id)
+        if cfg.rl.routing_replay:
+            rows[ROUTING] = routing_rows(result.routed_experts, rows["tokens_bt"].shape[1])
         update_start = time.perf_counter()
         params, opt_state, out = self.policy_update(rows, params, opt_state, adv_n, rewards_n, keep_n)
         skipped = out.pop("skipped_reason", None)

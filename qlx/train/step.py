@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qlx.mesh import spec_axes
 from qlx.models.sharding import Layout, spec_for
 from qlx.rl.logprobs import token_logprobs_and_entropy
-from qlx.train.batches import SLOT_GROUPS
+from qlx.train.batches import ROUTING, SLOT_GROUPS
 
 LossSum = Callable[[jax.Array, jax.Array, dict], tuple[jax.Array, dict]]
 """``(logp_br, entropy_br, micro_batch) -> (numerator, {name: sum})``: a loss as a sum over tokens."""
@@ -98,14 +98,18 @@ def response_logprobs(model, batch: dict, *, temperature: float, chunk: int) -> 
     """Log-prob of each response token and the entropy of its next-token distribution at ``temperature``: [S, R].
 
     Packed rows (``segment_ids_bt``, ``positions_bt``: see :mod:`qlx.train.batches`) attend within their segment
-    and restart RoPE at each sample. Only the response windows' hidden states reach the vocabulary projection (no
-    [b, T, V] array): they are gathered within each group of rows and slots :func:`qlx.train.batches.micro_batches`
-    laid out (``slot_groups_g``: one per batch shard of the mesh, so the gather stays on the device), then split
-    over the devices for the projection (:func:`sharded_logprobs`).
+    and restart RoPE at each sample; a batch with ``routing_btmk`` (``qlx.train.batches.ROUTING``) replays that
+    routing in the MoE layers (``rl.routing_replay``). Only the response windows' hidden states reach the vocabulary
+    projection (no [b, T, V] array): they are gathered within each group of rows and slots
+    :func:`qlx.train.batches.micro_batches` laid out (``slot_groups_g``: one per batch shard of the mesh, so the
+    gather stays on the device), then split over the devices for the projection (:func:`sharded_logprobs`).
     """
     tokens_bt, start_b, mask_br = batch["tokens_bt"], batch["start_b"], batch["mask_br"]
     hidden_btd = model.hidden_states(
-        tokens_bt, positions_bt=batch.get("positions_bt"), segment_ids_bt=batch.get("segment_ids_bt")
+        tokens_bt,
+        positions_bt=batch.get("positions_bt"),
+        segment_ids_bt=batch.get("segment_ids_bt"),
+        routing_replay=batch.get(ROUTING),
     )
     groups = batch[SLOT_GROUPS].shape[-1] if SLOT_GROUPS in batch else 1
     pred_sr, targets_sr = response_window(tokens_bt, start_b, mask_br.shape[1], groups)
