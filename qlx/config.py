@@ -423,8 +423,8 @@ class RLConfig:
         forward passes route each token to those experts, weighted by their own router's probabilities (so the
         router still learns): the policy log-probs are then computed with the routing that sampled the tokens,
         where a recomputation would route some tokens differently (bf16 rounding, other kernels, a changed
-        batch). Costs 2·(MoE layers)·k bytes per token of host and device memory. Static rollout engine and
-        ``train.mode: rl`` only.
+        batch). Costs 2·(MoE layers)·k bytes per token of host and device memory. ``train.mode: rl`` only (either
+        rollout engine).
     """
 
     group_size: int = 8
@@ -566,11 +566,10 @@ class Config:
         _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63) (got {self.seed})")
         if self.rl.routing_replay:
             _check(
-                self.rollout.engine == "static",
+                self.train.mode == "rl",
                 "rl.routing_replay",
-                f"needs rollout.engine: static (the {self.rollout.engine} engine records no routing)",
+                f"is for train.mode: rl (got {self.train.mode}; the memory agent records no routing)",
             )
-            _check(self.train.mode == "rl", "rl.routing_replay", f"is for train.mode: rl (got {self.train.mode})")
         if self.memory or self.train.mode == "memory":
             memory_agent_config(self)
 

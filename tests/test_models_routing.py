@@ -1,7 +1,8 @@
 """Routing replay (R3): the replay rule of ``qlx.models.moe.route`` on a hand-checked case; a model replaying its
 own routing computes exactly what it computes alone, and a changed routing changes only the later tokens, scanned
 or unrolled, on one device and on meshes (per token shard, expert parallel); the static engine records the routing
-that the teacher-forced forward computes, in one call or in waves; the config refuses what records no routing."""
+that the teacher-forced forward computes, in one call or in waves, and the continuous engine records the same
+(shared prefill, swaps); the config refuses it outside RL."""
 
 import dataclasses
 import functools
@@ -18,7 +19,9 @@ from qlx.config import ConfigError, config_from_dict
 from qlx.mesh import make_mesh
 from qlx.models import build_model
 from qlx.models.moe import route
-from qlx.rollout import generate
+from qlx.rollout import SamplingSpec, generate, generate_rows
+from qlx.rollout import continuous as cb
+from qlx.rollout.engine import concatenate_results
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = qlx.load_config(CONFIGS / "models/tiny-moe.yaml", ["model.vocab_size=96"]).model
@@ -127,9 +130,31 @@ def test_generate_records_the_routing_of_the_teacher_forced_forward():
     assert generate(model, prompts, max_new_tokens=2).routed_experts is None
 
 
-def test_config_refuses_routing_replay_without_a_recording_engine():
-    base = {}
-    with pytest.raises(ConfigError, match="rl.routing_replay: needs rollout.engine: static"):
-        config_from_dict(base, ["train.mode=rl", "rl.routing_replay=true", "rollout.engine=continuous"])
-    with pytest.raises(ConfigError, match="rl.routing_replay: is for train.mode: rl"):
-        config_from_dict(base, ["train.mode=sft", "rl.routing_replay=true"])
+def test_continuous_engine_records_the_static_engines_routing():
+    """The continuous engine (a group of 3 sharing its prompt's prefill, and 6 of its pages held elsewhere: a group
+    is swapped to the host and back) records, per sample, the routing the static engine records for the same sample: prompt
+    positions from the shared prefill, then every fed token; its last token is never fed (-1)."""
+    model = build_model(TINY, seed=4)
+    prompts = [np.random.default_rng(7).integers(3, 96, n).tolist() for n in (30, 21)]
+    specs = [[SamplingSpec(max_new_tokens=40, temperature=1.0, seed=2, stream=g) for g in range(3)]]
+    specs.append([SamplingSpec(max_new_tokens=40, temperature=1.0, seed=2, stream=3)])
+    static = generate_rows(model, [prompts[0]] * 3 + [prompts[1]], [s for g in specs for s in g], return_routing=True)
+    config = cb.EngineConfig(max_slots=4, page_size=8, num_pages=32, burst=8, max_len=96, prefill_chunk=16)
+    engine = cb.ContinuousEngine(model, dataclasses.replace(config, reserve_tokens=0), record_routing=True)
+    engine.pool.admit("held elsewhere", 6 * config.page_size)
+    handles = [engine.submit(p, g) for p, g in zip(prompts, specs, strict=True)]
+    engine.run()
+    assert engine.stats().swapped_out_groups > 0
+    results = [h.result() for h in handles]
+    assert [seq for r in results for seq in r.sequences()] == static.sequences()
+    record = concatenate_results(results).routed_experts  # rows padded with -1 to the widest
+    for i, prompt in enumerate([prompts[0]] * 3 + [prompts[1]]):
+        n = len(prompt) + int(static.lengths[i])
+        np.testing.assert_array_equal(record[i, : n - 1], static.routed_experts[i, : n - 1])
+        assert (record[i, n - 1 :] == -1).all()
+
+
+def test_config_refuses_routing_replay_outside_rl():
+    for mode in ("sft", "memory"):
+        with pytest.raises(ConfigError, match="rl.routing_replay: is for train.mode: rl"):
+            config_from_dict({}, [f"train.mode={mode}", "rl.routing_replay=true"])

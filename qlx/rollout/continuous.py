@@ -77,6 +77,7 @@ from qlx.rollout.engine import (
     _prefill_chunk,
     concatenate_results,
     draw_tokens,
+    routing_dtype,
     stream_keys,
 )
 from qlx.rollout.kv_pages import OutOfPages, PagePool, pages_for
@@ -170,6 +171,7 @@ class _Sample:
     policy_logprobs: list = dataclasses.field(default_factory=list)
     log_nucleus_mass: list = dataclasses.field(default_factory=list)
     policy_versions: list = dataclasses.field(default_factory=list)
+    routing: list = dataclasses.field(default_factory=list)  # [n, M, k] per burst: experts of its fed tokens
     finish_reason: str | None = None
     slot: int | None = None
     written: int = 0  # tokens whose K/V are in the cache (prompt + generated - 1 while decoding)
@@ -197,6 +199,7 @@ class _Prefill:
     table_rw: np.ndarray
     hidden_rd: jax.Array  # each row's hidden state at its last prompt position (once its chunk ran)
     start: int  # the next chunk's first position
+    routing: jax.Array | None  # record_routing: [rows, prompt positions, M, k], the prompts' routed experts
 
 
 class Handle:
@@ -211,6 +214,7 @@ class Handle:
         self._state = "waiting"  # waiting | prefilling | running | swapped | done
         self._swap: _Swap | None = None
         self._admitted = -1
+        self._prompt_routing: np.ndarray | None = None  # record_routing: [prompt, M, k], shared by the samples
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -250,6 +254,13 @@ class Handle:
                 out[i, : len(values)] = values
             return out
 
+        routed = None
+        if self._prompt_routing is not None:  # prompt positions, then each sample's fed tokens; -1 after
+            prompt = self._prompt_routing
+            routed = np.full((len(self._samples), prompt.shape[0] + width, *prompt.shape[1:]), -1, prompt.dtype)
+            for i, s in enumerate(self._samples):
+                row = np.concatenate([prompt, *s.routing])
+                routed[i, : row.shape[0]] = row
         return GenerateResult(
             tokens=table("tokens", np.int32),
             logprobs=table("logprobs", np.float32),
@@ -258,6 +269,7 @@ class Handle:
             policy_logprobs=table("policy_logprobs", np.float32),
             log_nucleus_mass=table("log_nucleus_mass", np.float32),
             policy_versions=table("policy_versions", np.int32),
+            routed_experts=routed,
         )
 
 
@@ -271,7 +283,7 @@ def _first_draw(graphdef, state, last_hidden_rd, row_s, temperature_s, top_p_s, 
     return draw_tokens(logits_rv[row_s], temperature_s, top_p_s, top_k_s, keys_s, with_policy=True)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "record"), donate_argnums=(3,))
 def _burst(
     graphdef,
     state,
@@ -289,11 +301,13 @@ def _burst(
     stop_early,
     *,
     steps,
+    record=False,
 ):
     """Up to ``steps`` decode steps over every slot (module docstring, tick 3). Slot s feeds ``token_s[s]`` at
     position ``cache.lengths[s]`` and draws its token ``count_s[s]``. Returns (cache, last tokens, counts, live,
-    stopped-by-token, steps run, and [S, steps] tokens, log-probs, policy log-probs, log nucleus masses; column i
-    is step i, valid while the slot was live)."""
+    stopped-by-token, steps run, and [S, steps] tokens, log-probs, policy log-probs, log nucleus masses, with
+    ``record`` also [S, steps, M, k] the routed experts of the fed tokens; column i is step i, valid while the slot
+    was live)."""
     model = nnx.merge(graphdef, state)
     w_dv = model.lm_head_weight()
     keys_s = stream_keys(seeds_s3)
@@ -306,13 +320,21 @@ def _burst(
     def body(loop):
         i, cache, token_s, count_s, live_s, stopped_s, ended, outs = loop
         positions_s1 = jnp.where(live_s, cache.lengths, -1)[:, None]
-        hidden_s1d, cache = model.hidden_states(
-            token_s[:, None], positions_bt=positions_s1, cache=cache, expert_weights=expert_weights
+        hidden_s1d, cache, *routed = model.hidden_states(
+            token_s[:, None],
+            positions_bt=positions_s1,
+            cache=cache,
+            expert_weights=expert_weights,
+            return_routing=record,
         )
         logits_sv = jnp.einsum("sd,dv->sv", hidden_s1d[:, 0], w_dv, preferred_element_type=jnp.float32)
         step_keys_s = jax.vmap(jax.random.fold_in)(keys_s, count_s)
         drawn = draw_tokens(logits_sv, temperature_s, top_p_s, top_k_s, step_keys_s, with_policy=True)
-        outs = tuple(o.at[:, i].set(jnp.where(live_s, x, 0).astype(o.dtype)) for o, x in zip(outs, drawn, strict=True))
+        drawn = (*drawn, *(r[:, 0] for r in routed))  # routed: -1 where the slot is not live (position -1)
+        outs = tuple(
+            o.at[:, i].set(jnp.where(live_s.reshape(-1, *(1,) * (x.ndim - 1)), x, 0).astype(o.dtype))
+            for o, x in zip(outs, drawn, strict=True)
+        )
         new_s = drawn[0]
         hit_s = live_s & jnp.any(new_s[:, None] == stops_sn, axis=-1)
         count_s = count_s + live_s.astype(jnp.int32)
@@ -321,6 +343,10 @@ def _burst(
         return i + 1, cache, token_s, count_s, live_s & ~ended_s, stopped_s | hit_s, ended | jnp.any(ended_s), outs
 
     outs = (jnp.zeros((slots, steps), jnp.int32), *(jnp.zeros((slots, steps), jnp.float32) for _ in range(3)))
+    if record:
+        c = model.config
+        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+        outs += (jnp.full((slots, steps, moe_layers, c.num_experts_per_tok), -1, routing_dtype(c.num_experts)),)
     init = (jnp.int32(0), cache, token_s, count_s, live_s, jnp.zeros(slots, bool), jnp.bool_(False), outs)
     i, cache, token_s, count_s, live_s, stopped_s, _, outs = jax.lax.while_loop(cond, body, init)
     return cache, token_s, count_s, live_s, stopped_s, i, outs
@@ -366,9 +392,12 @@ class ContinuousEngine:
     """Continuous batching for ``model`` (a ``Qwen3ForCausalLM``, on one device or a mesh, in one process or
     several); see the module docstring."""
 
-    def __init__(self, model, config: EngineConfig | None = None, *, policy_version: int = 0):
+    def __init__(
+        self, model, config: EngineConfig | None = None, *, policy_version: int = 0, record_routing: bool = False
+    ):
         self.config = c = config or EngineConfig()
         self.policy_version = int(policy_version)  # tags every token drawn (GenerateResult.policy_versions)
+        self.record_routing = bool(record_routing)  # GenerateResult.routed_experts
         if not isinstance(c, EngineConfig):
             raise ValueError(f"config must be a qlx.rollout.continuous.EngineConfig, got {type(c).__name__}")
         if c.max_len > model.config.max_position_embeddings:
@@ -609,8 +638,14 @@ class ContinuousEngine:
             tokens_rp[r, : h.prompt.size] = h.prompt
             lengths_r[r] = h.prompt.size
             table_rw[r] = self.pool.page_table([("prompt", h.id)], c.table_width)[0]
-        hidden_rd = self._put(np.zeros((rows, self.model.config.hidden_size), jnp.dtype(self.model.config.dtype)))
-        self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0)
+        mc = self.model.config
+        hidden_rd = self._put(np.zeros((rows, mc.hidden_size), jnp.dtype(mc.dtype)))
+        routing = None
+        if self.record_routing:
+            moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_layers))
+            shape = (rows, prompt_len, moe_layers, mc.num_experts_per_tok)
+            routing = self._put(np.full(shape, -1, routing_dtype(mc.num_experts)))
+        self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0, routing)
 
     def _advance_prefill(self, budget: list) -> bool:
         """Run chunks of the prefill in progress while ``budget[0]`` (calls left, None: no limit) allows; when the
@@ -628,7 +663,7 @@ class ContinuousEngine:
                 k, v, self._put(p.table_rw), self._put(np.zeros(len(p.lengths_r), np.int32))
             )  # donated
             span = min(cache_len, 1 << (p.start + c.prefill_chunk - 1).bit_length())
-            cache, p.hidden_rd = _prefill_chunk(
+            cache, p.hidden_rd, *recorded = _prefill_chunk(
                 self._graphdef,
                 self._state,
                 self._expert_weights,
@@ -637,11 +672,17 @@ class ContinuousEngine:
                 self._put(p.tokens_rp[:, p.start : p.start + c.prefill_chunk]),
                 p.start,
                 lengths,
+                p.routing,
                 span=span,
             )
+            p.routing = recorded[0] if recorded else None
             self._pages = cache.k + cache.v
             p.start += c.prefill_chunk
         self._prefilling = None
+        if p.routing is not None:
+            routing = to_host(p.routing)
+            for r, h in enumerate(p.handles):
+                h._prompt_routing = routing[r, : h.prompt.size]
         self._counts["prefill_tokens"] += int(p.lengths_r.sum())
         self._place(p.handles, p.hidden_rd)
         return True
@@ -838,10 +879,11 @@ class ContinuousEngine:
             ),
             self._put(np.bool_(queued)),
             steps=c.burst,
+            record=self.record_routing,
         )
         self._pages = cache.k + cache.v
         count_s, stopped_s, steps = to_host(count_s), to_host(stopped_s), int(to_host(steps))
-        tokens, logprobs, policy, mass = (to_host(x) for x in outs)
+        tokens, logprobs, policy, mass, *routing = (to_host(x) for x in outs)
         self._counts["bursts"] += 1
         self._counts["burst_steps"] += steps
         live_steps = int(count_s.sum() - a["count"].sum())
@@ -854,6 +896,8 @@ class ContinuousEngine:
                 continue
             n = int(count_s[slot]) - len(sample.tokens)
             sample.written += n
+            if routing:  # the n steps fed the sample's last n tokens before this burst's last draw
+                sample.routing.append(routing[0][slot, :n])
             self._append(sample, tokens[slot, :n], logprobs[slot, :n], policy[slot, :n], mass[slot, :n])
             if stopped_s[slot]:
                 self._finish(sample, FINISH_STOP)
@@ -901,14 +945,15 @@ def generate_groups(
     config: EngineConfig | None = None,
     *,
     policy_version: int = 0,
+    record_routing: bool = False,
 ) -> GenerateResult:
     """Group i = ``len(group_specs[i])`` samples of ``prompts[i]`` (prefilled once), all submitted at once to a
-    :class:`ContinuousEngine` (its tokens tagged ``policy_version``). Returns the samples as rows, group by group
-    (sample g of group i after those of the groups before it), as :func:`qlx.rollout.generate_rows` over the
-    prompts repeated."""
+    :class:`ContinuousEngine` (its tokens tagged ``policy_version``; ``record_routing``: with
+    ``GenerateResult.routed_experts``). Returns the samples as rows, group by group (sample g of group i after those
+    of the groups before it), as :func:`qlx.rollout.generate_rows` over the prompts repeated."""
     if len(group_specs) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(group_specs)} groups of sampling specs")
-    engine = ContinuousEngine(model, config, policy_version=policy_version)
+    engine = ContinuousEngine(model, config, policy_version=policy_version, record_routing=record_routing)
     handles = [engine.submit(p, s) for p, s in zip(prompts, group_specs, strict=True)]
     engine.run()
     width = max(s.max_new_tokens for specs in group_specs for s in specs)

@@ -267,7 +267,11 @@ class RLJob:
                 for i in range(len(prompts))
             ]
             result = generate_groups(
-                model, prompts, specs, continuous_config(ro, prompts, new_tokens, group_size, model)
+                model,
+                prompts,
+                specs,
+                continuous_config(ro, prompts, new_tokens, group_size, model),
+                record_routing=self.config.rl.routing_replay,
             )
         else:
             result = generate(
