@@ -132,8 +132,8 @@ def test_generate_records_the_routing_of_the_teacher_forced_forward():
 
 def test_continuous_engine_records_the_static_engines_routing():
     """The continuous engine (a group of 3 sharing its prompt's prefill, and 6 of its pages held elsewhere: a group
-    is swapped to the host and back) records, per sample, the routing the static engine records for the same sample: prompt
-    positions from the shared prefill, then every fed token; its last token is never fed (-1)."""
+    is swapped to the host and back) records, per sample, the routing the static engine records for the same
+    sample: prompt positions from the shared prefill, then every fed token; its last token is never fed (-1)."""
     model = build_model(TINY, seed=4)
     prompts = [np.random.default_rng(7).integers(3, 96, n).tolist() for n in (30, 21)]
     specs = [[SamplingSpec(max_new_tokens=40, temperature=1.0, seed=2, stream=g) for g in range(3)]]
