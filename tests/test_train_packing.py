@@ -116,6 +116,15 @@ def _run(rows, packing, micro_batch_size, loss_sum, tiny, batch_multiple=1):
     return batch.per_sample(logp), batch.per_sample(entropy), out, delta, batch.padding_fraction
 
 
+def _assert_same_step(packed, padded, mask):
+    """Two ``_run`` results agree: per-sample log-probs and entropies (where ``mask``), loss and parameter change."""
+    for got, want in zip(packed[:2], padded[:2], strict=True):
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(packed[2]["loss"]), float(padded[2]["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "loss_sum", [sft_loss_sum, rl_module.functools.partial(rl_loss_sum, clip_low=0.2, clip_high=0.2)], ids=["sft", "rl"]
 )
@@ -126,13 +135,9 @@ def test_packed_batch_equals_padded(loss_sum):
     padded = _run(rows, False, 0, loss_sum, tiny)
     packed = _run(rows, True, 2, loss_sum, tiny)
     assert packed[4] < padded[4] - 0.2  # packing removed much of the padding
-    mask = rows["mask_br"] > 0
-    for got, want in zip(packed[:2], padded[:2], strict=True):
-        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
-    for name in ("loss", "grad_norm", "entropy_sum"):
+    _assert_same_step(packed, padded, rows["mask_br"] > 0)
+    for name in ("grad_norm", "entropy_sum"):
         np.testing.assert_allclose(float(packed[2][name]), float(padded[2][name]), rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     assert any(np.abs(g).max() > 1e-3 for g in jax.tree.leaves(padded[3]))
 
 
@@ -159,11 +164,7 @@ def test_replayed_routing_is_laid_out_with_its_tokens():
     padded = _run(rows, False, 0, sft_loss_sum, tiny)
     packed = _run(rows, True, 2, sft_loss_sum, tiny)
     mask = rows["mask_br"] > 0
-    for got, want in zip(packed[:2], padded[:2], strict=True):
-        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(packed[2]["loss"]), float(padded[2]["loss"]), rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    _assert_same_step(packed, padded, mask)
     assert np.abs(padded[0] - plain[0])[mask].max() > 1e-2
 
 
@@ -190,12 +191,7 @@ def test_packed_on_a_mesh_equals_padded_and_gathers_within_each_batch_shard():
     rows = _random_rows(np.random.default_rng(7), 12)
     padded = _run(rows, False, 0, sft_loss_sum, tiny)
     packed = _run(rows, True, 4, sft_loss_sum, (meshed, *Policy.split(meshed)), batch_multiple=4)
-    mask = rows["mask_br"] > 0
-    for got, want in zip(packed[:2], padded[:2], strict=True):
-        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(packed[2]["loss"]), float(padded[2]["loss"]), rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(packed[3]), jax.tree.leaves(padded[3]), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    _assert_same_step(packed, padded, rows["mask_br"] > 0)
 
     b, t, d, s = 8, 32, 16, 64
     sharded = NamedSharding(mesh, PartitionSpec("fsdp"))

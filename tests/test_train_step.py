@@ -173,6 +173,17 @@ def test_rl_step_moves_policy_toward_rewarded_outputs(tmp_path, monkeypatch):
         assert ep_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
 
 
+def _first_rl_step(config, run_dir) -> dict:
+    """The metrics of step 1 of an RL job of ``config`` from a fresh seed-3 model."""
+    prepared = preflight(config)
+    model = build_model(config.model, seed=3)
+    policy, params, rest = Policy.split(model)
+    optimizer = make_optimizer(config.train.optimizer)
+    job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=run_dir)
+    job.begin(params)
+    return job.step(1, params, optimizer.init(params))[2]
+
+
 def test_rl_step_on_the_continuous_engine_equals_the_static_engine(tmp_path, monkeypatch):
     """``rollout.engine=continuous`` (two groups of 4 at a time in 8 slots, prompts prefilled once per group) gives
     the static engine's rollouts (the same random streams, T 1 / top-p 0.9), rewards and update."""
@@ -188,15 +199,8 @@ def test_rl_step_on_the_continuous_engine_equals_the_static_engine(tmp_path, mon
     monkeypatch.setattr(rl_module, "score", reward_parity)
     out = {}
     for engine in ("static", "continuous"):
-        config = config_from_dict(data, [*overrides, f"rollout.engine={engine}"])
-        prepared = preflight(config)
-        model = build_model(config.model, seed=3)
-        policy, params, rest = Policy.split(model)
-        optimizer = make_optimizer(config.train.optimizer)
-        job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path / engine)
-        job.begin(params)
         seen.clear()
-        metrics = job.step(1, params, optimizer.init(params))[2]
+        metrics = _first_rl_step(config_from_dict(data, [*overrides, f"rollout.engine={engine}"]), tmp_path / engine)
         out[engine] = list(seen), metrics
     assert out["continuous"][0] == out["static"][0] and len(set(out["static"][0])) > 1
     assert 0 < out["static"][1]["reward/mean"] < 1
@@ -228,13 +232,7 @@ def test_rl_step_replays_the_rollouts_routing(tmp_path, monkeypatch):
     for name, replay, shifted in (("plain", False, False), ("replay", True, False), ("shifted", True, True)):
         config = config_from_dict(data, [*overrides, f"rl.routing_replay={str(replay).lower()}"])
         shift[:] = [True] if shifted else []
-        prepared = preflight(config)
-        model = build_model(config.model, seed=3)
-        policy, params, rest = Policy.split(model)
-        optimizer = make_optimizer(config.train.optimizer)
-        job = RLJob(config, prepared.dataset, policy, rest, optimizer, model.layout, run_dir=tmp_path / name)
-        job.begin(params)
-        out[name] = job.step(1, params, optimizer.init(params))[2]
+        out[name] = _first_rl_step(config, tmp_path / name)
     for key in ("reward/mean", "response_length/mean", "update/tokens"):
         assert out["replay"][key] == out["plain"][key] == out["shifted"][key], key
     for key in ("entropy", "loss", "grad_norm"):
