@@ -330,7 +330,7 @@ def _burst(
         logits_sv = jnp.einsum("sd,dv->sv", hidden_s1d[:, 0], w_dv, preferred_element_type=jnp.float32)
         step_keys_s = jax.vmap(jax.random.fold_in)(keys_s, count_s)
         drawn = draw_tokens(logits_sv, temperature_s, top_p_s, top_k_s, step_keys_s, with_policy=True)
-        drawn = (*drawn, *(r[:, 0] for r in routed))  # routed: -1 where the slot is not live (position -1)
+        drawn = (*drawn, *(r[:, 0] for r in routed))  # record: the fed tokens' experts (read for live steps only)
         outs = tuple(
             o.at[:, i].set(jnp.where(live_s.reshape(-1, *(1,) * (x.ndim - 1)), x, 0).astype(o.dtype))
             for o, x in zip(outs, drawn, strict=True)
