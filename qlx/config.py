@@ -241,6 +241,11 @@ class ModelConfig:
         return len(self.layer_runs) == 1 if self.scan_layers == "auto" else bool(self.scan_layers)
 
     @property
+    def num_moe_layers(self) -> int:
+        """Decoder layers that use the MoE block (``is_moe_layer``); 0 for a dense model."""
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
     def num_query_groups(self) -> int:
         """Query heads per kv head."""
         return self.num_heads // self.num_kv_heads

@@ -345,8 +345,7 @@ def _burst(
     outs = (jnp.zeros((slots, steps), jnp.int32), *(jnp.zeros((slots, steps), jnp.float32) for _ in range(3)))
     if record:
         c = model.config
-        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-        outs += (jnp.full((slots, steps, moe_layers, c.num_experts_per_tok), -1, routing_dtype(c.num_experts)),)
+        outs += (jnp.full((slots, steps, c.num_moe_layers, c.num_experts_per_tok), -1, routing_dtype(c.num_experts)),)
     init = (jnp.int32(0), cache, token_s, count_s, live_s, jnp.zeros(slots, bool), jnp.bool_(False), outs)
     i, cache, token_s, count_s, live_s, stopped_s, _, outs = jax.lax.while_loop(cond, body, init)
     return cache, token_s, count_s, live_s, stopped_s, i, outs
@@ -642,8 +641,7 @@ class ContinuousEngine:
         hidden_rd = self._put(np.zeros((rows, mc.hidden_size), jnp.dtype(mc.dtype)))
         routing = None
         if self.record_routing:
-            moe_layers = sum(mc.is_moe_layer(i) for i in range(mc.num_layers))
-            shape = (rows, prompt_len, moe_layers, mc.num_experts_per_tok)
+            shape = (rows, prompt_len, mc.num_moe_layers, mc.num_experts_per_tok)
             routing = self._put(np.full(shape, -1, routing_dtype(mc.num_experts)))
         self._prefilling = _Prefill(handles, tokens_rp, lengths_r, table_rw, hidden_rd, 0, routing)
 

@@ -554,8 +554,7 @@ def generate_rows(
     routing = None
     if return_routing:
         c = model.config
-        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-        shape = (batch, prompt_len + out_len, moe_layers, c.num_experts_per_tok)
+        shape = (batch, prompt_len + out_len, c.num_moe_layers, c.num_experts_per_tok)
         routing = _routing_record(shape, routing_dtype(c.num_experts), mesh=mesh, batch_axes=axes)
     for start in range(0, prompt_len, chunk):
         span = min(cache_len, 1 << (start + chunk - 1).bit_length())

@@ -349,7 +349,7 @@ def estimate(config: Config, target: Target, *, rollout_sequences: int | None = 
         return sum(tokens_bytes(*widths[n]) for n in names if n in widths and n.startswith(MOE_PREFIXES) == moe)
 
     kept = tuple(widths) if keep == ("*",) else keep
-    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    moe_layers = c.num_moe_layers
     per_layer_kept = layer_bytes(kept, False)
     per_layer_all = layer_bytes(tuple(widths), False)  # one layer's backward (recomputed, or its cotangents)
     activations = c.num_layers * per_layer_kept + per_layer_all + 3 * tokens_bytes(c.hidden_size, None, act)
