@@ -90,12 +90,12 @@ class GenerateResult:
     policy_versions: int32 [N, T]; the version of the weights that drew each token (the static engine: the
         caller's ``policy_version`` for every token; the continuous engine: its version at that step, so a sample
         that ran across ``update_weights`` holds two spans); 0 after ``lengths[i]`` (read it with :attr:`mask`).
-    routed_experts: None, or (``return_routing=True``, static engine) int16 [N, S, M, k]: the experts the rollout
-        routed each token of the sequence (its prompt, then its generated tokens: position p of
-        ``prompt + tokens[:lengths[i]]``) to in each of the M MoE layers, for routing replay in training (R3,
-        ``rl.routing_replay``); -1 where nothing was computed: past the sequence, and the last generated token when
-        the loop ended without feeding it back (training routes such a token by its own top-k; its routing reaches
-        no log-prob). S >= every prompt length + T.
+    routed_experts: None, or (``return_routing=True``; the continuous engine's ``record_routing``) int16
+        [N, S, M, k]: the experts the rollout routed each token of the sequence (its prompt, then its generated
+        tokens: position p of ``prompt + tokens[:lengths[i]]``) to in each of the M MoE layers, for routing replay
+        in training (R3, ``rl.routing_replay``); -1 where nothing was computed: past the sequence, and the last
+        generated token when the loop ended without feeding it back (training routes such a token by its own
+        top-k; its routing reaches no log-prob). S >= every prompt length + T.
     """
 
     tokens: np.ndarray
@@ -234,19 +234,25 @@ def batch_axes(model) -> tuple[str, ...]:
     return tuple(axis for axis in dict(model.layout.rules).get("batch", ()) if mesh.shape[axis] > 1)
 
 
+def batch_sharding(ndim: int, *, mesh, batch_axes: tuple[str, ...]) -> NamedSharding | None:
+    """The layout of an ``ndim``-dimensional array whose first dimension is the batch: split over ``batch_axes``
+    (None without a mesh or batch axes: the default device)."""
+    if mesh is None or not batch_axes:
+        return None
+    return NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (ndim - 1)))
+
+
 def put_batch(x: np.ndarray, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
     """A host array whose first dimension is the batch, on device (sharded over ``batch_axes`` on a mesh)."""
-    if mesh is None or not batch_axes:
-        return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (x.ndim - 1))))
+    sharding = batch_sharding(x.ndim, mesh=mesh, batch_axes=batch_axes)
+    return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
 
-def _routing_record(shape, dtype, *, mesh, batch_axes: tuple[str, ...]) -> jax.Array:
-    """An empty routing record (all -1), created on the devices (split over ``batch_axes`` on a mesh)."""
-    sharding = None
-    if mesh is not None and batch_axes:
-        sharding = NamedSharding(mesh, PartitionSpec(batch_axes, *(None,) * (len(shape) - 1)))
-    return jax.jit(lambda: jnp.full(shape, -1, dtype), out_shardings=sharding)()
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _routing_record(shape, dtype, sharding) -> jax.Array:
+    """An empty routing record (all -1), made on the devices in ``sharding`` (compiled once per shape)."""
+    record = jnp.full(shape, -1, dtype)
+    return record if sharding is None else jax.lax.with_sharding_constraint(record, sharding)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -555,7 +561,7 @@ def generate_rows(
     if return_routing:
         c = model.config
         shape = (batch, prompt_len + out_len, c.num_moe_layers, c.num_experts_per_tok)
-        routing = _routing_record(shape, routing_dtype(c.num_experts), mesh=mesh, batch_axes=axes)
+        routing = _routing_record(shape, routing_dtype(c.num_experts), batch_sharding(4, mesh=mesh, batch_axes=axes))
     for start in range(0, prompt_len, chunk):
         span = min(cache_len, 1 << (start + chunk - 1).bit_length())
         cache, last_hidden_bd, *recorded = _prefill_chunk(
